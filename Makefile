@@ -1,0 +1,70 @@
+# agentbox: the targets a user types. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON      ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+CLUSTER     ?= kwok
+CLUSTER_NAME ?= agentbox
+export AGENTBOX_CLUSTER_KIND := $(CLUSTER)
+export AGENTBOX_CLUSTER_NAME := $(CLUSTER_NAME)
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## list the targets
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## create .venv with agentbox and its test tools
+
+.PHONY: binaries
+binaries: ## build the local cluster's binaries into ~/.cache/agentbox (once; slow the first time)
+	@hack/build-binaries.sh
+
+.PHONY: cluster
+cluster: venv binaries ## create or reuse the local cluster (CLUSTER=kwok|kind) and print its kubeconfig
+	@hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## delete the local cluster
+	@hack/cluster.sh down
+
+.PHONY: crds
+crds: venv ## regenerate the CRD YAML in crds/ from the Pydantic models
+	@$(PY) -m agentbox.crds.generate
+
+.PHONY: lint
+lint: venv ## ruff and the import-layering contracts
+	@$(VENV)/bin/ruff check .
+	@$(VENV)/bin/lint-imports
+
+.PHONY: unit
+unit: venv ## the fast layer alone: no cluster, no database
+	@$(PY) -m pytest -m "not cluster and not postgres and not e2e" $(PYTEST_ARGS)
+
+.PHONY: test
+test: lint binaries ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: e2e
+e2e: venv binaries ## the end-to-end journeys alone
+	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+
+.PHONY: bench
+bench: venv binaries ## the benchmarks; JSON results in bench/results/
+	@$(PY) -m bench $(BENCH_ARGS)
+
+.PHONY: dev
+dev: venv binaries ## bring the whole system up locally (cluster, database, operator, API)
+	@hack/dev.sh up
+
+.PHONY: dev-down
+dev-down: ## stop and remove everything `make dev` started
+	@hack/dev.sh down

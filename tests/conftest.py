@@ -1,0 +1,6 @@
+"""Fixtures shared by every test live in tests/fixtures/ (one module per real dependency)."""
+
+pytest_plugins = [
+    "fixtures.cluster",
+    "fixtures.database",
+]
