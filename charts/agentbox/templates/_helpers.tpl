@@ -1,0 +1,51 @@
+{{- define "agentbox.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "agentbox.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "agentbox.selector" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "agentbox.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end -}}
+
+{{- define "agentbox.operatorName" -}}{{ include "agentbox.fullname" . }}-operator{{- end -}}
+{{- define "agentbox.apiName" -}}{{ include "agentbox.fullname" . }}-api{{- end -}}
+
+{{- define "agentbox.databaseSecret" -}}
+{{- .Values.database.existingSecret | default (printf "%s-database" (include "agentbox.fullname" .)) -}}
+{{- end -}}
+{{- define "agentbox.encryptionSecret" -}}
+{{- .Values.encryption.existingSecret | default (printf "%s-encryption" (include "agentbox.fullname" .)) -}}
+{{- end -}}
+
+{{/* Pod and container security that meets Pod Security Standards "restricted". */}}
+{{- define "agentbox.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+fsGroup: 65532
+seccompProfile:
+  type: RuntimeDefault
+{{- end -}}
+{{- define "agentbox.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+{{- end -}}
