@@ -1,0 +1,138 @@
+"""The app factory: settings in, a FastAPI app with every router, middleware and problem handler out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from agentbox.api.observability import Metrics, ObservabilityMiddleware
+from agentbox.api.problems import Problem, install_problem_handlers, internal_error, problem_response
+from agentbox.api.settings import Settings
+
+
+@dataclass
+class Services:
+    """What the routers share. Each field is built once per app in the lifespan (or injected by tests)."""
+
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    database: Any = None
+    kube: Any = None
+    verifier: Any = None
+    runner: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for a body over the limit, whether announced by Content-Length or only found while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._too_large(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            await self._too_large(scope, receive, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = problem_response(None, 413, "Content Too Large",
+                                    f"the request body exceeds {self.max_bytes} bytes")
+        await response(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, services_override: Services | None = None) -> FastAPI:
+    """Build the app. `services_override` hands in ready-made services (tests); otherwise the lifespan
+    builds them from settings and closes them on shutdown."""
+    from agentbox.api.routers import mount_routers
+
+    settings = settings or (services_override.settings if services_override else Settings())
+    shared = services_override or Services(settings=settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if services_override is None:
+                from agentbox.api.wiring import open_services
+
+                await open_services(shared, stack)
+            yield
+
+    app = FastAPI(title="agentbox control-plane API", version="0.1.0", lifespan=lifespan,
+                  openapi_url="/openapi.json", docs_url="/docs", redoc_url=None)
+    app.state.services = shared
+    install_problem_handlers(app)
+    mount_routers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObservabilityMiddleware, metrics=shared.metrics, on_unhandled=internal_error)
+    _declare_problem_schema(app)
+    return app
+
+
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
+def _declare_problem_schema(app: FastAPI) -> None:
+    """Errors come back as problem documents: the OpenAPI spec says so for every operation."""
+    original = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = original()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}"))
+        for path_item in schema.get("paths", {}).values():
+            for operation in path_item.values():
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status.startswith(("4", "5")) and "application/json" in content:
+                        # FastAPI's default 422 says application/json; ours is a problem document.
+                        content.pop("application/json")
+                        content["application/problem+json"] = {"schema": PROBLEM_REF}
+                    if status == "422":
+                        response["description"] = "Unprocessable Content"
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

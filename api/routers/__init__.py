@@ -1,0 +1,11 @@
+"""One router per resource; `mount_routers` is the single list of what the API serves."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+
+def mount_routers(app: FastAPI) -> None:
+    from agentbox.api.routers import health
+
+    app.include_router(health.router)

@@ -1,0 +1,73 @@
+"""The API's settings, read from AGENTBOX_* environment variables (contract.md, "Names and layout")."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="AGENTBOX_", extra="ignore", frozen=True)
+
+    # Network: the API listens on loopback unless told otherwise.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+    database_url: SecretStr | None = None
+
+    jwt_issuer: str | None = None
+    jwt_audience: str = "authenticated"
+    jwt_jwks_url: str | None = None
+    jwt_hs256_secret: SecretStr | None = None
+    jwt_leeway_seconds: float = Field(default=30, ge=0, le=300)
+    # An unknown `kid` triggers at most one JWKS refetch per cooldown window.
+    jwks_refetch_cooldown_seconds: float = Field(default=60, gt=0)
+    # A known key set is refreshed in the background after this long (Supabase's edge caches 10 minutes).
+    jwks_max_age_seconds: float = Field(default=600, gt=0)
+    # Stale policy: when the JWKS endpoint fails, keys last fetched within this window keep verifying.
+    jwks_max_stale_seconds: float = Field(default=86_400, gt=0)
+    jwks_fetch_timeout_seconds: float = Field(default=5, gt=0)
+
+    # `key-id:base64-32-bytes`, comma separated or a JSON list; the first encrypts, all decrypt.
+    encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+
+    max_body_bytes: int = Field(default=1_048_576, gt=0)
+    log_level: str = "INFO"
+
+    tenant_namespace_prefix: str = "tenant-"
+    # Where to reach a session's runner when the API runs outside the cluster: a URL template with
+    # {name} and {namespace}, used instead of status.endpoint (for example http://127.0.0.1:3284).
+    runner_url_override: str | None = None
+    runner_timeout_seconds: float = Field(default=30, gt=0)
+    kube_timeout_seconds: float = Field(default=10, gt=0)
+    readiness_timeout_seconds: float = Field(default=2, gt=0)
+    mcp_test_timeout_seconds: float = Field(default=15, gt=0, le=120)
+
+    prompt_max_chars: int = Field(default=20_000, gt=0)
+    composed_prompt_max_chars: int = Field(default=60_000, gt=0)
+
+    @field_validator("encryption_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("jwt_issuer")
+    @classmethod
+    def _issuer_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("AGENTBOX_JWT_ISSUER must not be blank")
+        return value
+
+    @model_validator(mode="after")
+    def _a_key_source_when_an_issuer_is_set(self) -> Settings:
+        if self.jwt_issuer and not (self.jwt_jwks_url or self.jwt_hs256_secret):
+            raise ValueError("AGENTBOX_JWT_ISSUER needs AGENTBOX_JWT_JWKS_URL or AGENTBOX_JWT_HS256_SECRET")
+        return self
