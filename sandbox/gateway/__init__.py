@@ -1,0 +1,1 @@
+"""The MCP gateway sidecar: `python -m agentbox.sandbox.gateway`."""

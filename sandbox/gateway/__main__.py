@@ -1,0 +1,28 @@
+"""Entry point: `python -m agentbox.sandbox.gateway` (config path from AGENTBOX_GATEWAY_CONFIG)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from agentbox.sandbox.gateway.server import Gateway
+from agentbox.sandbox.logs import configure_logging
+
+DEFAULT_CONFIG = "/etc/agentbox/gateway.json"
+
+
+def main() -> None:
+    configure_logging()
+    gateway = Gateway(
+        Path(os.environ.get("AGENTBOX_GATEWAY_CONFIG", DEFAULT_CONFIG)),
+        poll_seconds=float(os.environ.get("AGENTBOX_GATEWAY_POLL_SECONDS", "1")),
+        health_seconds=float(os.environ.get("AGENTBOX_GATEWAY_HEALTH_SECONDS", "5")),
+    )
+    logging.getLogger("agentbox.gateway").info("gateway starting with %s", gateway.config_path)
+    asyncio.run(gateway.serve())
+
+
+if __name__ == "__main__":
+    main()

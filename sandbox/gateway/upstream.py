@@ -1,0 +1,205 @@
+"""One upstream MCP server: its credentials, one live client session reused across calls, its breaker."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from fastmcp import Client
+from fastmcp.client.transports import ClientTransport, SSETransport, StdioTransport, StreamableHttpTransport
+from fastmcp.exceptions import DisabledError, NotFoundError, ToolError
+from fastmcp.server.providers import Provider
+from fastmcp.server.providers.proxy import ProxyProvider
+from fastmcp.tools import ToolResult
+
+from agentbox.sandbox.gateway.breaker import CircuitBreaker
+from agentbox.sandbox.gateway.config import Breaker, Upstream
+from agentbox.sandbox.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger("agentbox.gateway")
+T = TypeVar("T")
+
+# Connecting (spawning a stdio server, the MCP handshake) gets at most this long, however long the
+# configured per-call timeout is: a connect that hangs must not hold tools/list hostage.
+CONNECT_TIMEOUT_CAP = 15.0
+
+
+class UpstreamUnavailable(ToolError):
+    """The upstream cannot be reached now; the message says which one and why."""
+
+
+def build_transport(spec: Upstream) -> ClientTransport:
+    """The transport carries only this upstream's own credentials, never anything from the caller."""
+    if spec.transport == "stdio":
+        assert spec.command is not None
+        return StdioTransport(spec.command, list(spec.args), env=dict(spec.env) or None, keep_alive=True)
+    assert spec.url is not None
+    headers = {header.name: header.resolve() for header in spec.headers}
+    token = spec.auth.token()
+    if spec.transport == "sse":
+        return SSETransport(spec.url, headers=headers, auth=token)
+    return StreamableHttpTransport(spec.url, headers=headers, auth=token)
+
+
+class UpstreamConnection:
+    def __init__(self, spec: Upstream, breaker: Breaker, metrics: GatewayMetrics) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.breaker = CircuitBreaker(breaker.failure_threshold, breaker.reset_seconds)
+        self.metrics = metrics
+        self._client: Client | None = None
+        self._connect_lock = asyncio.Lock()
+        self.provider: Provider = self._build_provider()
+
+    def _build_provider(self) -> Provider:
+        provider = ProxyProvider(self.client)
+        if self.spec.tools.allow:
+            provider.enable(names=set(self.spec.tools.allow), only=True)
+        if self.spec.tools.deny:
+            provider.disable(names=set(self.spec.tools.deny))  # added last, so deny wins over allow
+        return provider
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._client.is_connected()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "transport": self.spec.transport,
+            "connected": self.connected,
+            "breaker": self.breaker.state,
+            "lastError": self.breaker.last_error,
+        }
+
+    async def client(self) -> Client:
+        """The live session, (re)connected on demand. Fails fast while the breaker is open."""
+        if self.breaker.state == "open":
+            raise self._unavailable()
+        if self.connected:
+            assert self._client is not None
+            return self._client
+        async with self._connect_lock:
+            if self.connected:
+                assert self._client is not None
+                return self._client
+            await self._drop_client()
+            try:
+                self._client = await self._connect()
+            except Exception as error:
+                self._record_failure(f"connect failed: {describe(error)}")
+                raise self._unavailable() from error
+            log.info("upstream %s connected", self.name)
+            self.metrics.up.labels(self.name).set(1)
+            return self._client
+
+    async def _connect(self) -> Client:
+        timeout = min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)
+        client = Client(build_transport(self.spec), timeout=self.spec.timeout_seconds, init_timeout=timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                await client.__aenter__()
+        except BaseException:
+            await self._close(client)
+            raise
+        return client
+
+    async def call(self, run: Callable[[], Awaitable[ToolResult]]) -> ToolResult:
+        """Run one proxied tool call under this upstream's breaker, timeout and metrics."""
+        if not self.breaker.allow():
+            self.metrics.errors.labels(self.name, "unavailable").inc()
+            raise self._unavailable()
+        self.metrics.calls.labels(self.name).inc()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.spec.timeout_seconds):
+                result = await run()
+        except (NotFoundError, DisabledError):
+            self.breaker.record_success()  # the upstream answered; the tool is simply not there
+            raise
+        except UpstreamUnavailable:
+            self.metrics.errors.labels(self.name, "unavailable").inc()
+            raise
+        except TimeoutError as error:
+            self.metrics.errors.labels(self.name, "timeout").inc()
+            await self.fail(f"tool call timed out after {self.spec.timeout_seconds:g}s")
+            raise ToolError(f"upstream {self.name!r}: tool call timed out after "
+                            f"{self.spec.timeout_seconds:g}s") from error
+        except Exception as error:
+            self.metrics.errors.labels(self.name, "transport").inc()
+            await self.fail(describe(error))
+            raise ToolError(f"upstream {self.name!r} failed: {describe(error)}") from error
+        finally:
+            self.metrics.latency.labels(self.name).observe(time.perf_counter() - started)
+        if result.is_error:
+            self.metrics.errors.labels(self.name, "tool").inc()
+        self.breaker.record_success()
+        return result
+
+    async def check(self) -> None:
+        """Health pass: reconnect a dead session (a stdio server that exited is restarted here) or ping."""
+        if self.breaker.state == "open":
+            return
+        try:
+            if not self.connected:
+                await self.client()
+                self.breaker.record_success()
+                return
+            assert self._client is not None
+            async with asyncio.timeout(min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)):
+                await self._client.ping()
+            self.breaker.record_success()
+        except UpstreamUnavailable:
+            pass  # already recorded by client()
+        except Exception as error:
+            await self.fail(f"ping failed: {describe(error)}")
+
+    async def fail(self, reason: str) -> None:
+        """A broken call or ping: count it against the breaker and drop the session so the next use
+        reconnects (a restarted HTTP server no longer knows the old session id)."""
+        self._record_failure(reason)
+        async with self._connect_lock:
+            await self._drop_client()
+
+    def _record_failure(self, reason: str) -> None:
+        was = self.breaker.state
+        self.breaker.record_failure(reason)
+        self.metrics.up.labels(self.name).set(0)
+        if self.breaker.state == "open" and was != "open":
+            log.warning("upstream %s: circuit open for %.0fs: %s", self.name, self.breaker.reset_seconds,
+                        reason)
+        else:
+            log.warning("upstream %s: %s", self.name, reason)
+
+    def _unavailable(self) -> UpstreamUnavailable:
+        reason = self.breaker.last_error or "not connected"
+        retry = self.breaker.retry_in()
+        suffix = f"; retrying in {retry:.1f}s" if retry else ""
+        return UpstreamUnavailable(f"upstream {self.name!r} is unavailable ({reason}){suffix}")
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await self._close(client)
+
+    @staticmethod
+    async def _close(client: Client) -> None:
+        try:
+            async with asyncio.timeout(5):
+                await client.close()
+        except Exception as error:  # a broken session may fail to close cleanly; it is gone either way
+            log.debug("closing upstream client: %s", describe(error))
+
+    async def aclose(self) -> None:
+        async with self._connect_lock:
+            await self._drop_client()
+        with contextlib.suppress(KeyError):  # never connected, so never labelled
+            self.metrics.up.remove(self.name)
+
+
+def describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
