@@ -1,0 +1,196 @@
+"""AgentSession (agentbox.dev/v1alpha1): one isolated, running sandbox for one agent of one user.
+
+The same models validate the API's request bodies and generate the CRD schema (`make crds`).
+"""
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from agentbox.crds.conditions import SessionPhase
+from agentbox.crds.fields import (
+    DNS_LABEL_PATTERN,
+    Condition,
+    DnsLabel,
+    DnsSubdomain,
+    Duration,
+    KubeModel,
+    Quantity,
+    ToolFilter,
+    preserve_unknown,
+)
+
+GROUP = "agentbox.dev"
+VERSION = "v1alpha1"
+KIND = "AgentSession"
+PLURAL = "agentsessions"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+Runtime = Literal["claude-code", "gemini", "codex", "scripted", "custom"]
+
+
+class Tenant(KubeModel):
+    """Who the session belongs to."""
+
+    org: Annotated[str, StringConstraints(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=56)] = Field(
+        description="The organisation (a DNS label, at most 56 characters so that tenant-<org> is a "
+                    "valid namespace name). Immutable.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "self == oldSelf", "message": "spec.tenant.org is immutable"}]})
+    user: Annotated[str, StringConstraints(min_length=1, max_length=253)] = Field(
+        description="The user the session belongs to: any string (an email, a UUID); slugged safely "
+                    "wherever it becomes part of a name or label.")
+
+
+class EnvVar(KubeModel):
+    """An environment variable for the agent (a Kubernetes EnvVar)."""
+
+    name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)] = Field(
+        description="Variable name. Names starting with AGENTBOX_ are reserved for the sandbox.",
+        json_schema_extra={"x-kubernetes-validations": [
+            {"rule": "!self.startsWith('AGENTBOX_')",
+             "message": "spec.agent.env[].name must not start with AGENTBOX_ (reserved)"}]})
+    value: str | None = Field(None, description="A literal value.", max_length=32768)
+    value_from: dict[str, Any] | None = preserve_unknown(
+        "A source for the value (secretKeyRef, configMapKeyRef, fieldRef...).", default=None)
+
+    @model_validator(mode="after")
+    def _not_reserved(self) -> "EnvVar":
+        if self.name.startswith("AGENTBOX_"):
+            raise ValueError("spec.agent.env[].name must not start with AGENTBOX_ (reserved)")
+        return self
+
+
+class AgentSpec(KubeModel):
+    """Which agent runs in the sandbox and how it is started."""
+
+    model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
+        {"rule": "self.runtime != 'custom' || has(self.command)",
+         "message": "spec.agent.command is required when spec.agent.runtime is custom"}]}}
+
+    runtime: Runtime = Field("claude-code", description="The agent: claude-code, gemini, codex, scripted "
+                                                        "(deterministic, for tests and demos) or custom.")
+    image: Annotated[str, StringConstraints(min_length=1, max_length=512)] | None = Field(
+        None, description="Container image of the sandbox; defaults to the operator's sandbox image.")
+    command: list[Annotated[str, StringConstraints(max_length=4096)]] | None = Field(
+        None, max_length=64, description="The agent's command line; required for custom, overrides the "
+                                         "runtime's default otherwise.")
+    args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(
+        default_factory=list, max_length=64, description="Extra arguments for the agent.")
+    model: Annotated[str, StringConstraints(max_length=256)] | None = Field(
+        None, description="The model the agent should use, when the runtime supports choosing one.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=128,
+                              description="Extra environment variables for the agent.")
+
+    @model_validator(mode="after")
+    def _custom_needs_command(self) -> "AgentSpec":
+        if self.runtime == "custom" and not self.command:
+            raise ValueError("spec.agent.command is required when spec.agent.runtime is custom")
+        return self
+
+
+class Workspace(KubeModel):
+    """The persistent volume mounted at /workspace."""
+
+    size: Quantity = Field("1Gi", description="Requested capacity, a quantity such as 1Gi. May grow, never "
+                                              "shrink.",
+                           json_schema_extra={"x-kubernetes-validations": [
+                               {"rule": "quantity(self).compareTo(quantity(oldSelf)) >= 0",
+                                "message": "spec.workspace.size may grow, never shrink"}]})
+    storage_class_name: DnsSubdomain | None = Field(None, description="StorageClass of the claim; the "
+                                                                      "cluster default when unset.")
+    retain_on_delete: bool = Field(False, description="Keep the workspace claim when the session is "
+                                                      "deleted.")
+
+
+class MCPServerRef(KubeModel):
+    """An MCPServer in the same namespace, and which of its tools this session may use."""
+
+    name: DnsLabel = Field(description="Name of the MCPServer.")
+    tools: ToolFilter = Field(default_factory=ToolFilter, description="Further narrows the server's tools.",
+                              json_schema_extra={"default": {}})
+
+
+class Lifecycle(KubeModel):
+    """When the sandbox runs and when it ends."""
+
+    suspend: bool = Field(False, description="Delete the pod and keep the workspace; clear to resume.")
+    shutdown_time: datetime | None = Field(None, description="The session expires at this time (RFC 3339).")
+    idle_timeout: Duration | None = Field(None, description="The session expires after this long without "
+                                                            "activity, e.g. 30m.")
+
+
+class AgentSessionSpec(KubeModel):
+    """The desired state of an agent sandbox."""
+
+    tenant: Tenant = Field(description="Who the session belongs to.")
+    agent: AgentSpec = Field(default_factory=AgentSpec, description="The agent and how it starts.",
+                             json_schema_extra={"default": {}})
+    workspace: Workspace = Field(default_factory=Workspace, description="The persistent workspace.",
+                                 json_schema_extra={"default": {}})
+    mcp_servers: list[MCPServerRef] = Field(
+        default_factory=list, max_length=32, description="MCPServers (same namespace) the agent may use.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+    system_prompt: Annotated[str, StringConstraints(max_length=65536)] = Field(
+        "", description="The composed system prompt handed to the agent.")
+    resources: dict[str, Any] | None = preserve_unknown(
+        "Compute resources of the agent container (requests, limits); the operator's defaults when unset.",
+        default=None)
+    runtime_class_name: DnsSubdomain | None = Field(None, description="RuntimeClass for stronger isolation, "
+                                                                      "e.g. gvisor or kata.")
+    node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict, description="Node labels the pod must match.")
+    tolerations: list[dict[str, Any]] = Field(
+        default_factory=list, max_length=32, description="Tolerations of the pod (Kubernetes Toleration).",
+        json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Suspension and expiry.",
+                                 json_schema_extra={"default": {}})
+
+    @model_validator(mode="after")
+    def _unique_mcp_servers(self) -> "AgentSessionSpec":
+        names = [ref.name for ref in self.mcp_servers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"spec.mcpServers names must be unique; repeated: {', '.join(duplicates)}")
+        if self.resources and set(self.resources) - {"limits", "requests", "claims"}:
+            raise ValueError("spec.resources may only hold limits, requests and claims")
+        return self
+
+
+class AgentSessionStatus(KubeModel):
+    """The observed state of the sandbox, written by the operator."""
+
+    phase: SessionPhase | None = Field(None, description="Pending, Starting, Running, Suspended, Expired, "
+                                                         "Failed or Terminating.")
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, PodScheduled, WorkspaceReady, MCPReady, Suspended.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
+    observed_generation: int | None = Field(None, description="The spec generation last reconciled.")
+    pod_name: str | None = Field(None, description="The sandbox pod.")
+    endpoint: str | None = Field(None, description="In-cluster URL of the session's agent API.")
+    started_at: datetime | None = Field(None, description="When the sandbox pod started.")
+    ready_at: datetime | None = Field(None, description="When the session first became ready.")
+    last_activity_time: datetime | None = Field(None, description="The last activity seen by the runner or "
+                                                                  "the API.")
+
+
+class ObjectMeta(KubeModel):
+    """The part of Kubernetes metadata a client sets."""
+
+    model_config = KubeModel.model_config | {"extra": "allow"}
+
+    name: DnsSubdomain
+    namespace: DnsLabel | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class AgentSession(KubeModel):
+    """An AgentSession resource as a whole."""
+
+    api_version: Literal["agentbox.dev/v1alpha1"] = API_VERSION
+    kind: Literal["AgentSession"] = KIND
+    metadata: ObjectMeta
+    spec: AgentSessionSpec
+    status: AgentSessionStatus | None = None

@@ -1,0 +1,76 @@
+"""Condition types, phases and reasons: the stable vocabulary of every status the operator writes.
+
+Reasons are part of the public contract (tools match on them), so they only ever gain members.
+"""
+
+from enum import StrEnum
+
+
+class ConditionType(StrEnum):
+    READY = "Ready"
+    POD_SCHEDULED = "PodScheduled"
+    WORKSPACE_READY = "WorkspaceReady"
+    MCP_READY = "MCPReady"
+    SUSPENDED = "Suspended"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class SessionPhase(StrEnum):
+    PENDING = "Pending"
+    STARTING = "Starting"
+    RUNNING = "Running"
+    SUSPENDED = "Suspended"
+    EXPIRED = "Expired"
+    FAILED = "Failed"
+    TERMINATING = "Terminating"
+
+
+class MCPServerPhase(StrEnum):
+    PENDING = "Pending"
+    READY = "Ready"
+    UNREACHABLE = "Unreachable"
+    INVALID = "Invalid"
+
+
+class Reason(StrEnum):
+    # Ready (session)
+    SESSION_READY = "SessionReady"
+    POD_STARTING = "PodStarting"
+    POD_MISSING = "PodMissing"
+    IMAGE_PULL_FAILED = "ImagePullFailed"
+    CRASH_LOOP = "CrashLoopBackOff"
+    CONTAINER_CONFIG_ERROR = "ContainerConfigError"
+    POD_FAILED = "PodFailed"
+    NAME_CONFLICT = "NameConflict"
+    INVALID_SPEC = "InvalidSpec"
+    RECONCILE_ERROR = "ReconcileError"
+    SHUTDOWN_TIME_REACHED = "ShutdownTimeReached"
+    IDLE_TIMEOUT_REACHED = "IdleTimeoutReached"
+    TERMINATING = "Terminating"
+    # PodScheduled
+    SCHEDULED = "Scheduled"
+    UNSCHEDULABLE = "Unschedulable"
+    SCHEDULING_PENDING = "SchedulingPending"
+    # WorkspaceReady
+    CLAIM_BOUND = "ClaimBound"
+    CLAIM_PENDING = "ClaimPending"
+    CLAIM_LOST = "ClaimLost"
+    # MCPReady
+    ALL_SERVERS_READY = "AllServersReady"
+    NO_SERVERS = "NoServersReferenced"
+    SERVER_NOT_FOUND = "MCPServerNotFound"
+    SERVER_NOT_READY = "MCPServerNotReady"
+    SECRET_NOT_FOUND = "SecretNotFound"
+    # Suspended
+    SUSPENDED_BY_USER = "SuspendedByUser"
+    NOT_SUSPENDED = "NotSuspended"
+    # MCPServer Ready
+    PROBE_SUCCEEDED = "ProbeSucceeded"
+    PROBE_FAILED = "ProbeFailed"
+    STDIO_NOT_PROBED = "StdioNotProbed"
+    PROBE_PENDING = "ProbePending"

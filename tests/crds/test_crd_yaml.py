@@ -1,0 +1,72 @@
+"""The CRD YAML on disk is exactly what the models generate, and it is a structural schema."""
+
+from pathlib import Path
+
+import yaml
+
+from agentbox.crds import generate
+
+CRD_DIR = Path(generate.__file__).resolve().parent
+
+
+def _walk(node, path="$"):
+    if isinstance(node, dict):
+        yield path, node
+        for key, value in node.items():
+            yield from _walk(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _walk(value, f"{path}[{index}]")
+
+
+def test_yaml_on_disk_is_current():
+    for name, text in generate.render().items():
+        on_disk = (CRD_DIR / name).read_text()
+        assert on_disk == text, f"crds/{name} is stale: run `make crds`"
+
+
+def test_schemas_are_structural():
+    for text in generate.render().values():
+        schema = yaml.safe_load(text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        for path, node in _walk(schema):
+            for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "$defs", "const"):
+                assert forbidden not in node or path.endswith(".properties"), f"{forbidden} at {path}"
+            if "properties" in node and not path.endswith(".properties"):
+                assert node.get("type") == "object", f"{path} has properties but no type object"
+
+
+def test_names_columns_and_subresource():
+    crds = {yaml.safe_load(text)["spec"]["names"]["kind"]: yaml.safe_load(text)
+            for text in generate.render().values()}
+    session, server = crds["AgentSession"]["spec"], crds["MCPServer"]["spec"]
+    assert session["names"]["shortNames"] == ["ags"] and server["names"]["shortNames"] == ["mcps"]
+    assert session["names"]["categories"] == ["agentbox"] == server["names"]["categories"]
+    for spec in (session, server):
+        assert spec["versions"][0]["subresources"] == {"status": {}}
+    visible = [c["name"] for c in session["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
+    assert visible == ["Org", "User", "Runtime", "Phase", "Age"]
+    visible = [c["name"] for c in server["versions"][0]["additionalPrinterColumns"] if not c.get("priority")]
+    assert visible == ["Transport", "Phase", "Tools", "Age"]
+
+
+def test_cel_rules_are_present_and_name_fields():
+    session = yaml.safe_load(generate.render()["agentsessions.agentbox.dev.yaml"])
+    spec = session["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["tenant"]["properties"]["org"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
+    size_rule = spec["workspace"]["properties"]["size"]["x-kubernetes-validations"][0]
+    assert "oldSelf" in size_rule["rule"] and "spec.workspace.size" in size_rule["message"]
+    server = yaml.safe_load(generate.render()["mcpservers.agentbox.dev.yaml"])
+    rules = server["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
+        "x-kubernetes-validations"]
+    assert {rule["fieldPath"] for rule in rules} == {".url", ".stdio"}
+    assert all(rule["message"].startswith(("spec.url", "spec.stdio")) for rule in rules)
+
+
+def test_pass_through_kubernetes_types_preserve_unknown_fields():
+    session = yaml.safe_load(generate.render()["agentsessions.agentbox.dev.yaml"])
+    spec = session["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    assert spec["resources"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert spec["tolerations"]["items"]["x-kubernetes-preserve-unknown-fields"] is True
+    assert spec["agent"]["properties"]["env"]["items"]["properties"]["valueFrom"][
+        "x-kubernetes-preserve-unknown-fields"] is True
+    assert "x-kubernetes-preserve-unknown-fields" not in spec["agent"]
