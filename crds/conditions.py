@@ -65,7 +65,7 @@ class Reason(StrEnum):
     NO_SERVERS = "NoServersReferenced"
     SERVER_NOT_FOUND = "MCPServerNotFound"
     SERVER_NOT_READY = "MCPServerNotReady"
-    SECRET_NOT_FOUND = "SecretNotFound"
+    SECRET_NOT_FOUND = "SecretNotFound"  # noqa: S105 (a reason, not a password)
     # Suspended
     SUSPENDED_BY_USER = "SuspendedByUser"
     NOT_SUSPENDED = "NotSuspended"

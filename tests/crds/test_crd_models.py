@@ -73,8 +73,9 @@ def test_invalid_mcpserver_specs_name_the_field(spec, field):
 
 
 def test_valid_mcpservers():
+    bearer = {"type": "bearer", "secretRef": {"name": "gh", "key": "token"}}
     http = MCPServerSpec.model_validate({"transport": "streamable-http", "url": "https://mcp.example.com/mcp",
-                                         "auth": {"type": "bearer", "secretRef": {"name": "gh", "key": "token"}}})
+                                         "auth": bearer})
     assert http.timeout == "30s" and http.auth.secret_ref.key == "token"
     stdio = MCPServerSpec.model_validate({"transport": "stdio", "stdio": {"command": "npx", "args": ["srv"]}})
     assert stdio.stdio.args == ["srv"] and stdio.url is None
