@@ -1,0 +1,217 @@
+"""A storage provisioner for the local kwok cluster: claims of one StorageClass get hostPath volumes.
+
+kwok nodes run no kubelet and no CSI driver, so nothing would ever provision a volume and every pod
+mounting a claim would stay unschedulable. This process answers each pending claim of its class with a
+PersistentVolume (hostPath under the cluster's work directory, claimRef set, annotated
+pv.kubernetes.io/provisioned-by); the controller-manager then binds the pair as in any cluster. When a
+claim is deleted, the controller-manager marks its volume Released and this process deletes it and its
+directory (reclaim policy Delete).
+
+Dev and test tooling only: started in the background by `hack/cluster.sh up`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from kubernetes_asyncio import client, config, watch
+from kubernetes_asyncio.client.exceptions import ApiException
+
+PROVISIONER = "agentbox.dev/hostpath"
+PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
+# A watch ends after this long; the loop then lists everything again, which also repairs missed events.
+RESYNC_SECONDS = 300
+RETRY_SECONDS = 1.0
+
+log = logging.getLogger("storage-provisioner")
+
+
+# ------------------------------------------------------------------------------------------ pure logic
+
+
+def volume_name(claim: dict[str, Any]) -> str:
+    return f"pvc-{claim['metadata']['uid']}"
+
+
+def claim_needs_volume(claim: dict[str, Any], storage_class: str) -> bool:
+    """A claim of our class that is waiting for a volume nobody has made yet."""
+    meta, spec = claim["metadata"], claim.get("spec") or {}
+    return (
+        spec.get("storageClassName") == storage_class
+        and not spec.get("volumeName")
+        and (claim.get("status") or {}).get("phase", "Pending") == "Pending"
+        and not meta.get("deletionTimestamp")
+        and spec.get("volumeMode", "Filesystem") == "Filesystem"
+    )
+
+
+def volume_for_claim(claim: dict[str, Any], storage_class: str, volumes_dir: Path) -> dict[str, Any]:
+    """The PersistentVolume that satisfies a claim: same size and access modes, bound to it by claimRef."""
+    meta, spec = claim["metadata"], claim["spec"]
+    name = volume_name(claim)
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolume",
+        "metadata": {
+            "name": name,
+            "annotations": {PROVISIONED_BY: PROVISIONER},
+            "labels": {"app.kubernetes.io/managed-by": "agentbox-storage-provisioner"},
+        },
+        "spec": {
+            "capacity": {"storage": spec["resources"]["requests"]["storage"]},
+            "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+            "volumeMode": "Filesystem",
+            "persistentVolumeReclaimPolicy": "Delete",
+            "storageClassName": storage_class,
+            "hostPath": {"path": str(volumes_dir / name), "type": "DirectoryOrCreate"},
+            "claimRef": {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "namespace": meta["namespace"],
+                "name": meta["name"],
+                "uid": meta["uid"],
+            },
+        },
+    }
+
+
+def volume_to_delete(volume: dict[str, Any]) -> bool:
+    """One of our volumes whose claim is gone, so reclaim policy Delete applies."""
+    meta, spec = volume["metadata"], volume.get("spec") or {}
+    return (
+        (meta.get("annotations") or {}).get(PROVISIONED_BY) == PROVISIONER
+        and spec.get("persistentVolumeReclaimPolicy") == "Delete"
+        and (volume.get("status") or {}).get("phase") in ("Released", "Failed")
+        and not meta.get("deletionTimestamp")
+    )
+
+
+# ------------------------------------------------------------------------------------------ I/O
+
+
+class Provisioner:
+    def __init__(self, core: client.CoreV1Api, storage_class: str, volumes_dir: Path) -> None:
+        self.core = core
+        self.storage_class = storage_class
+        self.volumes_dir = volumes_dir
+
+    async def on_claim(self, claim: dict[str, Any]) -> None:
+        if not claim_needs_volume(claim, self.storage_class):
+            return
+        volume = volume_for_claim(claim, self.storage_class, self.volumes_dir)
+        name = volume["metadata"]["name"]
+        await asyncio.to_thread(Path(volume["spec"]["hostPath"]["path"]).mkdir, mode=0o777, exist_ok=True)
+        try:
+            await self.core.create_persistent_volume(body=volume)
+        except ApiException as error:
+            if error.status != 409:  # 409: made on an earlier pass
+                raise
+            return
+        meta = claim["metadata"]
+        log.info("provisioned %s for claim %s/%s", name, meta["namespace"], meta["name"])
+
+    async def on_volume(self, volume: dict[str, Any]) -> None:
+        if not volume_to_delete(volume):
+            return
+        name = volume["metadata"]["name"]
+        path = Path((volume["spec"].get("hostPath") or {}).get("path", ""))
+        if path.parent == self.volumes_dir:  # never remove anything outside our own directory
+            await asyncio.to_thread(shutil.rmtree, path, ignore_errors=True)
+        try:
+            await self.core.delete_persistent_volume(name)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            return
+        log.info("deleted released volume %s", name)
+
+
+async def follow(
+    list_call: Callable[..., Awaitable[Any]],
+    handle: Callable[[dict[str, Any]], Awaitable[None]],
+    serialize: Callable[[Any], dict[str, Any]],
+    listed: asyncio.Event,
+    kubeconfig: Path,
+) -> None:
+    """List, handle every object, then watch from that list; start over on any error or timeout.
+    Returns when the cluster is gone (its kubeconfig deleted), so no orphan outlives it.
+
+    kubernetes_asyncio offers a watch but no informer; this loop is the small part of one we need.
+    """
+    kind = list_call.__name__
+    while True:
+        try:
+            listing = await list_call()
+            for item in listing.items:
+                await handle(serialize(item))
+            listed.set()
+            async with watch.Watch() as stream:
+                async for event in stream.stream(
+                    list_call,
+                    resource_version=listing.metadata.resource_version,
+                    timeout_seconds=RESYNC_SECONDS,
+                ):
+                    if event["type"] in ("ADDED", "MODIFIED"):
+                        await handle(event["raw_object"])
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            if not await asyncio.to_thread(kubeconfig.exists):
+                log.info("kubeconfig %s is gone with its cluster: exiting", kubeconfig)
+                return
+            log.warning("%s: %s; retrying in %.0f s", kind, error, RETRY_SECONDS)
+            await asyncio.sleep(RETRY_SECONDS)
+
+
+async def announce_ready(claims_listed: asyncio.Event, volumes_listed: asyncio.Event,
+                         args: argparse.Namespace) -> None:
+    await claims_listed.wait()
+    await volumes_listed.wait()
+    if args.ready_file:
+        await asyncio.to_thread(args.ready_file.touch)
+    log.info("provisioner ready: class %s, volumes under %s", args.storage_class, args.volumes_dir)
+
+
+async def run(args: argparse.Namespace) -> None:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(args.kubeconfig), client_configuration=configuration)
+    volumes_dir = args.volumes_dir.resolve()
+    await asyncio.to_thread(volumes_dir.mkdir, parents=True, exist_ok=True)
+    async with client.ApiClient(configuration) as api:
+        core = client.CoreV1Api(api)
+        provisioner = Provisioner(core, args.storage_class, volumes_dir)
+        claims_listed, volumes_listed = asyncio.Event(), asyncio.Event()
+        serialize = api.sanitize_for_serialization
+        loops = [
+            follow(core.list_persistent_volume_claim_for_all_namespaces, provisioner.on_claim,
+                   serialize, claims_listed, args.kubeconfig),
+            follow(core.list_persistent_volume, provisioner.on_volume,
+                   serialize, volumes_listed, args.kubeconfig),
+        ]
+        tasks = [asyncio.create_task(loop) for loop in loops]
+        ready = asyncio.create_task(announce_ready(claims_listed, volumes_listed, args))
+        # A loop returns only when the cluster is gone: then nothing is left to do.
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in [*pending, ready]:
+            task.cancel()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--storage-class", default="standard")
+    parser.add_argument("--volumes-dir", type=Path, required=True)
+    parser.add_argument("--ready-file", type=Path, help="touched once both lists have been handled")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
