@@ -1,0 +1,197 @@
+"""System-prompt composition: global -> org -> user blocks, sandboxed templates, sanitised text.
+
+Pure: prompt parts and variables in, a composed prompt (text, version, injection signals) out.
+The prompt is guidance for the agent, not a security control: nothing secret is rendered into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from jinja2 import StrictUndefined, TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+
+Scope = Literal["global", "org", "user"]
+SCOPE_ORDER: dict[Scope, int] = {"global": 0, "org": 1, "user": 2}
+_MAX_STRING_PRODUCT = 100_000
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be used; `field` names what was wrong with it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
+class PromptPart:
+    id: str
+    scope: Scope
+    content: str
+    priority: int = 0
+    # Any value that changes whenever the content does (a row version or an updated-at timestamp).
+    version: str = ""
+
+
+@dataclass(frozen=True)
+class InjectionSignal:
+    part_id: str
+    scope: Scope
+    pattern: str
+
+
+@dataclass(frozen=True)
+class ComposedPrompt:
+    text: str
+    version: str
+    signals: tuple[InjectionSignal, ...] = field(default=())
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The immutable sandbox, plus bounds on `*` and `**` so a template cannot allocate gigabytes."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise SecurityError("exponent too large")
+        if operator == "*":
+            for sequence, count in ((left, right), (right, left)):
+                if isinstance(sequence, str | list | tuple) and isinstance(count, int) \
+                        and len(sequence) * count > _MAX_STRING_PRODUCT:
+                    raise SecurityError("repetition too large")
+        return super().call_binop(context, operator, left, right)
+
+
+_environment = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
+
+
+def check_template(source: str, field: str = "content") -> None:
+    """Refuse template source that does not parse (at write time, so compose never meets it)."""
+    try:
+        _environment.parse(source)
+    except TemplateError as exc:
+        raise PromptError(field, f"template error: {exc.message}") from exc
+
+
+def render_template(source: str, variables: Mapping[str, Any], field: str = "content") -> str:
+    try:
+        return _environment.from_string(source).render(**variables)
+    except SecurityError as exc:
+        raise PromptError(field, f"template refused by the sandbox: {exc}") from exc
+    except TemplateError as exc:
+        raise PromptError(field, f"template error: {exc.message or type(exc).__name__}") from exc
+
+
+# Unicode categories that render as nothing: format (Cf, which holds the tag characters and bidi
+# controls), control (Cc), private use (Co), unassigned (Cn). Newline and tab stay.
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Co", "Cn"})
+_KEPT_CONTROLS = frozenset("\n\t")
+
+
+def strip_invisible(text: str) -> str:
+    return "".join(ch for ch in text
+                   if ch in _KEPT_CONTROLS or unicodedata.category(ch) not in _INVISIBLE_CATEGORIES)
+
+
+# Blocks are delimited by <agentbox:SCOPE> ... </agentbox:SCOPE>; any look-alike inside org or user
+# text loses its angle bracket so it can neither open nor close a block.
+_DELIMITER_LOOKALIKE = re.compile(r"<(\s*/?\s*agentbox\s*:)", re.IGNORECASE)
+
+
+def escape_delimiters(text: str) -> str:
+    return _DELIMITER_LOOKALIKE.sub(r"&lt;\1", text)
+
+
+def sanitise(text: str) -> str:
+    return escape_delimiters(strip_invisible(unicodedata.normalize("NFKC", text)))
+
+
+_INJECTION_PATTERNS: dict[str, re.Pattern[str]] = {
+    "ignore-previous-instructions": re.compile(
+        r"\b(ignore|disregard|forget|override)\b[^.\n]{0,40}\b(previous|prior|above|earlier|all|system)\b"
+        r"[^.\n]{0,20}\b(instructions?|prompts?|rules|messages?)\b", re.IGNORECASE),
+    "role-reassignment": re.compile(r"\byou are now\b|\bact as (the )?(system|developer|admin)",
+                                    re.IGNORECASE),
+    "prompt-exfiltration": re.compile(
+        r"\b(reveal|print|show|repeat|output)\b[^.\n]{0,30}\b(system prompt|hidden instructions)\b",
+        re.IGNORECASE),
+    "block-delimiter": re.compile(r"<\s*/?\s*agentbox\s*:", re.IGNORECASE),
+    "fake-role-marker": re.compile(r"^\s*(system|assistant|developer)\s*:", re.IGNORECASE | re.MULTILINE),
+    "invisible-characters": re.compile(r"[\u200b-\u200f\u202a-\u202e\u2060-\u2064\U000e0000-\U000e007f]"),
+}
+
+
+def injection_signals(part: PromptPart, text: str) -> list[InjectionSignal]:
+    return [InjectionSignal(part.id, part.scope, name)
+            for name, pattern in _INJECTION_PATTERNS.items() if pattern.search(text)]
+
+
+def ordered(parts: Iterable[PromptPart]) -> list[PromptPart]:
+    """Global first, then org, then user; inside a scope the higher priority first, then by id."""
+    return sorted(parts, key=lambda part: (SCOPE_ORDER[part.scope], -part.priority, part.id))
+
+
+def content_version(parts: Iterable[PromptPart], variables: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256()
+    for part in ordered(parts):
+        digest.update(json.dumps([part.id, part.scope, part.priority, part.version,
+                                  hashlib.sha256(part.content.encode()).hexdigest()]).encode())
+    digest.update(json.dumps(variables, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def compose(parts: Iterable[PromptPart], variables: Mapping[str, Any], *, max_part_chars: int,
+            max_total_chars: int) -> ComposedPrompt:
+    parts = ordered(parts)
+    blocks: list[str] = []
+    signals: list[InjectionSignal] = []
+    for part in parts:
+        if len(part.content) > max_part_chars:
+            raise PromptError(f"prompts[{part.id}].content", f"longer than {max_part_chars} characters")
+        if part.scope == "global":
+            blocks.append(part.content)  # the platform's own block: first and unchanged
+            continue
+        signals.extend(injection_signals(part, part.content))
+        rendered = render_template(part.content, variables, field=f"prompts[{part.id}].content")
+        body = sanitise(rendered)
+        if len(body) > max_part_chars:
+            raise PromptError(f"prompts[{part.id}].content",
+                              f"renders longer than {max_part_chars} characters")
+        blocks.append(f"<agentbox:{part.scope}>\n{body}\n</agentbox:{part.scope}>")
+    text = "\n\n".join(blocks)
+    if len(text) > max_total_chars:
+        raise PromptError("prompts", f"the composed prompt is longer than {max_total_chars} characters")
+    return ComposedPrompt(text=text, version=content_version(parts, variables), signals=tuple(signals))
+
+
+class PromptCache:
+    """Composed prompts by content version (a hand-kept LRU: no cache library is among our dependencies)."""
+
+    def __init__(self, max_entries: int = 1024) -> None:
+        self._entries: OrderedDict[str, ComposedPrompt] = OrderedDict()
+        self._max = max_entries
+        self.hits = 0
+
+    def compose(self, parts: Iterable[PromptPart], variables: Mapping[str, Any], *, max_part_chars: int,
+                max_total_chars: int) -> ComposedPrompt:
+        parts = list(parts)
+        key = content_version(parts, variables)
+        cached = self._entries.get(key)
+        if cached is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            return cached
+        result = compose(parts, variables, max_part_chars=max_part_chars, max_total_chars=max_total_chars)
+        self._entries[key] = result
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+        return result
