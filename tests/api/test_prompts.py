@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from agentbox.api.prompts import (PromptCache, PromptError, PromptPart, check_template, compose,
-                                  escape_delimiters, strip_invisible)
+from agentbox.api.prompts import (
+    PromptCache,
+    PromptError,
+    PromptPart,
+    check_template,
+    compose,
+    escape_delimiters,
+    strip_invisible,
+)
 
 LIMITS = {"max_part_chars": 2000, "max_total_chars": 5000}
 VARIABLES = {"user": {"id": "u1"}, "org": {"id": "acme"}, "session": {"name": "s1", "runtime": "scripted"}}
@@ -25,7 +32,8 @@ def test_global_then_org_then_user_each_by_priority():
 
 
 def test_user_templates_render_variables():
-    text = compose([part("u", "user", "Hello {{ user.id }} on {{ session.runtime }}")], VARIABLES, **LIMITS).text
+    source = "Hello {{ user.id }} on {{ session.runtime }}"
+    text = compose([part("u", "user", source)], VARIABLES, **LIMITS).text
     assert "Hello u1 on scripted" in text
 
 
