@@ -21,7 +21,10 @@ def main() -> None:
         health_seconds=float(os.environ.get("AGENTBOX_GATEWAY_HEALTH_SECONDS", "5")),
     )
     logging.getLogger("agentbox.gateway").info("gateway starting with %s", gateway.config_path)
-    asyncio.run(gateway.serve())
+    # The listen address normally comes from gateway.json; this override lets a gateway whose file is
+    # broken at start-up still come up on a known port and report why in /readyz.
+    port = os.environ.get("AGENTBOX_GATEWAY_PORT")
+    asyncio.run(gateway.serve(port=int(port) if port else None))
 
 
 if __name__ == "__main__":

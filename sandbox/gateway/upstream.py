@@ -15,6 +15,8 @@ from fastmcp.exceptions import DisabledError, NotFoundError, ToolError
 from fastmcp.server.providers import Provider
 from fastmcp.server.providers.proxy import ProxyProvider
 from fastmcp.tools import ToolResult
+from mcp.shared.exceptions import MCPError
+from mcp.types import METHOD_NOT_FOUND
 
 from agentbox.sandbox.gateway.breaker import CircuitBreaker
 from agentbox.sandbox.gateway.config import Breaker, Upstream
@@ -152,6 +154,9 @@ class UpstreamConnection:
             async with asyncio.timeout(min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)):
                 await self._client.ping()
             self.breaker.record_success()
+        except MCPError as error:
+            if error.error.code != METHOD_NOT_FOUND:  # a server without ping still answered: it is alive
+                await self.fail(f"ping failed: {describe(error)}")
         except UpstreamUnavailable:
             pass  # already recorded by client()
         except Exception as error:

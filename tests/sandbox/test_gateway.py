@@ -1,0 +1,176 @@
+"""The gateway over three real upstreams (streamable-http with a bearer token, sse, stdio)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import pytest
+from fastmcp import Client
+from fastmcp.exceptions import ToolError
+
+from .conftest import gateway_process, http_upstream, stdio_upstream_spec, wait_until
+
+UPSTREAM_TOKEN = "upstream-token-for-gh"
+CALLER_TOKEN = "caller-token-must-stay-here"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gateway")
+    (tmp / "mcp-gh-token").write_text(UPSTREAM_TOKEN + "\n")
+    (tmp / "mcp-gh-header-x-api-key").write_text("key-from-file")
+    gh = http_upstream(tmp, "streamable-http", "gh", token=UPSTREAM_TOKEN).start()
+    events = http_upstream(tmp, "sse", "events").start()
+    config = {
+        "breaker": {"failureThreshold": 2, "resetSeconds": 1},
+        "upstreams": [
+            {"name": "gh", "transport": "streamable-http", "url": gh.url,
+             "auth": {"type": "bearer", "tokenFile": str(tmp / "mcp-gh-token")},
+             "headers": [{"name": "X-Api-Key", "valueFile": str(tmp / "mcp-gh-header-x-api-key")}],
+             "tools": {"deny": ["fail"]}},
+            {"name": "events", "transport": "sse", "url": events.url, "timeoutSeconds": 1,
+             "headers": [{"name": "X-Team", "value": "blue"}],
+             "tools": {"allow": ["echo", "pid", "slow", "add"], "deny": ["add"]}},
+            stdio_upstream_spec("local"),
+        ],
+    }
+    gateway = gateway_process(tmp, config).start()
+    yield {"gh": gh, "events": events, "gateway": gateway}
+    for item in (gateway, gh, events):
+        item.proc.stop()
+
+
+def gateway_client(stack, **kwargs) -> Client:
+    return Client(stack["gateway"].url, **kwargs)
+
+
+async def call(stack, tool: str, **arguments):
+    async with gateway_client(stack) as client:
+        return (await client.call_tool(tool, arguments)).data
+
+
+async def test_lists_every_upstream_under_its_namespace_with_allow_and_deny(stack):
+    async with gateway_client(stack) as client:
+        names = {tool.name for tool in await client.list_tools()}
+    assert {"gh_echo", "gh_add", "gh_pid", "gh_slow"} <= names
+    assert "gh_fail" not in names  # denied
+    assert {"events_echo", "events_pid", "events_slow"} <= names
+    assert "events_add" not in names and "events_fail" not in names  # deny wins; not allowed
+    assert {"local_echo", "local_add", "local_fail"} <= names
+
+
+async def test_calls_reach_each_transport(stack):
+    assert await call(stack, "gh_echo", text="hi") == "gh:hi"
+    assert await call(stack, "events_echo", text="hi") == "events:hi"
+    assert await call(stack, "local_add", a=2, b=3) == 5
+
+
+async def test_denied_and_unknown_tools_are_refused(stack):
+    async with gateway_client(stack) as client:
+        for name in ("gh_fail", "events_add", "nosuch_echo", "gh_nosuch"):
+            with pytest.raises(ToolError, match="Unknown tool"):
+                await client.call_tool(name, {"message": "x", "a": 1, "b": 2})
+    assert stack["gateway"].readiness()["upstreams"]["gh"]["breaker"] == "closed"
+
+
+async def test_the_callers_credentials_never_reach_an_upstream(stack):
+    gh, events = stack["gh"], stack["events"]
+    client = gateway_client(stack, auth=CALLER_TOKEN)
+    client.transport.headers["X-Caller-Secret"] = "caller-header"
+    async with client:
+        assert (await client.call_tool("gh_echo", {"text": "a"})).data == "gh:a"
+        assert (await client.call_tool("events_echo", {"text": "b"})).data == "events:b"
+    for upstream in (gh, events):
+        seen = upstream.seen_headers()
+        assert seen, f"{upstream.transport} upstream recorded no requests"
+        for headers in seen:
+            assert CALLER_TOKEN not in str(headers)
+            assert "x-caller-secret" not in headers
+    assert all(headers.get("authorization") == f"Bearer {UPSTREAM_TOKEN}" for headers in gh.seen_headers())
+    assert all(headers.get("x-api-key") == "key-from-file" for headers in gh.seen_headers())
+    assert all("authorization" not in headers for headers in events.seen_headers())
+    assert all(headers.get("x-team") == "blue" for headers in events.seen_headers())
+
+
+async def test_an_upstream_tool_error_passes_through_without_tripping_the_breaker(stack):
+    async with gateway_client(stack) as client:
+        for _ in range(3):
+            with pytest.raises(ToolError, match="boom"):
+                await client.call_tool("local_fail", {"message": "boom"})
+    status = stack["gateway"].readiness()["upstreams"]["local"]
+    assert status == {**status, "connected": True, "breaker": "closed"}
+
+
+async def test_a_slow_call_times_out_and_the_upstream_recovers(stack):
+    started = time.monotonic()
+    async with gateway_client(stack) as client:
+        with pytest.raises(ToolError, match="timed out after 1s"):
+            await client.call_tool("events_slow", {"seconds": 5})
+    assert time.monotonic() - started < 3
+    await wait_for_call(stack, "events_echo", {"text": "again"}, "events:again")
+
+
+async def wait_for_call(stack, tool: str, arguments: dict, expected, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            async with gateway_client(stack) as client:
+                result = (await client.call_tool(tool, arguments)).data
+            if expected is None or result == expected:
+                return result
+        except ToolError as error:
+            last = error
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{tool} did not recover: {last}")
+
+
+async def test_a_stdio_server_that_dies_is_restarted(stack):
+    first_pid = await call(stack, "local_pid")
+    os.kill(first_pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            second_pid = await call(stack, "local_pid")
+            if second_pid != first_pid:
+                break
+        except ToolError:
+            pass
+        assert time.monotonic() < deadline, "the stdio upstream was not restarted"
+        await asyncio.sleep(0.2)
+    assert await call(stack, "local_echo", text="back") == "local:back"
+
+
+async def test_a_dead_upstream_fails_fast_while_the_others_keep_working(stack):
+    gh, gateway = stack["gh"], stack["gateway"]
+    gh.proc.kill()
+    async with gateway_client(stack) as client:
+        for _ in range(2):  # failureThreshold
+            with pytest.raises(ToolError):
+                await client.call_tool("gh_echo", {"text": "x"})
+        started = time.monotonic()
+        with pytest.raises(ToolError, match="unavailable"):
+            await client.call_tool("gh_echo", {"text": "x"})
+        assert time.monotonic() - started < 0.5, "an open breaker must fail fast"
+        assert (await client.call_tool("events_echo", {"text": "ok"})).data == "events:ok"
+        assert (await client.call_tool("local_echo", {"text": "ok"})).data == "local:ok"
+        names = {tool.name for tool in await client.list_tools()}
+        assert "local_echo" in names and "events_echo" in names
+    readiness = gateway.readiness()
+    assert "gh" in readiness["degraded"] and "local" in readiness["connected"]
+
+    gh.start()  # same port, a fresh process with no memory of the old session
+    await wait_for_call(stack, "gh_echo", {"text": "back"}, "gh:back")
+    wait_until(lambda: "gh" in gateway.readiness()["connected"], what="gh reported connected")
+
+
+async def test_metrics_count_calls_and_errors_per_upstream(stack):
+    await call(stack, "local_echo", text="m")
+    text = httpx.get(f"http://127.0.0.1:{stack['gateway'].port}/metrics").text
+    assert 'agentbox_gateway_upstream_calls_total{upstream="local"}' in text
+    assert 'agentbox_gateway_upstream_errors_total{kind="tool",upstream="local"}' in text
+    assert 'agentbox_gateway_upstream_call_seconds_bucket{le="0.005",upstream="gh"}' in text
