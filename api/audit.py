@@ -1,0 +1,223 @@
+"""The audit log: write one row per event, verify an org's hash chain.
+
+    event = AuditEvent(org_id="acme", action="mcp.configuration.create", outcome="success",
+                       actor_sub=principal.sub, actor_role="admin", target=f"mcp_configuration/{id}",
+                       ip=client_ip, user_agent=ua, request_id=rid, details={"name": "github"})
+    async with db.tenant("acme") as conn:
+        ...the change...
+        await record(conn, event)          # same transaction: the row exists exactly when the change does
+    await record(db, denied_event)         # no transaction of the caller's: its own
+
+The database assigns seq, prev_hash and hash (see migrations/0004_audit.sql); this module never
+computes a chain link, it only checks them. Details pass through `redact` first: secret-looking keys and
+values (tokens, keys, passwords, our own ciphertexts) are replaced, so none reaches the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+
+from agentbox.api.db import Database, check_org_id
+
+Outcome = Literal["success", "denied", "failed"]
+OUTCOMES = ("success", "denied", "failed")
+REDACTED = "[REDACTED]"
+GENESIS_HASH = bytes(32)
+
+# Keys whose values are secrets whatever they hold.
+_SECRET_KEY = re.compile(
+    r"token|secret|passw|authori[sz]ation|cookie|credential|private.?key|api.?key|verifier|bearer|signature"
+    r"|^(key|keys|code|auth|jwt|dsn|encryption_keys)$",
+    re.IGNORECASE,
+)
+# Values that are secrets wherever they appear: JWTs, bearer headers, our ciphertexts, well-known token
+# shapes, passwords inside connection URLs.
+_SECRET_VALUE = re.compile(
+    r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"
+    r"|(?i:bearer|basic)\s+[A-Za-z0-9._~+/=-]{8,}"
+    r"|v1:[A-Za-z0-9_.-]{1,64}:[A-Za-z0-9_-]{16,}"
+    r"|\b(?:gh[pousr]_|github_pat_|sk-|xox[abpr]-|glpat-)[A-Za-z0-9_-]{16,}"
+    r"|(?<=://)[^/@\s:]+:[^/@\s]+(?=@)"
+)
+_MAX_DEPTH = 8
+
+
+def redact(value: Any, _depth: int = 0) -> Any:
+    """A copy of `value` (JSON-like) with secret-named keys and secret-shaped strings replaced."""
+    if _depth > _MAX_DEPTH:
+        return REDACTED
+    if isinstance(value, Mapping):
+        return {str(key): REDACTED if _SECRET_KEY.search(str(key)) else redact(item, _depth + 1)
+                for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(item, _depth + 1) for item in value]
+    if isinstance(value, str):
+        return scrub(value)
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return scrub(str(value))
+
+
+def scrub(text: str) -> str:
+    """`text` with secret-shaped substrings replaced."""
+    return _SECRET_VALUE.sub(REDACTED, text)
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited act. `org_id` None is the platform's own chain (for example creating a global prompt)."""
+
+    org_id: str | None
+    action: str
+    outcome: Outcome
+    actor_sub: str | None = None
+    actor_role: str | None = None
+    target: str | None = None
+    reason: str | None = None
+    ip: str | None = None
+    user_agent: str | None = None
+    request_id: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, not {self.outcome!r}")
+        if not self.action:
+            raise ValueError("action must not be empty")
+        if self.org_id is not None:
+            check_org_id(self.org_id)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    seq: int
+    created_at: datetime
+    hash: str
+
+
+_INSERT = """
+INSERT INTO audit_logs (org_id, actor_sub, actor_role, action, target, outcome, reason, ip, user_agent,
+                        request_id, details)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8::inet, $9, $10, $11::jsonb)
+RETURNING id, seq, created_at, encode(hash, 'hex') AS hash
+"""
+
+
+async def record(where: asyncpg.Connection | Database, event: AuditEvent) -> AuditRecord:
+    """Append `event`. Given a connection, inside the caller's open transaction (whose context must
+    cover event.org_id); given the Database, in a transaction of its own."""
+    if isinstance(where, Database):
+        context = where.platform() if event.org_id is None else where.tenant(event.org_id)
+        async with context as conn:
+            return await _insert(conn, event)
+    if not where.is_in_transaction():
+        raise RuntimeError("audit.record needs a connection inside a tenant or platform transaction")
+    return await _insert(where, event)
+
+
+async def _insert(conn: asyncpg.Connection, event: AuditEvent) -> AuditRecord:
+    row = await conn.fetchrow(
+        _INSERT, event.org_id, event.actor_sub, event.actor_role, event.action,
+        scrub(event.target) if event.target else None, event.outcome,
+        scrub(event.reason)[:2000] if event.reason else None, _address_or_none(event.ip),
+        event.user_agent[:1024] if event.user_agent else None, event.request_id,
+        json.dumps(redact(dict(event.details)), default=str),
+    )
+    return AuditRecord(id=row["id"], seq=row["seq"], created_at=row["created_at"], hash=row["hash"])
+
+
+def _address_or_none(ip: str | None) -> str | None:
+    # Test clients and some proxies report names like "testclient": an audit row must not fail on them.
+    try:
+        return str(ipaddress.ip_address(ip)) if ip else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    """The first row where the chain does not hold, and why. `id` is None when the row is missing."""
+
+    seq: int
+    id: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class ChainReport:
+    org_id: str | None
+    rows_checked: int
+    head_seq: int | None
+    first_broken: ChainBreak | None
+
+    @property
+    def ok(self) -> bool:
+        return self.first_broken is None
+
+
+_CHAIN_ROWS = """
+SELECT id, seq, prev_hash, hash,
+       audit_canonical(id, org_id, seq, created_at, actor_sub, actor_role, action, target, outcome, reason,
+                       ip, user_agent, request_id, details) AS canonical
+  FROM audit_logs
+ WHERE org_id IS NOT DISTINCT FROM $1 AND seq > $2 AND seq <= $3
+ ORDER BY seq
+"""
+
+
+async def verify_chain(db: Database, org_id: str | None) -> ChainReport:
+    """Walk `org_id`'s chain (None: the platform's) from its start or retention anchor to its head, and
+    report the first row that was edited, removed, reordered or forked."""
+    context = db.platform() if org_id is None else db.tenant(org_id)
+    async with context as conn:
+        # The head first: rows committed after it have larger seq and are left for the next run.
+        state = await conn.fetchrow("SELECT * FROM audit_chain_state()")
+        if state is None or state["head_seq"] is None:
+            return ChainReport(org_id, 0, None, None)
+        expected_seq = (state["anchor_seq"] or 0) + 1
+        expected_prev = bytes(state["anchor_hash"]) if state["anchor_hash"] is not None else GENESIS_HASH
+        head_seq, head_hash = state["head_seq"], bytes(state["head_hash"])
+        checked = 0
+        async for row in conn.cursor(_CHAIN_ROWS, org_id, expected_seq - 1, head_seq, prefetch=2000):
+            problem = _check_link(row, expected_seq, expected_prev)
+            if problem is not None:
+                return ChainReport(org_id, checked, head_seq, problem)
+            checked += 1
+            expected_seq, expected_prev = row["seq"] + 1, bytes(row["hash"])
+        if expected_seq <= head_seq:
+            return ChainReport(org_id, checked, head_seq, ChainBreak(
+                expected_seq, None, f"rows seq {expected_seq}..{head_seq} are missing at the end"))
+        if expected_prev != head_hash:
+            return ChainReport(org_id, checked, head_seq, ChainBreak(
+                head_seq, None, "the last row's hash differs from the recorded chain head"))
+        return ChainReport(org_id, checked, head_seq, None)
+
+
+def _check_link(row: asyncpg.Record, expected_seq: int, expected_prev: bytes) -> ChainBreak | None:
+    seq, row_id = row["seq"], row["id"]
+    if seq < expected_seq:
+        return ChainBreak(seq, row_id, f"seq {seq} appears twice (a fork)")
+    if seq > expected_seq:
+        missing = f"{expected_seq}" if seq == expected_seq + 1 else f"{expected_seq}..{seq - 1}"
+        return ChainBreak(expected_seq, None, f"row seq {missing} is missing before row id {row_id}")
+    if bytes(row["prev_hash"]) != expected_prev:
+        return ChainBreak(seq, row_id, "prev_hash does not match the previous row's hash")
+    if hashlib.sha256(expected_prev + row["canonical"].encode()).digest() != bytes(row["hash"]):
+        return ChainBreak(seq, row_id, "the row's content does not match its hash (edited)")
+    return None
+
+
+async def ensure_partitions(db: Database, months_ahead: int = 3) -> None:
+    """Create the audit partitions up to `months_ahead` months from now (call at startup, and monthly)."""
+    async with db.platform() as conn:
+        await conn.execute("SELECT audit_ensure_partitions($1)", months_ahead)
