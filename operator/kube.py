@@ -1,0 +1,179 @@
+"""The one place that talks to the Kubernetes API: reads, server-side apply, deletes, and ownership.
+
+Every write of a child goes through `ensure()`, which classifies the existing object first and never
+overwrites an object that someone else owns.
+"""
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import kubernetes_asyncio.client
+import kubernetes_asyncio.config
+from kubernetes_asyncio.client.exceptions import ApiException
+
+from agentbox.crds import agentsession, mcpserver
+from agentbox.operator import naming
+from agentbox.operator.settings import FIELD_MANAGER
+
+# kind -> (API prefix, plural, namespaced)
+RESOURCES: dict[str, tuple[str, str, bool]] = {
+    "Pod": ("/api/v1", "pods", True),
+    "PersistentVolumeClaim": ("/api/v1", "persistentvolumeclaims", True),
+    "Service": ("/api/v1", "services", True),
+    "ConfigMap": ("/api/v1", "configmaps", True),
+    "Secret": ("/api/v1", "secrets", True),
+    "ResourceQuota": ("/api/v1", "resourcequotas", True),
+    "LimitRange": ("/api/v1", "limitranges", True),
+    "Namespace": ("/api/v1", "namespaces", False),
+    "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    agentsession.KIND: (f"/apis/{agentsession.API_VERSION}", agentsession.PLURAL, True),
+    mcpserver.KIND: (f"/apis/{mcpserver.API_VERSION}", mcpserver.PLURAL, True),
+}
+OBJECT = {200: "object", 201: "object"}
+
+
+def resource_path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+    prefix, plural, namespaced = RESOURCES[kind]
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespaced else f"{prefix}/{plural}"
+    if name:
+        path += f"/{name}"
+    if sub:
+        path += f"/{sub}"
+    return path
+
+
+class Ownership(enum.Enum):
+    ABSENT = "absent"
+    OURS = "ours"
+    ADOPTABLE = "adoptable"  # labelled as ours but without an owner: safe to take over
+    FOREIGN = "foreign"
+
+
+def classify(existing: dict[str, Any] | None, owner_uid: str | None, labels: dict[str, str]) -> Ownership:
+    """Whose is the object already at our name? `owner_uid` None: owned by label alone (tenant baseline)."""
+    if existing is None:
+        return Ownership.ABSENT
+    metadata = existing.get("metadata") or {}
+    existing_labels = metadata.get("labels") or {}
+    controllers = [ref for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
+    ours_by_label = existing_labels.get(naming.MANAGED_BY) == naming.MANAGER and all(
+        existing_labels.get(key) == value for key, value in labels.items()
+        if key in (naming.SESSION_LABEL, naming.ORG_LABEL))
+    if owner_uid is None:
+        return Ownership.OURS if ours_by_label and not controllers else Ownership.FOREIGN
+    if controllers:
+        return Ownership.OURS if controllers[0].get("uid") == owner_uid else Ownership.FOREIGN
+    return Ownership.ADOPTABLE if ours_by_label else Ownership.FOREIGN
+
+
+def describe_owner(existing: dict[str, Any]) -> str:
+    metadata = existing.get("metadata") or {}
+    controllers = [ref for ref in metadata.get("ownerReferences") or [] if ref.get("controller")]
+    if controllers:
+        ref = controllers[0]
+        return f"owned by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+    return "not created by agentbox"
+
+
+@dataclass(frozen=True)
+class Conflict:
+    kind: str
+    name: str
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.kind} {self.name} already exists and is {self.reason}; it was left untouched"
+
+
+class Kube:
+    """Thin async wrapper over kubernetes_asyncio's ApiClient for plain dict manifests."""
+
+    def __init__(self, client: kubernetes_asyncio.client.ApiClient):
+        self.client = client
+
+    @classmethod
+    async def connect(cls) -> "Kube":
+        try:
+            kubernetes_asyncio.config.load_incluster_config()
+        except kubernetes_asyncio.config.ConfigException:
+            await kubernetes_asyncio.config.load_kube_config()
+        return cls(kubernetes_asyncio.client.ApiClient())
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def _call(self, method: str, path: str, *, body: Any = None,
+                    query: list[tuple[str, Any]] | None = None,
+                    content_type: str = "application/json") -> dict[str, Any]:
+        return await self.client.call_api(
+            path, method, query_params=query or [], body=body, auth_settings=["BearerToken"],
+            header_params={"Accept": "application/json", "Content-Type": content_type},
+            response_types_map=OBJECT, _return_http_data_only=True)
+
+    async def get(self, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return await self._call("GET", resource_path(kind, namespace, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def list(self, kind: str, namespace: str | None, label_selector: str = "") -> list[dict[str, Any]]:
+        query = [("labelSelector", label_selector)] if label_selector else []
+        return (await self._call("GET", resource_path(kind, namespace), query=query)).get("items") or []
+
+    async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply as the operator's field manager (force: the ownership check came first)."""
+        metadata = manifest["metadata"]
+        return await self._call(
+            "PATCH", resource_path(manifest["kind"], metadata.get("namespace"), metadata["name"]),
+            body=manifest, content_type="application/apply-patch+yaml",
+            query=[("fieldManager", FIELD_MANAGER), ("force", "true")])
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any] | None:
+        """Create; None when something already holds the name (409)."""
+        try:
+            path = resource_path(manifest["kind"], manifest["metadata"].get("namespace"))
+            return await self._call("POST", path, body=manifest, query=[("fieldManager", FIELD_MANAGER)])
+        except ApiException as error:
+            if error.status == 409:
+                return None
+            raise
+
+    async def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None) -> bool:
+        """Delete (only the given incarnation when uid is set); False when already gone."""
+        body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1",
+                                "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        try:
+            await self._call("DELETE", resource_path(kind, namespace, name), body=body)
+            return True
+        except ApiException as error:
+            if error.status in (404, 409):
+                return False
+            raise
+
+    async def merge_patch(self, kind: str, namespace: str | None, name: str, patch: dict[str, Any],
+                          sub: str | None = None) -> dict[str, Any] | None:
+        try:
+            return await self._call("PATCH", resource_path(kind, namespace, name, sub), body=patch,
+                                    content_type="application/merge-patch+json")
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    async def ensure(self, manifest: dict[str, Any], owner_uid: str | None,
+                     existing: dict[str, Any] | None = None, *, looked_up: bool = False
+                     ) -> dict[str, Any] | Conflict:
+        """Apply the manifest unless another owner holds its name (then report, never overwrite)."""
+        metadata = manifest["metadata"]
+        if not looked_up:
+            existing = await self.get(manifest["kind"], metadata.get("namespace"), metadata["name"])
+        if classify(existing, owner_uid, metadata.get("labels") or {}) is Ownership.FOREIGN:
+            assert existing is not None
+            return Conflict(manifest["kind"], metadata["name"], describe_owner(existing))
+        return await self.apply(manifest)

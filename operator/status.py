@@ -1,0 +1,216 @@
+"""Session status from observed state: a pure function of spec, pod, claim and MCP problems."""
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.crds.conditions import ConditionStatus, Reason, SessionPhase
+from agentbox.crds.conditions import ConditionType as Kind
+from agentbox.crds.fields import parse_duration
+from agentbox.operator import naming
+from agentbox.operator.build.mcp import Problem
+
+IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the operator saw of a session's world at one moment."""
+
+    generation: int
+    spec: AgentSessionSpec
+    name: str
+    namespace: str
+    created: datetime
+    annotations: dict[str, str] = field(default_factory=dict)
+    previous: dict[str, Any] = field(default_factory=dict)
+    pod: dict[str, Any] | None = None
+    pvc: dict[str, Any] | None = None
+    mcp_problems: tuple[Problem, ...] | None = None  # None: not looked at this time, keep the last
+    conflict: str | None = None
+    deleting: bool = False
+
+
+def format_time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def last_activity(observed: Observed) -> datetime | None:
+    moments = [parse_time(observed.annotations.get(naming.LAST_ACTIVITY_ANNOTATION)),
+               parse_time(observed.previous.get("lastActivityTime"))]
+    known = [moment for moment in moments if moment is not None]
+    return max(known) if known else None
+
+
+def expiry(observed: Observed, now: datetime) -> tuple[Reason, str] | None:
+    """Why the session has expired, if it has."""
+    lifecycle = observed.spec.lifecycle
+    if lifecycle.shutdown_time is not None and now >= lifecycle.shutdown_time:
+        return Reason.SHUTDOWN_TIME_REACHED, f"shutdownTime {format_time(lifecycle.shutdown_time)} reached"
+    if lifecycle.idle_timeout:
+        since = last_activity(observed) or parse_time(observed.previous.get("readyAt")) or observed.created
+        if now - since >= parse_duration(lifecycle.idle_timeout):
+            return (Reason.IDLE_TIMEOUT_REACHED,
+                    f"no activity since {format_time(since)} (idleTimeout {lifecycle.idle_timeout})")
+    return None
+
+
+def next_deadline(observed: Observed) -> datetime | None:
+    """The moment the session would expire if nothing happens."""
+    lifecycle = observed.spec.lifecycle
+    deadlines = []
+    if lifecycle.shutdown_time is not None:
+        deadlines.append(lifecycle.shutdown_time)
+    if lifecycle.idle_timeout:
+        since = last_activity(observed) or parse_time(observed.previous.get("readyAt")) or observed.created
+        deadlines.append(since + parse_duration(lifecycle.idle_timeout))
+    return min(deadlines) if deadlines else None
+
+
+def pod_failure(pod: dict[str, Any]) -> tuple[Reason, str] | None:
+    """A pod that will not get better on its own: the session turns Failed right away."""
+    status = pod.get("status") or {}
+    if status.get("phase") == "Failed":
+        return Reason.POD_FAILED, status.get("message") or status.get("reason") or "pod failed"
+    for container in [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        reason = waiting.get("reason")
+        detail = f"container {container.get('name')}: {reason}: {waiting.get('message', '')}".rstrip(": ")
+        if reason in IMAGE_PULL_REASONS:
+            return Reason.IMAGE_PULL_FAILED, detail
+        if reason == "CrashLoopBackOff":
+            return Reason.CRASH_LOOP, detail
+        if reason in CONFIG_ERROR_REASONS:
+            return Reason.CONTAINER_CONFIG_ERROR, detail
+    return None
+
+
+def _pod_condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
+    for condition in (pod.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return condition
+    return {}
+
+
+def _condition(kind: Kind, ok: bool | None, reason: Reason, message: str) -> dict[str, Any]:
+    status = ConditionStatus.UNKNOWN if ok is None else ConditionStatus.TRUE if ok else ConditionStatus.FALSE
+    return {"type": str(kind), "status": str(status), "reason": str(reason), "message": message}
+
+
+def _workspace_condition(pvc: dict[str, Any] | None) -> dict[str, Any]:
+    phase = ((pvc or {}).get("status") or {}).get("phase")
+    if phase == "Bound":
+        return _condition(Kind.WORKSPACE_READY, True, Reason.CLAIM_BOUND, "workspace claim is bound")
+    if phase == "Lost":
+        return _condition(Kind.WORKSPACE_READY, False, Reason.CLAIM_LOST, "workspace volume was lost")
+    return _condition(Kind.WORKSPACE_READY, False, Reason.CLAIM_PENDING,
+                      "waiting for the workspace claim to bind")
+
+
+def _mcp_condition(observed: Observed) -> dict[str, Any] | None:
+    if observed.mcp_problems is None:
+        return None
+    if not observed.spec.mcp_servers:
+        return _condition(Kind.MCP_READY, True, Reason.NO_SERVERS, "no MCP servers referenced")
+    if not observed.mcp_problems:
+        return _condition(Kind.MCP_READY, True, Reason.ALL_SERVERS_READY,
+                          f"{len(observed.spec.mcp_servers)} MCP server(s) ready")
+    first = observed.mcp_problems[0]
+    return _condition(Kind.MCP_READY, False, first.reason,
+                      "; ".join(problem.message for problem in observed.mcp_problems))
+
+
+def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool) -> dict[str, Any]:
+    if pod is None:
+        reason = Reason.POD_MISSING if wanted else Reason.SUSPENDED_BY_USER
+        return _condition(Kind.POD_SCHEDULED, False, reason, "no sandbox pod")
+    scheduled = _pod_condition(pod, "PodScheduled")
+    if scheduled.get("status") == "True":
+        return _condition(Kind.POD_SCHEDULED, True, Reason.SCHEDULED,
+                          f"on node {(pod.get('spec') or {}).get('nodeName', '')}".strip())
+    if scheduled.get("reason") == "Unschedulable":
+        return _condition(Kind.POD_SCHEDULED, False, Reason.UNSCHEDULABLE,
+                          scheduled.get("message", "no node fits the pod"))
+    return _condition(Kind.POD_SCHEDULED, False, Reason.SCHEDULING_PENDING, "waiting for the scheduler")
+
+
+def _waiting_for_claim(condition: dict[str, Any]) -> bool:
+    return "persistentvolumeclaim" in condition.get("message", "").lower()
+
+
+def derive(observed: Observed, now: datetime) -> dict[str, Any]:
+    """The full status object to write (conditions keep their lastTransitionTime when unchanged)."""
+    spec = observed.spec
+    suspended = spec.lifecycle.suspend
+    expired = expiry(observed, now)
+    wants_pod = not (suspended or expired or observed.deleting or observed.conflict)
+    pod = observed.pod
+    workspace = _workspace_condition(observed.pvc)
+    scheduled = _scheduled_condition(pod, wants_pod)
+    failure = pod_failure(pod) if pod is not None and wants_pod else None
+    if failure is None and scheduled["reason"] == Reason.UNSCHEDULABLE and not _waiting_for_claim(scheduled):
+        failure = (Reason.UNSCHEDULABLE, scheduled["message"])
+    pod_ready = pod is not None and _pod_condition(pod, "Ready").get("status") == "True"
+
+    if observed.deleting:
+        phase, ready = SessionPhase.TERMINATING, _condition(Kind.READY, False, Reason.TERMINATING,
+                                                            "the session is being deleted")
+    elif observed.conflict:
+        phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, Reason.NAME_CONFLICT,
+                                                       observed.conflict)
+    elif expired:
+        phase, ready = SessionPhase.EXPIRED, _condition(Kind.READY, False, *expired)
+    elif suspended:
+        phase, ready = SessionPhase.SUSPENDED, _condition(Kind.READY, False, Reason.SUSPENDED_BY_USER,
+                                                          "suspended: pod deleted, workspace kept")
+    elif failure:
+        phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *failure)
+    elif pod_ready:
+        phase, ready = SessionPhase.RUNNING, _condition(Kind.READY, True, Reason.SESSION_READY,
+                                                        "the agent API is ready")
+    elif pod is not None and scheduled["status"] == "True":
+        phase, ready = SessionPhase.STARTING, _condition(Kind.READY, False, Reason.POD_STARTING,
+                                                         "the sandbox pod is starting")
+    else:
+        phase, ready = SessionPhase.PENDING, _condition(Kind.READY, False, Reason.POD_STARTING,
+                                                        scheduled["message"])
+
+    suspended_condition = (
+        _condition(Kind.SUSPENDED, True, Reason.SUSPENDED_BY_USER, "lifecycle.suspend is set")
+        if suspended else _condition(Kind.SUSPENDED, False, Reason.NOT_SUSPENDED, "running as asked"))
+    mcp = _mcp_condition(observed)
+    previous_conditions = {c.get("type"): c for c in observed.previous.get("conditions") or []}
+    if mcp is None:
+        mcp = previous_conditions.get(str(Kind.MCP_READY)) or _condition(
+            Kind.MCP_READY, None, Reason.SERVER_NOT_READY, "not checked yet")
+    conditions = []
+    for condition in (ready, scheduled, workspace, mcp, suspended_condition):
+        condition = {key: value for key, value in condition.items()
+                     if key not in ("lastTransitionTime", "observedGeneration")}
+        before = previous_conditions.get(condition["type"], {})
+        unchanged = before.get("status") == condition["status"] and before.get("lastTransitionTime")
+        condition["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else format_time(now)
+        condition["observedGeneration"] = observed.generation
+        conditions.append(condition)
+
+    status: dict[str, Any] = {
+        "phase": str(phase), "conditions": conditions, "observedGeneration": observed.generation,
+        "podName": naming.child_name(observed.name) if pod is not None else None,
+        "endpoint": naming.endpoint(observed.name, observed.namespace),
+        "startedAt": (pod or {}).get("status", {}).get("startTime") or observed.previous.get("startedAt"),
+        "readyAt": observed.previous.get("readyAt") or (format_time(now) if pod_ready else None),
+    }
+    activity = last_activity(observed)
+    status["lastActivityTime"] = format_time(activity) if activity else None
+    return status
