@@ -156,3 +156,52 @@ def processes() -> Iterator[list]:
     yield started
     for item in reversed(started):
         (item.proc if hasattr(item, "proc") else item).stop()
+
+
+@dataclass
+class RunnerProc:
+    port: int
+    token: str
+    workspace: Path
+    proc: Proc
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def start(self) -> RunnerProc:
+        self.proc.start()
+        wait_until(lambda: httpx.get(f"{self.base}/healthz", timeout=1).json()["agent"] == "ready",
+                   what="runner and agent ready")
+        return self
+
+
+def runner_process(tmp: Path, gateway_url: str, **env: str) -> RunnerProc:
+    port = free_port()
+    workspace = tmp / "workspace"
+    workspace.mkdir()
+    (tmp / "runner-token").write_text("runner-token-value\n")
+    (tmp / "system-prompt.md").write_text("You are a careful test agent.")
+    return RunnerProc(port, "runner-token-value", workspace, Proc(
+        [sys.executable, "-m", "agentbox.sandbox.runner"],
+        {"AGENTBOX_RUNTIME": "scripted", "AGENTBOX_RUNNER_TOKEN_FILE": str(tmp / "runner-token"),
+         "AGENTBOX_SYSTEM_PROMPT_FILE": str(tmp / "system-prompt.md"), "AGENTBOX_GATEWAY_URL": gateway_url,
+         "AGENTBOX_WORKSPACE": str(workspace), "AGENTBOX_RUNNER_PORT": str(port),
+         "AGENTBOX_AGENT_RESTART_MAX_SECONDS": "1", "AGENTBOX_LOG_LEVEL": "WARNING", **env}))
+
+
+async def sse_events(response: httpx.Response):
+    """Parse a server-sent event stream into (event, data) pairs."""
+    kind, data = "message", []
+    async for line in response.aiter_lines():
+        if not line:
+            if data:
+                yield kind, json.loads("\n".join(data))
+            kind, data = "message", []
+        elif line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())

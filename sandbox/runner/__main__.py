@@ -1,0 +1,56 @@
+"""Entry point: `python -m agentbox.sandbox.runner` (settings from AGENTBOX_* variables)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import uvicorn
+
+from agentbox.sandbox.logs import configure_logging
+from agentbox.sandbox.runner.bridge import AgentBridge
+from agentbox.sandbox.runner.commands import CommandError, agent_command
+from agentbox.sandbox.runner.conversation import Conversation
+from agentbox.sandbox.runner.settings import RunnerSettings
+
+log = logging.getLogger("agentbox.runner")
+
+
+def read_secret(path, what: str) -> str:
+    try:
+        value = path.read_text().strip()
+    except OSError as error:
+        raise SystemExit(f"{what} {path}: cannot read: {error.strerror}") from error
+    if not value:
+        raise SystemExit(f"{what} {path}: is empty")
+    return value
+
+
+def main() -> None:
+    configure_logging()
+    settings = RunnerSettings()
+    token = read_secret(settings.runner_token_file, "AGENTBOX_RUNNER_TOKEN_FILE")
+    try:
+        system_prompt = settings.system_prompt_file.read_text()
+    except FileNotFoundError:
+        system_prompt = ""
+        log.warning("no system prompt at %s", settings.system_prompt_file)
+    try:
+        argv, env = agent_command(settings, os.environ)
+    except CommandError as error:
+        sys.exit(str(error))
+    from agentbox.sandbox.runner.app import create_app  # after settings are known to be usable
+
+    conversation = Conversation(settings.runtime)
+    bridge = AgentBridge(conversation, argv=argv, env=env, workspace=settings.workspace,
+                         gateway_url=settings.gateway_url, system_prompt=system_prompt,
+                         permission_policy=settings.permission_policy,
+                         restart_max_seconds=settings.agent_restart_max_seconds)
+    app = create_app(conversation, bridge, token=token, workspace=settings.workspace,
+                     upload_max_bytes=settings.upload_max_bytes)
+    uvicorn.run(app, host=settings.runner_host, port=settings.runner_port, log_config=None, access_log=False)
+
+
+if __name__ == "__main__":
+    main()
