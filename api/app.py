@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -81,6 +82,42 @@ class BodyLimitMiddleware:
         await response(scope, receive, send)
 
 
+async def open_services(shared: Services, stack: AsyncExitStack) -> None:
+    """Build the database pool, Kubernetes client, token verifier and runner client from settings; each
+    one registers its own close on `stack`. A dependency that is down does not stop the start: /readyz
+    says so and requests answer 503 until it is back."""
+    import httpx
+
+    from agentbox.api.auth import JwksCache, TokenVerifier
+    from agentbox.api.db import Database
+    from agentbox.api.kube import Kube
+    from agentbox.api.runner_client import RunnerClient
+
+    settings = shared.settings
+    if settings.database_url is not None:
+        shared.database = Database(settings.database_url.get_secret_value())
+        stack.push_async_callback(shared.database.close)
+    try:
+        shared.kube = await Kube.connect(request_timeout=settings.kube_timeout_seconds)
+        stack.push_async_callback(shared.kube.close)
+    except Exception:
+        logging.getLogger("agentbox.api").warning("no Kubernetes configuration; Kubernetes routes answer 503")
+    http = httpx.AsyncClient(timeout=settings.runner_timeout_seconds)
+    stack.push_async_callback(http.aclose)
+    shared.runner = RunnerClient(http, url_override=settings.runner_url_override)
+    if settings.jwt_issuer:
+        jwks = None
+        if settings.jwt_jwks_url:
+            jwks_http = httpx.AsyncClient(timeout=settings.jwks_fetch_timeout_seconds)
+            stack.push_async_callback(jwks_http.aclose)
+            jwks = JwksCache(settings.jwt_jwks_url, jwks_http,
+                             cooldown=settings.jwks_refetch_cooldown_seconds,
+                             max_age=settings.jwks_max_age_seconds, max_stale=settings.jwks_max_stale_seconds)
+        secret = settings.jwt_hs256_secret.get_secret_value() if settings.jwt_hs256_secret else None
+        shared.verifier = TokenVerifier(issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                                        leeway=settings.jwt_leeway_seconds, hs256_secret=secret, jwks=jwks)
+
+
 def create_app(settings: Settings | None = None, *, services_override: Services | None = None) -> FastAPI:
     """Build the app. `services_override` hands in ready-made services (tests); otherwise the lifespan
     builds them from settings and closes them on shutdown."""
@@ -93,8 +130,6 @@ def create_app(settings: Settings | None = None, *, services_override: Services 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             if services_override is None:
-                from agentbox.api.wiring import open_services
-
                 await open_services(shared, stack)
             yield
 

@@ -37,6 +37,8 @@ class PromptPart:
     scope: Scope
     content: str
     priority: int = 0
+    # Only template prompts are rendered; plain ones are taken literally (still sanitised).
+    is_template: bool = False
     # Any value that changes whenever the content does (a row version or an updated-at timestamp).
     version: str = ""
 
@@ -143,7 +145,7 @@ def ordered(parts: Iterable[PromptPart]) -> list[PromptPart]:
 def content_version(parts: Iterable[PromptPart], variables: Mapping[str, Any]) -> str:
     digest = hashlib.sha256()
     for part in ordered(parts):
-        digest.update(json.dumps([part.id, part.scope, part.priority, part.version,
+        digest.update(json.dumps([part.id, part.scope, part.priority, part.is_template, part.version,
                                   hashlib.sha256(part.content.encode()).hexdigest()]).encode())
     digest.update(json.dumps(variables, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -161,7 +163,8 @@ def compose(parts: Iterable[PromptPart], variables: Mapping[str, Any], *, max_pa
             blocks.append(part.content)  # the platform's own block: first and unchanged
             continue
         signals.extend(injection_signals(part, part.content))
-        rendered = render_template(part.content, variables, field=f"prompts[{part.id}].content")
+        rendered = (render_template(part.content, variables, field=f"prompts[{part.id}].content")
+                    if part.is_template else part.content)
         body = sanitise(rendered)
         if len(body) > max_part_chars:
             raise PromptError(f"prompts[{part.id}].content",

@@ -6,6 +6,7 @@ from fastapi import FastAPI
 
 
 def mount_routers(app: FastAPI) -> None:
-    from agentbox.api.routers import health
+    from agentbox.api.routers import health, orgs, prompts, sessions
 
-    app.include_router(health.router)
+    for module in (health, orgs, sessions, prompts):
+        app.include_router(module.router)

@@ -18,8 +18,9 @@ LIMITS = {"max_part_chars": 2000, "max_total_chars": 5000}
 VARIABLES = {"user": {"id": "u1"}, "org": {"id": "acme"}, "session": {"name": "s1", "runtime": "scripted"}}
 
 
-def part(id: str, scope: str, content: str, priority: int = 0) -> PromptPart:
-    return PromptPart(id=id, scope=scope, content=content, priority=priority, version="1")
+def part(id: str, scope: str, content: str, priority: int = 0, is_template: bool = True) -> PromptPart:
+    return PromptPart(id=id, scope=scope, content=content, priority=priority, version="1",
+                      is_template=is_template)
 
 
 def test_global_then_org_then_user_each_by_priority():
@@ -35,6 +36,11 @@ def test_user_templates_render_variables():
     source = "Hello {{ user.id }} on {{ session.runtime }}"
     text = compose([part("u", "user", source)], VARIABLES, **LIMITS).text
     assert "Hello u1 on scripted" in text
+
+
+def test_plain_prompts_are_not_rendered():
+    text = compose([part("u", "user", "literal {{ user.id }}", is_template=False)], VARIABLES, **LIMITS).text
+    assert "literal {{ user.id }}" in text
 
 
 def test_user_text_enters_only_as_a_variable_never_as_source():

@@ -1,0 +1,330 @@
+"""Sessions: AgentSession resources in the caller's tenant namespace, and a proxy to each one's runner."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import Field, ValidationError, model_validator
+
+from agentbox.api.app import Services, services
+from agentbox.api.auth import Principal, tenant_member
+from agentbox.api.kube import (
+    LAST_ACTIVITY_ANNOTATION,
+    MANAGED_BY,
+    ORG_LABEL,
+    USER_LABEL,
+    Kube,
+    KubeError,
+    tenant_namespace,
+    user_label,
+)
+from agentbox.api.problems import ProblemError, field_errors, not_found, problem_responses
+from agentbox.api.routers.common import (
+    AuditedRoute,
+    audit_details,
+    audit_target,
+    audited_transaction,
+    kube,
+    kube_problem,
+)
+from agentbox.api.routers.models import ApiModel
+from agentbox.api.routers.prompts import compose_for
+from agentbox.api.runner_client import RunnerClient, RunnerUnavailable
+from agentbox.crds.agentsession import (
+    AgentSession,
+    AgentSessionSpec,
+    AgentSpec,
+    Lifecycle,
+    MCPServerRef,
+    ObjectMeta,
+    Tenant,
+    Workspace,
+)
+from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
+
+router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
+log = logging.getLogger("agentbox.api.sessions")
+SessionName = Annotated[str, Path(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
+# The last-activity annotation is written at most this often per session (each write is an etcd write).
+ACTIVITY_PATCH_INTERVAL = 30.0
+
+
+class SessionCreate(ApiModel):
+    name: DnsLabel | None = Field(None, description="Leave out to have one generated.")
+    agent: AgentSpec = Field(default_factory=AgentSpec)
+    workspace: Workspace = Field(default_factory=Workspace)
+    mcp_servers: list[MCPServerRef] = Field(default_factory=list, max_length=32)
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+
+    @model_validator(mode="after")
+    def _tenant_safe(self) -> SessionCreate:
+        if self.agent.image is not None:
+            raise ValueError("agent.image is chosen by the platform, not per session")
+        if any(variable.value_from is not None for variable in self.agent.env):
+            # valueFrom could read any Secret in the tenant namespace, other users' credentials included.
+            raise ValueError("agent.env[].valueFrom is not allowed through the API; give a value")
+        return self
+
+
+class SessionView(ApiModel):
+    name: str
+    user: str
+    runtime: str
+    model: str | None = None
+    phase: str | None = None
+    ready: bool
+    suspended: bool
+    mcp_servers: list[str]
+    conditions: list[Condition]
+    created_at: datetime | None = None
+    last_activity_time: datetime | None = None
+
+
+class MessageBody(ApiModel):
+    content: Annotated[str, Field(min_length=1, max_length=100_000)]
+    type: Literal["user", "raw"] = "user"
+
+
+class RunnerStatus(ApiModel):
+    model_config = ApiModel.model_config | {"extra": "allow", "alias_generator": None}
+
+    status: str
+    agent_type: str | None = None
+    last_activity: datetime | None = None
+
+
+def _ready(session: dict[str, Any]) -> bool:
+    conditions = (session.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _view(session: dict[str, Any]) -> SessionView:
+    spec, status = session.get("spec", {}), session.get("status") or {}
+    return SessionView(
+        name=session["metadata"]["name"], user=spec.get("tenant", {}).get("user", ""),
+        runtime=spec.get("agent", {}).get("runtime", "claude-code"), model=spec.get("agent", {}).get("model"),
+        phase=status.get("phase"), ready=_ready(session),
+        suspended=bool(spec.get("lifecycle", {}).get("suspend", False)),
+        mcp_servers=[ref["name"] for ref in spec.get("mcpServers", [])],
+        conditions=[Condition.model_validate(c) for c in status.get("conditions", [])],
+        created_at=session["metadata"].get("creationTimestamp"),
+        last_activity_time=status.get("lastActivityTime"))
+
+
+def _namespace(shared: Services, principal: Principal) -> str:
+    return tenant_namespace(principal.org or "", shared.settings.tenant_namespace_prefix)
+
+
+def _visible(principal: Principal, session: dict[str, Any]) -> bool:
+    tenant = session.get("spec", {}).get("tenant", {})
+    return tenant.get("org") == principal.org and (principal.is_admin or tenant.get("user") == principal.sub)
+
+
+async def _owned(client: Kube, shared: Services, principal: Principal, name: str) -> dict[str, Any]:
+    """The session if the caller may see it; 404 alike for missing, another user's or another org's."""
+    try:
+        session = await client.get_session(_namespace(shared, principal), name)
+    except KubeError as exc:
+        raise kube_problem(exc) from exc
+    if session is None or not _visible(principal, session):
+        raise not_found("session", name)
+    return session
+
+
+@router.post("", status_code=201, response_model=SessionView, name="session.create",
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 503))
+async def create_session(body: SessionCreate, request: Request, principal: Principal = Depends(tenant_member),
+                         shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
+    name = body.name or f"{body.agent.runtime}-{secrets.token_hex(4)}"
+    namespace = _namespace(shared, principal)
+    audit_target(request, f"session/{name}", runtime=body.agent.runtime)
+    created: dict[str, Any] | None = None
+    try:
+        async with audited_transaction(request, principal) as conn:
+            variables = {"name": name, "runtime": body.agent.runtime, "model": body.agent.model}
+            composed = await compose_for(conn, shared, principal, variables)
+            audit_details(request, prompt_version=composed.version)
+            try:
+                resource = AgentSession(
+                    metadata=ObjectMeta(name=name, namespace=namespace, labels={
+                        **MANAGED_BY, ORG_LABEL: principal.org, USER_LABEL: user_label(principal.sub)}),
+                    spec=AgentSessionSpec(tenant=Tenant(org=principal.org, user=principal.sub),
+                                          agent=body.agent, workspace=body.workspace,
+                                          mcp_servers=body.mcp_servers, system_prompt=composed.text,
+                                          lifecycle=body.lifecycle))
+            except ValidationError as exc:
+                raise ProblemError(422, "Unprocessable Content", "the session is not valid",
+                                   errors=field_errors(exc.errors())) from exc
+            created = await client.create_session(
+                namespace, resource.model_dump(by_alias=True, exclude_none=True, mode="json"))
+    except Exception:
+        if created is not None:  # the audit row did not commit: take the resource back
+            with contextlib.suppress(KubeError):
+                await client.delete_session(namespace, name)
+        raise
+    return _view(created)
+
+
+@router.get("", response_model=list[SessionView], responses=problem_responses(401, 403, 503))
+async def list_sessions(principal: Principal = Depends(tenant_member), shared: Services = Depends(services),
+                        client: Kube = Depends(kube)) -> list[SessionView]:
+    selector = f"{ORG_LABEL}={principal.org}"
+    if not principal.is_admin:
+        selector += f",{USER_LABEL}={user_label(principal.sub)}"
+    try:
+        items = await client.list_sessions(_namespace(shared, principal), selector)
+    except KubeError as exc:
+        raise kube_problem(exc) from exc
+    return [_view(item) for item in items if _visible(principal, item)]
+
+
+@router.get("/{name}", response_model=SessionView, responses=problem_responses(401, 403, 404, 422, 503))
+async def get_session(name: SessionName, principal: Principal = Depends(tenant_member),
+                      shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
+    return _view(await _owned(client, shared, principal, name))
+
+
+@router.delete("/{name}", status_code=204, response_class=Response, name="session.delete",
+               responses=problem_responses(401, 403, 404, 422, 503))
+async def delete_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
+                         shared: Services = Depends(services), client: Kube = Depends(kube)) -> Response:
+    audit_target(request, f"session/{name}")
+    await _owned(client, shared, principal, name)
+    async with audited_transaction(request, principal):
+        await client.delete_session(_namespace(shared, principal), name)
+    return Response(status_code=204)
+
+
+async def _set_suspend(request: Request, principal: Principal, shared: Services, client: Kube, name: str,
+                       suspend: bool) -> SessionView:
+    audit_target(request, f"session/{name}")
+    await _owned(client, shared, principal, name)
+    async with audited_transaction(request, principal):
+        patched = await client.patch_session(_namespace(shared, principal), name,
+                                             {"spec": {"lifecycle": {"suspend": suspend}}})
+    return _view(patched)
+
+
+@router.post("/{name}/suspend", response_model=SessionView, name="session.suspend",
+             responses=problem_responses(401, 403, 404, 422, 503))
+async def suspend_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
+                          shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
+    return await _set_suspend(request, principal, shared, client, name, True)
+
+
+@router.post("/{name}/resume", response_model=SessionView, name="session.resume",
+             responses=problem_responses(401, 403, 404, 422, 503))
+async def resume_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
+                         shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
+    return await _set_suspend(request, principal, shared, client, name, False)
+
+
+# The runner proxy -------------------------------------------------------------------------------------
+
+def _runner(shared: Services) -> RunnerClient:
+    if shared.runner is None:
+        raise ProblemError(503, "Service Unavailable", "the runner client is not configured")
+    return shared.runner
+
+
+async def _runner_target(client: Kube, shared: Services, principal: Principal, name: str) -> tuple[str, str]:
+    session = await _owned(client, shared, principal, name)
+    phase = (session.get("status") or {}).get("phase") or "Pending"
+    base_url = _runner(shared).base_url(session)
+    if not _ready(session) or base_url is None:
+        raise ProblemError(409, "Conflict", f"session {name!r} is not ready (phase {phase})")
+    try:
+        token = await client.runner_token(_namespace(shared, principal), name)
+    except KubeError as exc:
+        raise kube_problem(exc) from exc
+    if token is None:
+        raise ProblemError(409, "Conflict", f"session {name!r} has no runner token yet")
+    await _touch(client, shared, principal, name)
+    return base_url, token
+
+
+async def _touch(client: Kube, shared: Services, principal: Principal, name: str) -> None:
+    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every 30 s."""
+    namespace = _namespace(shared, principal)
+    last_patched: dict[tuple[str, str], float] = shared.extras.setdefault("activity_patched", {})
+    now = time.monotonic()
+    if now - last_patched.get((namespace, name), -ACTIVITY_PATCH_INTERVAL) < ACTIVITY_PATCH_INTERVAL:
+        return
+    last_patched[(namespace, name)] = now
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        await client.patch_session(namespace, name,
+                                   {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: stamp}}})
+    except KubeError:
+        log.warning("could not record session activity", extra={"session": name})
+
+
+async def _proxy(shared: Services, base_url: str, token: str, method: str, path: str,
+                 body: Any = None) -> dict[str, Any]:
+    try:
+        response = await _runner(shared).call(base_url, token, method, path, json=body)
+    except RunnerUnavailable as exc:
+        raise ProblemError(502, "Bad Gateway", str(exc)) from exc
+    if response.status_code >= 400:
+        raise ProblemError(409, "Conflict", f"the session's runner refused: {response.text[:300]}")
+    try:
+        payload = response.json()
+    except ValueError as exc:
+        raise ProblemError(502, "Bad Gateway", "the session's runner answered with non-JSON") from exc
+    if not isinstance(payload, dict):
+        raise ProblemError(502, "Bad Gateway", "the session's runner answered with an unexpected shape")
+    return payload
+
+
+@router.post("/{name}/message", response_model=dict[str, Any], name="session.message",
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503))
+async def send_message(name: SessionName, body: MessageBody, request: Request,
+                       principal: Principal = Depends(tenant_member), shared: Services = Depends(services),
+                       client: Kube = Depends(kube)) -> dict[str, Any]:
+    audit_target(request, f"session/{name}", message_type=body.type, message_chars=len(body.content))
+    base_url, token = await _runner_target(client, shared, principal, name)
+    async with audited_transaction(request, principal):
+        return await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+
+
+@router.get("/{name}/messages", response_model=dict[str, Any],
+            responses=problem_responses(401, 403, 404, 409, 422, 502, 503))
+async def get_messages(name: SessionName, principal: Principal = Depends(tenant_member),
+                       shared: Services = Depends(services), client: Kube = Depends(kube)) -> dict[str, Any]:
+    base_url, token = await _runner_target(client, shared, principal, name)
+    return await _proxy(shared, base_url, token, "GET", "/messages")
+
+
+@router.get("/{name}/status", response_model=RunnerStatus,
+            responses=problem_responses(401, 403, 404, 409, 422, 502, 503))
+async def get_status(name: SessionName, principal: Principal = Depends(tenant_member),
+                     shared: Services = Depends(services), client: Kube = Depends(kube)) -> RunnerStatus:
+    base_url, token = await _runner_target(client, shared, principal, name)
+    payload = await _proxy(shared, base_url, token, "GET", "/status")
+    try:
+        return RunnerStatus.model_validate(payload)
+    except ValidationError as exc:
+        raise ProblemError(502, "Bad Gateway", "the session's runner answered an invalid status") from exc
+
+
+@router.get("/{name}/events", response_class=StreamingResponse,
+            responses={200: {"description": "Server-sent events from the session's runner",
+                             "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                       **problem_responses(401, 403, 404, 409, 422, 502, 503)})
+async def stream_events(name: SessionName, principal: Principal = Depends(tenant_member),
+                        shared: Services = Depends(services),
+                        client: Kube = Depends(kube)) -> StreamingResponse:
+    base_url, token = await _runner_target(client, shared, principal, name)
+    try:
+        stream = await _runner(shared).events(base_url, token)
+    except RunnerUnavailable as exc:
+        raise ProblemError(502, "Bad Gateway", str(exc)) from exc
+    return StreamingResponse(stream, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
