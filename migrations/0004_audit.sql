@@ -97,11 +97,13 @@ BEGIN
 END $$;
 CREATE TRIGGER audit_logs_append_only BEFORE UPDATE OR DELETE ON audit_logs
   FOR EACH ROW EXECUTE FUNCTION audit_logs_refuse_change();
-CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON audit_logs
+-- Row security hides every row from UPDATE and DELETE (no policy allows them), so the row trigger
+-- would never see one: the statement trigger refuses the attempt itself, TRUNCATE included.
+CREATE TRIGGER audit_logs_refuse_statement BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_logs
   FOR EACH STATEMENT EXECUTE FUNCTION audit_logs_refuse_change();
 
 -- Creates the partitions from this month to months_ahead months on (idempotent). Statement triggers
--- are not inherited, so each partition gets its own TRUNCATE guard.
+-- are not inherited, so each partition gets its own guard.
 CREATE FUNCTION audit_ensure_partitions(months_ahead integer DEFAULT 3) RETURNS void
   LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
   AS $$
@@ -117,14 +119,14 @@ BEGIN
       (month_start + make_interval(months => i)) AT TIME ZONE 'UTC',
       (month_start + make_interval(months => i + 1)) AT TIME ZONE 'UTC');
     EXECUTE format(
-      'CREATE OR REPLACE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON public.%I '
+      'CREATE OR REPLACE TRIGGER audit_logs_refuse_statement BEFORE UPDATE OR DELETE OR TRUNCATE ON public.%I '
       'FOR EACH STATEMENT EXECUTE FUNCTION audit_logs_refuse_change()', partition_name);
   END LOOP;
 END $$;
 
 -- A catch-all so an insert never fails for want of a partition (keep audit_ensure_partitions ahead).
 CREATE TABLE audit_logs_default PARTITION OF audit_logs DEFAULT;
-CREATE TRIGGER audit_logs_no_truncate BEFORE TRUNCATE ON audit_logs_default
+CREATE TRIGGER audit_logs_refuse_statement BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_logs_default
   FOR EACH STATEMENT EXECUTE FUNCTION audit_logs_refuse_change();
 SELECT audit_ensure_partitions(3);
 
