@@ -1,0 +1,142 @@
+"""MCPServer: validate, probe http/sse servers for their tools, keep status current with back-off,
+and re-render the sessions that use a server whenever it changes."""
+
+import base64
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from agentbox.crds import agentsession, mcpserver
+from agentbox.crds.conditions import ConditionStatus, ConditionType, MCPServerPhase, Reason
+from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
+from agentbox.operator import metrics, probe
+from agentbox.operator.handlers.session import reconcile
+from agentbox.operator.kube import Kube
+from agentbox.operator.settings import OperatorSettings
+from agentbox.operator.status import format_time
+
+GROUP, VERSION, PLURAL = mcpserver.GROUP, mcpserver.VERSION, mcpserver.PLURAL
+PROBE_TICK_SECONDS = 5.0
+
+
+async def _secret_value(kube: Kube, namespace: str, selector: SecretKeySelector) -> str | None:
+    secret = await kube.get("Secret", namespace, selector.name)
+    encoded = ((secret or {}).get("data") or {}).get(selector.key)
+    return base64.b64decode(encoded).decode() if encoded is not None else None
+
+
+async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec) -> tuple[list[dict[str, str]] | None, str]:
+    """(tools, "") on success, (None, why) on failure."""
+    token = None
+    if spec.auth.secret_ref is not None:
+        token = await _secret_value(kube, namespace, spec.auth.secret_ref)
+        if token is None:
+            return None, f"Secret {spec.auth.secret_ref.name} key {spec.auth.secret_ref.key} not found"
+    headers = {}
+    for header in spec.headers:
+        if header.value_from is None:
+            headers[header.name] = header.value or ""
+            continue
+        value = await _secret_value(kube, namespace, header.value_from.secret_key_ref)
+        if value is None:
+            return None, f"Secret for header {header.name} not found"
+        headers[header.name] = value
+    try:
+        return await probe.list_tools(spec, token, headers), ""
+    except Exception as error:  # any transport, protocol or timeout failure means "unreachable"
+        return None, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
+
+
+def _status(phase: MCPServerPhase, reason: Reason, message: str, generation: int,
+            previous: dict[str, Any], tools: list[dict[str, str]] | None, probed: bool) -> dict[str, Any]:
+    now = format_time(datetime.now(UTC))
+    ready = ConditionStatus.TRUE if phase == MCPServerPhase.READY else ConditionStatus.FALSE
+    before = next((c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.READY), {})
+    unchanged = before.get("status") == ready and before.get("lastTransitionTime")
+    condition = {"type": str(ConditionType.READY), "status": str(ready), "reason": str(reason),
+                 "message": message, "observedGeneration": generation,
+                 "lastTransitionTime": before["lastTransitionTime"] if unchanged else now}
+    status: dict[str, Any] = {"phase": str(phase), "conditions": [condition],
+                              "observedGeneration": generation}
+    if tools is not None:
+        status.update(tools=tools, toolCount=len(tools))
+    if probed:
+        status["lastProbeTime"] = now
+    return status
+
+
+async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorSettings) -> None:
+    """Validate and (for http/sse) probe one MCPServer; write its status; schedule the next probe."""
+    meta = body["metadata"]
+    namespace, generation = meta["namespace"], meta.get("generation", 0)
+    previous = body.get("status") or {}
+    async with metrics.reconciling("mcpserver"):
+        try:
+            spec = MCPServerSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            status = _status(MCPServerPhase.INVALID, Reason.INVALID_SPEC, str(error)[:4096], generation,
+                             previous, [], probed=False)
+        else:
+            if spec.transport == "stdio":
+                status = _status(MCPServerPhase.READY, Reason.STDIO_NOT_PROBED,
+                                 "stdio server: started by each session's gateway, not probed", generation,
+                                 previous, [], probed=False)
+            else:
+                tools, why = await _probe(kube, namespace, spec)
+                failures = 0 if tools is not None else getattr(memo, "failures", 0) + 1
+                memo.failures = failures
+                delay = (settings.mcp_probe_seconds if tools is not None
+                         else min(PROBE_TICK_SECONDS * 2 ** failures, settings.mcp_backoff_max_seconds))
+                memo.next_probe = time.monotonic() + delay
+                status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
+                                  generation, previous, tools, probed=True) if tools is not None else
+                          _status(MCPServerPhase.UNREACHABLE, Reason.PROBE_FAILED,
+                                  f"{why} (retry in {delay:.0f}s)", generation, previous, None, probed=True))
+        await kube.merge_patch(mcpserver.KIND, namespace, meta["name"], {"status": status}, sub="status")
+        if previous.get("phase") != status["phase"]:
+            post = kopf.info if status["phase"] == MCPServerPhase.READY else kopf.warn
+            condition = status["conditions"][0]
+            post(body, reason=condition["reason"], message=condition["message"])
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def mcpserver_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await check(memo.kube, dict(body), memo, memo.settings)
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=PROBE_TICK_SECONDS,
+            when=lambda spec, **_: spec.get("transport") != "stdio")
+async def mcpserver_probe(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Re-probe when due: every mcp_probe_seconds when healthy, exponential back-off when not."""
+    if time.monotonic() >= getattr(memo, "next_probe", 0.0):
+        await check(memo.kube, dict(body), memo, memo.settings)
+
+
+@kopf.index(agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL)
+def sessions_by_mcpserver(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    return {(namespace, ref["name"]): name for ref in spec.get("mcpServers") or []}
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcpserver: kopf.Index,
+                          **_: Any) -> None:
+    """Sessions re-render when a server they use changes spec, readiness, or disappears."""
+    server = event["object"]
+    meta = server["metadata"]
+    phase = (server.get("status") or {}).get("phase")
+    fingerprint = (event["type"] == "DELETED", meta.get("generation"), phase)
+    if getattr(memo, "fingerprint", None) == fingerprint:
+        return
+    first_sight = not hasattr(memo, "fingerprint")
+    memo.fingerprint = fingerprint
+    if first_sight and event["type"] is None:
+        return  # the initial listing: sessions get their own resume reconciliation
+    for session_name in sessions_by_mcpserver.get((meta["namespace"], meta["name"]), []):
+        body = await memo.kube.get(agentsession.KIND, meta["namespace"], session_name)
+        if body is not None:
+            await reconcile(memo.kube, memo.settings, body)

@@ -1,0 +1,260 @@
+"""AgentSession: render every child from (spec, references), apply each with an ownership check, and
+derive status from what is observed. Safe to kill at any line: every step is an idempotent apply."""
+
+import asyncio
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from pydantic import ValidationError
+
+from agentbox.crds import agentsession
+from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.crds.conditions import Reason, SessionPhase
+from agentbox.operator import metrics, naming
+from agentbox.operator.build import mcp
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.configmap import build_configmap
+from agentbox.operator.build.networkpolicy import build_session_policy
+from agentbox.operator.build.pod import build_pod, config_hash
+from agentbox.operator.build.pvc import build_pvc
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, build_secret, new_runner_token
+from agentbox.operator.build.service import build_service
+from agentbox.operator.kube import Conflict, Kube, Ownership, classify
+from agentbox.operator.settings import OperatorSettings
+from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time
+
+GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
+CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
+
+# One reconciliation per session at a time, whichever watch (session, pod, MCPServer) triggered it.
+_locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+
+
+class NameConflictError(kopf.TemporaryError):
+    """A child's name is held by an object we do not own; retried slowly in case it goes away."""
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _created(body: dict[str, Any]) -> datetime:
+    return parse_time(body["metadata"].get("creationTimestamp")) or _now()
+
+
+def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
+    """One Kubernetes Event per lifecycle step: each change of phase or Ready/MCPReady reason."""
+    def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        return {c["type"]: (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
+
+    old, new = reasons(before), reasons(after)
+    conditions = {c["type"]: c for c in after["conditions"]}
+    for kind in ("Ready", "MCPReady"):
+        if old.get(kind) != new.get(kind):
+            condition = conditions[kind]
+            post = kopf.info if condition["status"] == "True" or condition["reason"] in (
+                Reason.POD_STARTING, Reason.SUSPENDED_BY_USER) else kopf.warn
+            post(body, reason=condition["reason"], message=condition["message"])
+    if before.get("phase") != after["phase"]:
+        kopf.info(body, reason=f"Phase{after['phase']}", message=f"session is {after['phase']}")
+
+
+async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
+    meta = body["metadata"]
+    previous = body.get("status") or {}
+    comparable = {key: value for key, value in status.items() if value is not None}
+    if {key: value for key, value in previous.items() if key in comparable} != comparable or any(
+            previous.get(key) is not None for key, value in status.items() if value is None):
+        await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"], {"status": status},
+                               sub="status")
+        _announce(body, previous, status)
+    metrics.record_phase((meta["namespace"], meta["name"]), status["phase"])
+
+
+def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Observed:
+    meta = body["metadata"]
+    return Observed(generation=meta.get("generation", 0), spec=spec, name=meta["name"],
+                    namespace=meta["namespace"], created=_created(body),
+                    annotations=meta.get("annotations") or {}, previous=body.get("status") or {},
+                    deleting=bool(meta.get("deletionTimestamp")), **seen)
+
+
+async def _references(kube: Kube, namespace: str, spec: AgentSessionSpec) -> mcp.RenderedMCP:
+    names = [ref.name for ref in spec.mcp_servers]
+    found = await asyncio.gather(*(kube.get("MCPServer", namespace, name) for name in names))
+    servers = dict(zip(names, found, strict=True))
+    secret_names = sorted(mcp.referenced_secrets(servers))
+    secrets = await asyncio.gather(*(kube.get("Secret", namespace, name) for name in secret_names))
+    data = {name: None if secret is None else (secret.get("data") or {})
+            for name, secret in zip(secret_names, secrets, strict=True)}
+    return mcp.render(spec.mcp_servers, servers, data)
+
+
+async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, Any] | None,
+                      ownership: Ownership, body: dict[str, Any]) -> dict[str, Any] | None:
+    """Pods are immutable: create when absent, replace when the rendered config changed."""
+    if existing is not None:
+        wanted = desired["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
+        current = (existing["metadata"].get("annotations") or {}).get(naming.CONFIG_HASH_ANNOTATION)
+        if ownership is Ownership.OURS and current == wanted:
+            return existing
+        if existing["metadata"].get("deletionTimestamp") is None:
+            await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
+                              uid=existing["metadata"]["uid"])
+            kopf.info(body, reason="PodReplaced", message="configuration changed: replacing the sandbox pod")
+        return None  # its DELETED event brings us back to create the new one
+    created = await kube.create(desired)
+    if created is not None:
+        kopf.info(body, reason="PodCreated", message=f"created sandbox pod {desired['metadata']['name']}")
+    return created
+
+
+async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
+    """Bring one session's children to the desired state and write its status. Returns the status."""
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    async with _locks[(namespace, name)], metrics.reconciling("agentsession"):
+        try:
+            spec = AgentSessionSpec.model_validate(body.get("spec") or {})
+        except ValidationError as error:
+            # Admission rejects this normally; an older CRD version might not have.
+            kopf.warn(body, reason=Reason.INVALID_SPEC, message=str(error))
+            raise kopf.PermanentError(f"invalid spec: {error}") from error
+        session = Session(name, namespace, meta["uid"], spec)
+        child = session.child_name
+        rendered, existing = await asyncio.gather(
+            _references(kube, namespace, spec),
+            asyncio.gather(*(kube.get(kind, namespace, child) for kind in CHILD_KINDS)))
+        found = dict(zip(CHILD_KINDS, existing, strict=True))
+        ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in CHILD_KINDS}
+        conflicts = [Conflict(kind, child, "held by another owner") for kind in CHILD_KINDS
+                     if ownership[kind] is Ownership.FOREIGN]
+        if conflicts:
+            message = "; ".join(conflict.message for conflict in conflicts)
+            status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
+                            _now())
+            await _write_status(kube, body, status)
+            raise NameConflictError(message, delay=settings.conflict_retry_seconds)
+
+        old_secret = found["Secret"] if ownership["Secret"] is not Ownership.ABSENT else None
+        token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_runner_token()
+        configmap = build_configmap(session, rendered.config)
+        secret = build_secret(session, token, rendered.credentials)
+        applied = await asyncio.gather(
+            kube.apply(configmap), kube.apply(secret), kube.apply(build_pvc(session)),
+            kube.apply(build_service(session)),
+            kube.apply(build_session_policy(session, settings.api_namespace, settings.api_pod_labels)))
+        pvc = applied[2]
+        if ownership["ConfigMap"] is Ownership.ABSENT:
+            kopf.info(body, reason="ChildrenCreated",
+                      message=f"created workspace, config and service {child}")
+
+        observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
+        wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
+        pod = found["Pod"]
+        if wants_pod:
+            desired = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
+                                config_digest=config_hash(configmap, secret),
+                                runner_resources=settings.runner_resources,
+                                gateway_resources=settings.gateway_resources)
+            pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
+        elif pod is not None:
+            await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
+            pod = None
+        observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
+        status = derive(observed, _now())
+        await _write_status(kube, body, status)
+        return status
+
+
+async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) -> None:
+    """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict."""
+    meta = body["metadata"]
+    async with _locks[(meta["namespace"], meta["name"])], metrics.reconciling("agentsession-status"):
+        spec = AgentSessionSpec.model_validate(body.get("spec") or {})
+        pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
+        await _write_status(kube, body, derive(_observed(body, spec, pvc=pvc, pod=pod), _now()))
+
+
+def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
+    return memo.kube, memo.settings
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+@kopf.on.create(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL)
+async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    kube, settings = _memo(memo)
+    await reconcile(kube, settings, dict(body))
+
+
+def _has_deadline(spec: kopf.Spec, **_: Any) -> bool:
+    lifecycle = spec.get("lifecycle") or {}
+    return bool(lifecycle.get("shutdownTime") or lifecycle.get("idleTimeout"))
+
+
+@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().expiry_check_seconds, when=_has_deadline)
+async def session_expiry(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Expire sessions whose shutdownTime passed or whose activity went stale."""
+    kube, settings = _memo(memo)
+    status = body.get("status") or {}
+    spec = AgentSessionSpec.model_validate(dict(body.get("spec") or {}))
+    observed = _observed(dict(body), spec)
+    deadline = next_deadline(observed)
+    activity = observed.annotations.get(naming.LAST_ACTIVITY_ANNOTATION)
+    stale_activity = activity is not None and activity != status.get("lastActivityTime")
+    expired_now = deadline is not None and _now() >= deadline
+    if (expired_now and status.get("phase") != SessionPhase.EXPIRED) or stale_activity:
+        await reconcile(kube, settings, dict(body))
+
+
+@kopf.on.delete(GROUP, VERSION, PLURAL,
+                when=lambda spec, **_: bool((spec.get("workspace") or {}).get("retainOnDelete")))
+async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """retainOnDelete: cut the claim loose from garbage collection before the session goes."""
+    kube, _settings = _memo(memo)
+    meta = body["metadata"]
+    release = {"metadata": {"ownerReferences": None}}
+    released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"],
+                                      naming.child_name(meta["name"]), release)
+    if released is not None:
+        kopf.info(body, reason="WorkspaceRetained", message="workspace claim kept after deletion")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def session_event(event: kopf.RawEvent, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        meta = event["object"]["metadata"]
+        key = (meta["namespace"], meta["name"])
+        metrics.record_phase(key, None)
+        _locks.pop(key, None)
+
+
+def _owner_session(pod: dict[str, Any]) -> str | None:
+    for ref in pod["metadata"].get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("kind") == agentsession.KIND:
+            return ref.get("name")
+    return None
+
+
+SESSION_POD = {naming.MANAGED_BY: naming.MANAGER, naming.SESSION_LABEL: kopf.PRESENT}
+
+
+@kopf.on.event("", "v1", "pods", labels=SESSION_POD)
+async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Pod changes are watched, not polled: status follows them, a lost pod is recreated."""
+    kube, settings = _memo(memo)
+    pod = event["object"]
+    name = _owner_session(pod)
+    if name is None:
+        return
+    body = await kube.get(agentsession.KIND, pod["metadata"]["namespace"], name)
+    if body is None or body["metadata"]["uid"] != next(
+            ref["uid"] for ref in pod["metadata"]["ownerReferences"] if ref.get("name") == name):
+        return
+    if event["type"] == "DELETED":
+        await reconcile(kube, settings, body)
+    else:
+        await refresh(kube, body, pod)
