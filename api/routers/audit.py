@@ -1,0 +1,113 @@
+"""The audit log of the caller's org (admins): filtered, cursor-paginated reads and chain verification."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from agentbox.api import audit
+from agentbox.api.auth import Principal, authenticate
+from agentbox.api.db import DatabaseUnavailable
+from agentbox.api.problems import ProblemError, problem_responses
+from agentbox.api.routers.common import audited_transaction, database
+from agentbox.api.routers.models import ApiModel
+
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+
+
+class AuditEntry(ApiModel):
+    id: int
+    seq: int
+    created_at: datetime
+    actor_sub: str | None
+    actor_role: str | None
+    action: str
+    target: str | None
+    outcome: str
+    reason: str | None
+    ip: str | None
+    user_agent: str | None
+    request_id: str | None
+    details: dict[str, Any]
+
+
+class AuditPage(ApiModel):
+    items: list[AuditEntry]
+    next_cursor: str | None
+
+
+class ChainBreakView(ApiModel):
+    seq: int
+    id: int | None
+    reason: str
+
+
+class ChainReportView(ApiModel):
+    ok: bool
+    rows_checked: int
+    head_seq: int | None
+    first_broken: ChainBreakView | None
+
+
+def _reader(principal: Principal = Depends(authenticate)) -> Principal:
+    """Org admins read their org's chain; the platform operator reads the platform's own."""
+    if principal.is_platform:
+        return principal
+    if principal.org is None or not principal.is_admin:
+        raise ProblemError(403, "Forbidden", "the audit log is for org admins")
+    return principal
+
+
+def _cursor_seq(cursor: str | None) -> int | None:
+    if cursor is None:
+        return None
+    try:
+        return int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
+    except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
+        raise ProblemError(400, "Bad Request", "cursor: not a cursor this API issued") from exc
+
+
+def _cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
+
+
+@router.get("", response_model=AuditPage, responses=problem_responses(400, 401, 403, 422, 503))
+async def list_audit(request: Request, principal: Principal = Depends(_reader),
+                     action: Annotated[str | None, Query(max_length=128)] = None,
+                     actor: Annotated[str | None, Query(max_length=255)] = None,
+                     since: datetime | None = None, until: datetime | None = None,
+                     cursor: Annotated[str | None, Query(max_length=64)] = None,
+                     limit: Annotated[int, Query(ge=1, le=500)] = 100) -> AuditPage:
+    """Newest first. `nextCursor` continues the listing where this page ended."""
+    filters = ["org_id IS NOT DISTINCT FROM $1"]
+    args: list[Any] = [None if principal.is_platform else principal.org]
+    for clause, value in (("action = ${}", action), ("actor_sub = ${}", actor), ("created_at >= ${}", since),
+                          ("created_at < ${}", until), ("seq < ${}", _cursor_seq(cursor))):
+        if value is not None:
+            args.append(value)
+            filters.append(clause.format(len(args)))
+    args.append(limit + 1)
+    async with audited_transaction(request, principal) as conn:
+        rows = await conn.fetch(
+            "SELECT id, seq, created_at, actor_sub, actor_role, action, target, outcome, reason, "  # noqa: S608
+            "host(ip) AS ip, user_agent, request_id, details::text AS details FROM audit_logs "
+            f"WHERE {' AND '.join(filters)} ORDER BY seq DESC LIMIT ${len(args)}", *args)
+    items = [AuditEntry(**{**dict(row), "details": json.loads(row["details"])}) for row in rows[:limit]]
+    return AuditPage(items=items, next_cursor=_cursor(items[-1].seq) if len(rows) > limit else None)
+
+
+@router.get("/verify", response_model=ChainReportView, responses=problem_responses(401, 403, 503))
+async def verify_audit(request: Request, principal: Principal = Depends(_reader)) -> ChainReportView:
+    try:
+        report = await audit.verify_chain(database(request), None if principal.is_platform else principal.org)
+    except DatabaseUnavailable as exc:
+        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly") from exc
+    broken = report.first_broken
+    return ChainReportView(ok=report.ok, rows_checked=report.rows_checked, head_seq=report.head_seq,
+                           first_broken=None if broken is None else ChainBreakView(
+                               seq=broken.seq, id=broken.id, reason=broken.reason))
