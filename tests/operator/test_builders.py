@@ -1,0 +1,271 @@
+"""Pure builders: every child of a session from (spec, references), no cluster involved."""
+
+import json
+
+import pytest
+
+from agentbox.crds.agentsession import AgentSessionSpec, MCPServerRef
+from agentbox.crds.conditions import Reason
+from agentbox.operator import naming
+from agentbox.operator.build import mcp, tenant
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.configmap import build_configmap
+from agentbox.operator.build.networkpolicy import build_session_policy
+from agentbox.operator.build.pod import build_pod, config_hash
+from agentbox.operator.build.pvc import build_pvc
+from agentbox.operator.build.secret import build_secret
+from agentbox.operator.build.service import build_service
+
+b64 = mcp.encode
+
+
+def make_session(**spec) -> Session:
+    return Session(
+        "demo",
+        "tenant-acme",
+        "uid-1",
+        AgentSessionSpec.model_validate({"tenant": {"org": "acme", "user": "ada@example.com"}, **spec}),
+    )
+
+
+def make_pod(session: Session, digest: str = "abc") -> dict:
+    return build_pod(
+        session,
+        image="img:1",
+        pull_policy="IfNotPresent",
+        config_digest=digest,
+        runner_resources={"limits": {"cpu": "1"}},
+        gateway_resources={"limits": {"cpu": "100m"}},
+    )
+
+
+def test_every_child_is_owned_labelled_and_named_alike():
+    session = make_session()
+    children = [
+        build_configmap(session, {}),
+        build_secret(session, b64("t"), {}),
+        build_pvc(session),
+        build_service(session),
+        build_session_policy(session, "agentbox-system", {"a": "b"}),
+        make_pod(session),
+    ]
+    for child in children:
+        meta = child["metadata"]
+        assert meta["name"] == naming.child_name("demo") and meta["namespace"] == "tenant-acme"
+        assert meta["labels"] == {
+            "app.kubernetes.io/managed-by": "agentbox",
+            "agentbox.dev/session": "demo",
+            "agentbox.dev/org": "acme",
+        }
+        assert meta["ownerReferences"] == [
+            {
+                "apiVersion": "agentbox.dev/v1alpha1",
+                "kind": "AgentSession",
+                "name": "demo",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+
+def test_pod_is_hardened():
+    pod = make_pod(make_session())
+    spec = pod["spec"]
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    for container in [*spec["initContainers"], *spec["containers"]]:
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+        assert context["runAsNonRoot"] is True and context["runAsUser"] == 65532
+        assert context["readOnlyRootFilesystem"] is True
+    assert {volume["name"] for volume in spec["volumes"]} == {"workspace", "config", "secrets", "tmp"}
+    assert all(
+        set(volume) & {"persistentVolumeClaim", "configMap", "secret", "emptyDir"}
+        for volume in spec["volumes"]
+    )
+
+
+def test_pod_layout_matches_the_sandbox_interface():
+    pod = make_pod(
+        make_session(agent={"runtime": "scripted", "model": "m1", "env": [{"name": "X", "value": "1"}]})
+    )
+    (gateway,) = pod["spec"]["initContainers"]
+    (runner,) = pod["spec"]["containers"]
+    assert gateway["restartPolicy"] == "Always"  # native sidecar
+    assert gateway["command"] == ["python", "-m", "agentbox.sandbox.gateway"]
+    assert {"name": "AGENTBOX_GATEWAY_CONFIG", "value": "/etc/agentbox/gateway.json"} in gateway["env"]
+    assert runner["command"] == ["python", "-m", "agentbox.sandbox.runner"]
+    assert runner["ports"][0]["containerPort"] == 3284
+    env = {item["name"]: item.get("value") for item in runner["env"]}
+    assert env["AGENTBOX_RUNTIME"] == "scripted" and env["AGENTBOX_AGENT_MODEL"] == "m1" and env["X"] == "1"
+    assert env["AGENTBOX_RUNNER_TOKEN_FILE"] == "/var/run/agentbox/secrets/runner-token"
+    assert env["AGENTBOX_SYSTEM_PROMPT_FILE"] == "/etc/agentbox/system-prompt.md"
+    assert env["AGENTBOX_GATEWAY_URL"] == "http://127.0.0.1:8765/mcp"
+    assert env["AGENTBOX_WORKSPACE"] == "/workspace"
+    mounts = {mount["mountPath"] for mount in runner["volumeMounts"]}
+    assert mounts == {"/etc/agentbox", "/var/run/agentbox/secrets", "/tmp", "/workspace"}
+    assert pod["metadata"]["annotations"] == {naming.CONFIG_HASH_ANNOTATION: "abc"}
+
+
+def test_pod_passes_scheduling_fields_and_resources_through():
+    tolerations = [{"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}]
+    pod = make_pod(
+        make_session(
+            runtimeClassName="gvisor",
+            nodeSelector={"pool": "agents"},
+            tolerations=tolerations,
+            resources={"limits": {"memory": "4Gi"}},
+            agent={"runtime": "custom", "command": ["my-agent"], "args": ["--fast"]},
+        )
+    )
+    spec = pod["spec"]
+    assert spec["runtimeClassName"] == "gvisor" and spec["nodeSelector"] == {"pool": "agents"}
+    assert spec["tolerations"] == tolerations
+    assert spec["containers"][0]["resources"] == {"limits": {"memory": "4Gi"}}
+    env = {item["name"]: item.get("value") for item in spec["containers"][0]["env"]}
+    assert json.loads(env["AGENTBOX_AGENT_COMMAND"]) == ["my-agent", "--fast"]
+    defaults = make_pod(make_session())["spec"]
+    assert defaults["containers"][0]["resources"] == {"limits": {"cpu": "1"}}
+    assert "runtimeClassName" not in defaults and "tolerations" not in defaults
+
+
+def test_config_hash_follows_configmap_and_secret():
+    session = make_session()
+    configmap, secret = build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {})
+    digest = config_hash(configmap, secret)
+    assert digest == config_hash(build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {}))
+    assert digest != config_hash(build_configmap(session, {"a": 2}), secret)
+    assert digest != config_hash(configmap, build_secret(session, b64("t"), {"mcp-x-token": b64("new")}))
+
+
+def test_pvc_and_service():
+    pvc = build_pvc(
+        make_session(workspace={"size": "5Gi", "storageClassName": "fast", "retainOnDelete": True})
+    )
+    assert pvc["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert pvc["spec"]["storageClassName"] == "fast"
+    assert "storageClassName" not in build_pvc(make_session())["spec"]
+    service = build_service(make_session())
+    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == 3284
+    assert service["spec"]["selector"] == {
+        "app.kubernetes.io/managed-by": "agentbox",
+        "agentbox.dev/session": "demo",
+    }
+
+
+def test_session_network_policy():
+    policy = build_session_policy(make_session(), "agentbox-system", {"app.kubernetes.io/component": "api"})[
+        "spec"
+    ]
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    (source,) = policy["ingress"][0]["from"]
+    assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "agentbox-system"}
+    dns, public = policy["egress"]
+    assert {port["port"] for port in dns["ports"]} == {53}
+    v4, v6 = public["to"]
+    assert v4["ipBlock"]["cidr"] == "0.0.0.0/0"
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(v4["ipBlock"]["except"])
+    assert {"fc00::/7", "fe80::/10"} <= set(v6["ipBlock"]["except"])
+
+
+def server(spec, phase="Ready"):
+    return {"spec": spec, "status": {"phase": phase}}
+
+
+def test_gateway_config_and_credentials():
+    refs = [MCPServerRef(name="github", tools={"allow": ["a", "b"], "deny": ["x"]}), MCPServerRef(name="fs")]
+    servers = {
+        "github": server(
+            {
+                "transport": "streamable-http",
+                "url": "https://gh/mcp",
+                "timeout": "10s",
+                "auth": {"type": "bearer", "secretRef": {"name": "gh", "key": "token"}},
+                "headers": [
+                    {"name": "X-Api-Key", "valueFrom": {"secretKeyRef": {"name": "gh", "key": "k"}}},
+                    {"name": "X-Plain", "value": "v"},
+                ],
+                "tools": {"allow": ["b", "c"], "deny": ["y"]},
+            }
+        ),
+        "fs": server({"transport": "stdio", "stdio": {"command": "npx", "args": ["fs"], "env": {"A": "1"}}}),
+    }
+    rendered = mcp.render(refs, servers, {"gh": {"token": b64("T"), "k": b64("K")}})
+    assert rendered.problems == []
+    github, fs = rendered.config["upstreams"]
+    assert rendered.config["listen"] == {"host": "127.0.0.1", "port": 8765}
+    assert github == {
+        "name": "github",
+        "transport": "streamable-http",
+        "url": "https://gh/mcp",
+        "timeoutSeconds": 10.0,
+        "tools": {"allow": ["b"], "deny": ["x", "y"]},
+        "auth": {"type": "bearer", "tokenFile": "/var/run/agentbox/secrets/mcp-github-token"},
+        "headers": [
+            {"name": "X-Api-Key", "valueFile": "/var/run/agentbox/secrets/mcp-github-header-x-api-key"},
+            {"name": "X-Plain", "value": "v"},
+        ],
+    }
+    assert fs["command"] == "npx" and fs["args"] == ["fs"] and fs["env"] == {"A": "1"} and "url" not in fs
+    assert rendered.credentials == {"mcp-github-token": b64("T"), "mcp-github-header-x-api-key": b64("K")}
+    assert "T" not in json.dumps(rendered.config).replace("Tool", "").replace("Type", "")
+
+
+@pytest.mark.parametrize(
+    ("servers", "secrets", "reason"),
+    [
+        ({}, {}, Reason.SERVER_NOT_FOUND),
+        (
+            {
+                "gh": server(
+                    {
+                        "transport": "sse",
+                        "url": "https://x",
+                        "auth": {"type": "bearer", "secretRef": {"name": "s", "key": "k"}},
+                    }
+                )
+            },
+            {"s": None},
+            Reason.SECRET_NOT_FOUND,
+        ),
+        (
+            {"gh": server({"transport": "sse", "url": "https://x"}, phase="Unreachable")},
+            {},
+            Reason.SERVER_NOT_READY,
+        ),
+    ],
+)
+def test_mcp_problems_are_reported_not_raised(servers, secrets, reason):
+    rendered = mcp.render([MCPServerRef(name="gh")], servers, secrets)
+    assert [problem.reason for problem in rendered.problems] == [reason]
+    mounted = [upstream["name"] for upstream in rendered.config["upstreams"]]
+    assert mounted == (["gh"] if reason == Reason.SERVER_NOT_READY else [])
+
+
+def test_referenced_secrets():
+    servers = {
+        "a": server(
+            {
+                "auth": {"secretRef": {"name": "s1", "key": "k"}},
+                "headers": [{"name": "h", "valueFrom": {"secretKeyRef": {"name": "s2", "key": "k"}}}],
+            }
+        ),
+        "b": None,
+    }
+    assert mcp.referenced_secrets(servers) == {"s1", "s2"}
+
+
+def test_tenant_baseline():
+    labels = tenant.build_namespace_labels("tenant-acme")["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    quota = tenant.build_quota("tenant-acme", {"pods": "5"})
+    assert quota["spec"]["hard"] == {"pods": "5"} and quota["metadata"]["namespace"] == "tenant-acme"
+    deny = tenant.build_default_deny("tenant-acme")["spec"]
+    assert (
+        deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress", "Egress"] and "ingress" not in deny
+    )
+    assert deny["egress"][0]["ports"][0]["port"] == 53
+    limits = tenant.build_limit_range("tenant-acme")["spec"]["limits"]
+    assert limits[0]["type"] == "Container" and "default" in limits[0]
