@@ -66,7 +66,7 @@ class AgentSpec(KubeModel):
     """Which agent runs in the sandbox and how it is started."""
 
     model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
-        {"rule": "self.runtime != 'custom' || has(self.command)",
+        {"rule": "!has(self.runtime) || self.runtime != 'custom' || has(self.command)",
          "message": "spec.agent.command is required when spec.agent.runtime is custom"}]}}
 
     runtime: Runtime = Field("claude-code", description="The agent: claude-code, gemini, codex, scripted "

@@ -51,7 +51,7 @@ class Auth(KubeModel):
     """How the gateway authenticates to the server."""
 
     model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
-        {"rule": "self.type == 'none' || has(self.secretRef)",
+        {"rule": "!has(self.type) || self.type == 'none' || has(self.secretRef)",
          "message": "spec.auth.secretRef is required when spec.auth.type is bearer or oauth"}]}}
 
     type: Literal["none", "bearer", "oauth"] = Field("none", description="none, bearer or oauth.")
