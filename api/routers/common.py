@@ -21,7 +21,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentbox.api import audit
-from agentbox.api.auth import Principal
+from agentbox.api.auth import InvalidToken, KeysUnavailable, Principal
 from agentbox.api.db import Database, DatabaseUnavailable
 from agentbox.api.kube import KubeError
 from agentbox.api.observability import current_request_id
@@ -141,7 +141,7 @@ class AuditedRoute(APIRoute):
 
 async def _record_failure(request: Request, state: AuditState, outcome: audit.Outcome,
                           reason: str | None) -> None:
-    principal: Principal | None = getattr(request.state, "principal", None)
+    principal: Principal | None = getattr(request.state, "principal", None) or await _caller(request)
     db: Database | None = request.app.state.services.database
     if principal is None or db is None or (principal.org is None and not principal.is_platform):
         log.info("unaudited request", extra={"action": state.action, "outcome": outcome, "reason": reason})
@@ -151,6 +151,18 @@ async def _record_failure(request: Request, state: AuditState, outcome: audit.Ou
         request.app.state.services.metrics.audit_writes.labels(outcome).inc()
     except (DatabaseUnavailable, asyncpg.PostgresError, ValueError):
         log.exception("could not write the audit row", extra={"action": state.action, "outcome": outcome})
+
+
+async def _caller(request: Request) -> Principal | None:
+    """Who sent a request that failed before authentication ran (a body that is not JSON, say)."""
+    verifier = request.app.state.services.verifier
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if verifier is None or scheme.lower() != "bearer" or not token:
+        return None
+    try:
+        return await verifier.verify(token.strip())
+    except (InvalidToken, KeysUnavailable):
+        return None
 
 
 def kube_problem(exc: KubeError) -> ProblemError:
