@@ -1,0 +1,86 @@
+"""PostgreSQL down or frozen: a typed DatabaseUnavailable, quickly, and recovery without a restart."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from agentbox.api.db import Database, DatabaseUnavailable
+
+FAST = 3.0  # seconds: "quickly" for a refused or frozen server with the settings below
+
+
+def quick(dsn: str) -> Database:
+    return Database(dsn, max_size=2, connect_timeout=1.0, acquire_timeout=1.5, command_timeout=2.0)
+
+
+async def test_a_stopped_server_gives_database_unavailable_then_recovers(postgres):
+    async with quick(postgres.app_dsn) as db:
+        async with db.tenant("any-org") as conn:  # a live pooled connection before the outage
+            assert await conn.fetchval("SELECT 1") == 1
+        with postgres.server.stopped():
+            for attempt in (db.ping, lambda: _one_transaction(db)):
+                started = time.monotonic()
+                with pytest.raises(DatabaseUnavailable, match="database unavailable"):
+                    await attempt()
+                assert time.monotonic() - started < FAST
+        # Back up: the same Database object serves again, the dropped pooled connection replaced.
+        assert await _one_transaction(db) == 1
+        await db.ping()
+
+
+async def test_the_api_can_start_while_the_database_is_down(postgres):
+    with postgres.server.stopped():
+        db = await quick(postgres.app_dsn).open()
+        with pytest.raises(DatabaseUnavailable):
+            await db.ping()
+    try:
+        assert await _one_transaction(db) == 1
+    finally:
+        await db.close()
+
+
+async def test_a_frozen_server_times_out_instead_of_hanging(postgres):
+    postmaster = int((postgres.server.directory / "data" / "postmaster.pid").read_text().split()[0])
+    db = quick(postgres.app_dsn)
+    os.kill(postmaster, signal.SIGSTOP)  # accepts TCP in the kernel, never answers the startup
+    try:
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailable, match="TimeoutError"):
+            await _one_transaction(db)
+        assert time.monotonic() - started < FAST
+    finally:
+        os.kill(postmaster, signal.SIGCONT)
+        await db.close()
+
+
+async def test_a_slow_query_is_cut_by_the_command_timeout(postgres):
+    async with quick(postgres.app_dsn) as db:
+        with pytest.raises(DatabaseUnavailable, match="TimeoutError"):
+            async with db.tenant("any-org") as conn:
+                await conn.execute("SELECT pg_sleep(10)")
+        assert await _one_transaction(db) == 1
+
+
+async def test_the_callers_own_timeouts_are_not_blamed_on_the_database(postgres):
+    async with quick(postgres.app_dsn) as db:
+        with pytest.raises(TimeoutError, match="a Kubernetes call timed out"):
+            async with db.tenant("any-org"):
+                raise TimeoutError("a Kubernetes call timed out")
+        with pytest.raises(ConnectionRefusedError):
+            async with db.tenant("any-org"):
+                raise ConnectionRefusedError("the runner is down")
+
+
+async def test_the_password_never_appears_in_the_error(postgres):
+    db = Database(postgres.app_dsn.replace(f":{postgres.server.port}/", ":1/"), connect_timeout=1.0)
+    with pytest.raises(DatabaseUnavailable) as caught:
+        await db.ping()
+    assert postgres.server.app_password not in str(caught.value)
+    await db.close()
+
+
+async def _one_transaction(db: Database) -> int:
+    async with db.tenant("any-org") as conn:
+        return await conn.fetchval("SELECT 1")
