@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
                    quiet=level in ("warning", "error"))
     import agentbox.operator.handlers  # noqa: F401  (registers the handlers)
 
-    kopf.run(standalone=args.standalone, priority=args.priority, peering_name=args.peering,
+    # kopf makes peering mandatory whenever a name is given, so standalone runs pass none.
+    kopf.run(standalone=args.standalone, priority=args.priority,
+             peering_name=None if args.standalone else args.peering,
              liveness_endpoint=args.liveness, clusterwide=not args.namespace, namespaces=args.namespace)
     return 0
 

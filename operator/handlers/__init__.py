@@ -18,6 +18,15 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.settings = OperatorSettings()
     memo.kube = await Kube.connect()
     metrics.serve(memo.settings.metrics_host, memo.settings.metrics_port)
+    if not settings.peering.standalone and settings.peering.clusterwide:
+        await ensure_peering(memo.kube, settings.peering.name)
+
+
+async def ensure_peering(kube: Kube, name: str) -> None:
+    """The peering object replicas meet in; created by whichever replica starts first."""
+    if await kube.get("ClusterKopfPeering", None, name) is None:
+        await kube.create({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
+                           "metadata": {"name": name}})
 
 
 @kopf.on.cleanup()

@@ -26,7 +26,9 @@ def test_yaml_on_disk_is_current():
 
 
 def test_schemas_are_structural():
-    for text in generate.render().values():
+    for name, text in generate.render().items():
+        if name == "kopf-peering.yaml":
+            continue
         schema = yaml.safe_load(text)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
         for path, node in _walk(schema):
             for forbidden in ("$ref", "anyOf", "oneOf", "allOf", "title", "$defs", "const"):
@@ -37,7 +39,7 @@ def test_schemas_are_structural():
 
 def test_names_columns_and_subresource():
     crds = {yaml.safe_load(text)["spec"]["names"]["kind"]: yaml.safe_load(text)
-            for text in generate.render().values()}
+            for name, text in generate.render().items() if name != "kopf-peering.yaml"}
     session, server = crds["AgentSession"]["spec"], crds["MCPServer"]["spec"]
     assert session["names"]["shortNames"] == ["ags"] and server["names"]["shortNames"] == ["mcps"]
     assert session["names"]["categories"] == ["agentbox"] == server["names"]["categories"]
