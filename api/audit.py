@@ -8,9 +8,10 @@
         await record(conn, event)          # same transaction: the row exists exactly when the change does
     await record(db, denied_event)         # no transaction of the caller's: its own
 
-The database assigns seq, prev_hash and hash (see migrations/0004_audit.sql); this module never
-computes a chain link, it only checks them. Details pass through `redact` first: secret-looking keys and
-values (tokens, keys, passwords, our own ciphertexts) are replaced, so none reaches the log.
+The database assigns seq, prev_hash and hash (audit_append and its trigger, migrations/0004_audit.sql);
+this module never computes a chain link, it only checks them. Details pass through `redact` first:
+secret-looking keys and values (tokens, keys, passwords, our own ciphertexts) are replaced, so none
+reaches the log.
 """
 
 from __future__ import annotations
@@ -105,29 +106,27 @@ class AuditRecord:
     hash: str
 
 
-_INSERT = """
-INSERT INTO audit_logs (org_id, actor_sub, actor_role, action, target, outcome, reason, ip, user_agent,
-                        request_id, details)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8::inet, $9, $10, $11::jsonb)
-RETURNING id, seq, created_at, encode(hash, 'hex') AS hash
+# migrations/0004_audit.sql: the function sets the context itself when asked to ($1), then inserts.
+_APPEND = """
+SELECT id, seq, created_at, encode(hash, 'hex') AS hash
+  FROM audit_append($1, $2, $3, $4, $5, $6, $7, $8, $9::inet, $10, $11, $12::jsonb)
 """
 
 
 async def record(where: asyncpg.Connection | Database, event: AuditEvent) -> AuditRecord:
     """Append `event`. Given a connection, inside the caller's open transaction (whose context must
-    cover event.org_id); given the Database, in a transaction of its own."""
+    cover event.org_id); given the Database, in a transaction of its own, one round trip."""
     if isinstance(where, Database):
-        context = where.platform() if event.org_id is None else where.tenant(event.org_id)
-        async with context as conn:
-            return await _insert(conn, event)
+        async with where.connection() as conn:
+            return await _append(conn, event, own_transaction=True)
     if not where.is_in_transaction():
         raise RuntimeError("audit.record needs a connection inside a tenant or platform transaction")
-    return await _insert(where, event)
+    return await _append(where, event, own_transaction=False)
 
 
-async def _insert(conn: asyncpg.Connection, event: AuditEvent) -> AuditRecord:
+async def _append(conn: asyncpg.Connection, event: AuditEvent, *, own_transaction: bool) -> AuditRecord:
     row = await conn.fetchrow(
-        _INSERT, event.org_id, event.actor_sub, event.actor_role, event.action,
+        _APPEND, own_transaction, event.org_id, event.actor_sub, event.actor_role, event.action,
         scrub(event.target) if event.target else None, event.outcome,
         scrub(event.reason)[:2000] if event.reason else None, _address_or_none(event.ip),
         event.user_agent[:1024] if event.user_agent else None, event.request_id,

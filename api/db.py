@@ -85,10 +85,8 @@ class Database:
     async def open(self) -> Database:
         """Create the pool now (optional: the first transaction does it). Never fails for a down server
         when min_size is 0."""
-        try:
+        async with self._guard():
             await self._get_pool()
-        except _UNAVAILABLE as error:
-            raise DatabaseUnavailable(_describe(error)) from error
         return self
 
     async def close(self) -> None:
@@ -119,34 +117,39 @@ class Database:
             yield conn
 
     @asynccontextmanager
-    async def _transaction(self, context: dict[str, str]) -> AsyncIterator[asyncpg.Connection]:
-        in_body = False
-        try:
+    async def connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection outside any transaction and context: each statement commits on its own and
+        row security shows it nothing unless the statement sets a context itself (audit.record does)."""
+        async with self._guard():
             pool = await self._get_pool()
-            async with pool.acquire(timeout=self._acquire_timeout) as conn, conn.transaction():
-                await conn.execute(
-                    "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
-                                          for i in range(len(context))),
-                    *[part for item in context.items() for part in item],
-                )
-                in_body = True
+            async with pool.acquire(timeout=self._acquire_timeout) as conn:
                 yield conn
-                in_body = False
+
+    @asynccontextmanager
+    async def _transaction(self, context: dict[str, str]) -> AsyncIterator[asyncpg.Connection]:
+        async with self.connection() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
+                                      for i in range(len(context))),
+                *[part for item in context.items() for part in item],
+            )
+            yield conn
+
+    @asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        """Turns the database's own failures into DatabaseUnavailable. A timeout or socket error from the
+        caller's work inside the block (say, a Kubernetes call made inside a transaction) stays theirs."""
+        try:
+            yield
         except _UNAVAILABLE as error:
-            # A timeout or socket error from the caller's own work (say, a Kubernetes call made inside
-            # the transaction) is theirs to handle; only the database's own failures become ours.
-            if in_body and not _raised_through_asyncpg(error):
+            if not _raised_through_asyncpg(error):
                 raise
             raise DatabaseUnavailable(_describe(error)) from error
 
     async def ping(self) -> None:
         """Round-trip to the server (readiness); raises DatabaseUnavailable when it cannot."""
-        try:
-            pool = await self._get_pool()
-            async with pool.acquire(timeout=self._acquire_timeout) as conn:
-                await conn.fetchval("SELECT 1")
-        except _UNAVAILABLE as error:
-            raise DatabaseUnavailable(_describe(error)) from error
+        async with self.connection() as conn:
+            await conn.fetchval("SELECT 1")
 
 
 def _raised_through_asyncpg(error: BaseException) -> bool:

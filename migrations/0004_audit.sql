@@ -160,6 +160,30 @@ CREATE FUNCTION audit_chain_state(
   $$;
 REVOKE EXECUTE ON FUNCTION audit_chain_state() FROM PUBLIC;
 
+-- The one way the API appends (SECURITY INVOKER: the caller's privileges and row security apply).
+-- With p_own_transaction it first sets the context for p_org_id (the platform's when NULL), so a caller
+-- outside any transaction appends in a single round trip: the chain lock is then held only for the
+-- server's own work, never across the network. Inside a caller's transaction it leaves the context
+-- alone, and row security refuses an org other than the one already set.
+CREATE FUNCTION audit_append(
+    p_own_transaction boolean, p_org_id text, p_actor_sub text, p_actor_role text, p_action text,
+    p_target text, p_outcome text, p_reason text, p_ip inet, p_user_agent text, p_request_id text,
+    p_details jsonb,
+    OUT id bigint, OUT seq bigint, OUT created_at timestamptz, OUT hash bytea)
+  LANGUAGE plpgsql
+  AS $$
+BEGIN
+  IF p_own_transaction THEN
+    PERFORM set_config('app.current_org', COALESCE(p_org_id, ''), true);
+    PERFORM set_config('app.platform', CASE WHEN p_org_id IS NULL THEN 'on' ELSE '' END, true);
+  END IF;
+  INSERT INTO audit_logs AS a (org_id, actor_sub, actor_role, action, target, outcome, reason, ip,
+                               user_agent, request_id, details)
+  VALUES (p_org_id, p_actor_sub, p_actor_role, p_action, p_target, p_outcome, p_reason, p_ip,
+          p_user_agent, p_request_id, p_details)
+  RETURNING a.id, a.seq, a.created_at, a.hash INTO id, seq, created_at, hash;
+END $$;
+
 ALTER TABLE audit_logs ENABLE ROW LEVEL SECURITY;
 ALTER TABLE audit_logs FORCE ROW LEVEL SECURITY;
 CREATE POLICY audit_logs_read ON audit_logs FOR SELECT
@@ -172,3 +196,5 @@ GRANT INSERT (org_id, actor_sub, actor_role, action, target, outcome, reason, ip
               details) ON audit_logs TO agentbox_app;
 REVOKE UPDATE, DELETE, TRUNCATE ON audit_logs FROM agentbox_app;
 GRANT EXECUTE ON FUNCTION audit_chain_state(), audit_ensure_partitions(integer) TO agentbox_app;
+GRANT EXECUTE ON FUNCTION audit_append(boolean, text, text, text, text, text, text, text, inet, text, text,
+                                       jsonb) TO agentbox_app;
