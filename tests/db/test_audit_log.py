@@ -6,6 +6,7 @@ import asyncpg
 import pytest
 
 from agentbox.api.audit import AuditEvent, ensure_partitions, record, verify_chain
+from agentbox.api.db import Database
 
 from .conftest import create_orgs
 
@@ -175,3 +176,14 @@ async def _tamper(postgres, statement: str, *args) -> None:
         assert (await conn.execute(statement, *args)).endswith(" 1")
     finally:
         await conn.close()
+
+
+async def test_an_append_in_its_own_transaction_leaves_no_context_on_the_pooled_connection(postgres):
+    async with Database(postgres.app_dsn, max_size=1) as db:
+        await record(db, event("audit-a"))
+        await record(db, event(None, action="platform.thing"))
+        async with db.connection() as conn:
+            settings = await conn.fetchrow("SELECT current_setting('app.current_org', true) AS org, "
+                                           "current_setting('app.platform', true) AS platform")
+            assert (settings["org"] or "", settings["platform"] or "") == ("", "")
+            assert await conn.fetchval("SELECT count(*) FROM audit_logs") == 0
