@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from pathlib import Path
+
+import uvloop
 
 from agentbox.sandbox.gateway.server import Gateway
 from agentbox.sandbox.logs import configure_logging
@@ -24,7 +25,8 @@ def main() -> None:
     # The listen address normally comes from gateway.json; this override lets a gateway whose file is
     # broken at start-up still come up on a known port and report why in /readyz.
     port = os.environ.get("AGENTBOX_GATEWAY_PORT")
-    asyncio.run(gateway.serve(port=int(port) if port else None))
+    # uvloop (from uvicorn[standard]): measurably lower per-call latency than the default loop.
+    uvloop.run(gateway.serve(port=int(port) if port else None))
 
 
 if __name__ == "__main__":

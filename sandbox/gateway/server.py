@@ -15,6 +15,7 @@ from fastmcp import FastMCP
 from fastmcp.server.middleware import Middleware, MiddlewareContext
 from fastmcp.server.providers import Provider
 from fastmcp.server.providers.aggregate import AggregateProvider
+from fastmcp.server.transforms import Namespace
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -32,12 +33,21 @@ class UpstreamRouter(Provider):
     def __init__(self) -> None:
         super().__init__()
         self.current = AggregateProvider()  # one failing upstream is logged and skipped in listings
+        self.by_namespace: dict[str, Provider] = {}
+
+    def swap(self, namespaced: dict[str, Provider]) -> None:
+        routes = AggregateProvider()
+        for provider in namespaced.values():
+            routes.providers.append(provider)
+        self.current, self.by_namespace = routes, namespaced
 
     async def _list_tools(self) -> Sequence[Any]:
         return await self.current.list_tools()
 
     async def _get_tool(self, name: str, version: Any = None) -> Any:
-        return await self.current.get_tool(name, version)
+        # Straight to the one upstream the prefix names, rather than asking every upstream per call.
+        provider = self.by_namespace.get(name.partition("_")[0])
+        return await provider.get_tool(name, version) if provider else None
 
     async def _list_resources(self) -> Sequence[Any]:
         return await self.current.list_resources()
@@ -133,10 +143,8 @@ class Gateway:
                 and self.config.breaker == config.breaker
             upstreams[spec.name] = kept if reuse and kept else UpstreamConnection(spec, config.breaker,
                                                                                   self.metrics)
-        routes = AggregateProvider()
-        for name, upstream in upstreams.items():
-            routes.add_provider(upstream.provider, namespace=name)
-        self.router.current = routes
+        self.router.swap({name: upstream.provider.wrap_transform(Namespace(name))
+                          for name, upstream in upstreams.items()})
         self.upstreams = upstreams
         self.config = config
         retired = [upstream for name, upstream in previous.items() if upstreams.get(name) is not upstream]

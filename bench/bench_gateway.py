@@ -1,0 +1,99 @@
+"""Gateway overhead: one MCP tool call through the gateway against the same call made directly to the
+upstream, in the same run; and the gateway's RSS with five upstreams. JSON on stdout.
+
+    python -m bench.bench_gateway [--calls 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+from fastmcp import Client
+
+from tests.sandbox.conftest import gateway_process, http_upstream, stdio_upstream_spec
+
+
+def percentile(samples: list[float], fraction: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"p50_ms": round(percentile(samples, 0.5) * 1000, 3),
+            "p99_ms": round(percentile(samples, 0.99) * 1000, 3),
+            "mean_ms": round(statistics.fmean(samples) * 1000, 3)}
+
+
+async def timed_calls(url: str, tool: str, calls: int, warmup: int = 20) -> list[float]:
+    async with Client(url) as client:
+        for index in range(warmup):
+            await client.call_tool(tool, {"text": f"w{index}"})
+        samples = []
+        for index in range(calls):
+            started = time.perf_counter()
+            await client.call_tool(tool, {"text": str(index)})
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
+async def run(calls: int) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        upstreams = [http_upstream(tmp, "streamable-http", f"http{index}") for index in range(3)]
+        upstreams.append(http_upstream(tmp, "sse", "sse0"))
+        started = []
+        try:
+            for upstream in upstreams:
+                started.append(upstream.start())
+            names = [upstream.record.stem.split("-")[0] for upstream in upstreams]
+            config = {"upstreams": [{"name": name, "transport": upstream.transport, "url": upstream.url}
+                                    for name, upstream in zip(names, upstreams, strict=True)]
+                      + [stdio_upstream_spec("stdio0")]}
+            gateway = gateway_process(tmp, config)
+            gateway.proc.env["AGENTBOX_GATEWAY_HEALTH_SECONDS"] = "5"  # the production default
+            gateway.start()
+            started.append(gateway)
+            direct, through = [], []
+            # Interleave rounds so drift on a shared machine hits both sides alike.
+            for _ in range(3):
+                direct += await timed_calls(upstreams[0].url, "echo", calls // 3)
+                through += await timed_calls(gateway.url, "http0_echo", calls // 3)
+            process = psutil.Process(gateway.proc.process.pid)
+            gateway_rss = process.memory_info().rss
+            children_rss = sum(child.memory_info().rss for child in process.children(recursive=True))
+            ratio = percentile(through, 0.5) / percentile(direct, 0.5)
+            return {
+                "benchmark": "gateway_tool_call",
+                "calls_each": len(direct),
+                "direct": summary(direct),
+                "through_gateway": summary(through),
+                "ratio_p50": round(ratio, 3),
+                "target_ratio_p50": 2.0,
+                "meets_target": ratio <= 2.0,
+                "gateway_upstreams": len(config["upstreams"]),
+                "gateway_rss_mib": round(gateway_rss / 2**20, 1),
+                "gateway_stdio_children_rss_mib": round(children_rss / 2**20, 1),
+            }
+        finally:
+            for item in reversed(started):
+                item.proc.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--calls", type=int, default=300)
+    args = parser.parse_args()
+    json.dump(asyncio.run(run(args.calls)), sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
