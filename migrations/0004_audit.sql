@@ -131,11 +131,23 @@ CREATE TRIGGER audit_logs_refuse_statement BEFORE UPDATE OR DELETE OR TRUNCATE O
 SELECT audit_ensure_partitions(3);
 
 -- Retention (an operator's act, run as the owner): detach one month's partition for archiving, after
--- recording where each chain in it ends so verification can resume from there.
+-- recording where each chain in it ends so verification can resume from there. Only a month that has
+-- ended can go (a current one would send new rows to the default partition).
 CREATE FUNCTION audit_retire_partition(partition_name text) RETURNS void
   LANGUAGE plpgsql SET search_path = pg_catalog, public
   AS $$
+DECLARE
+  bound text;
 BEGIN
+  SELECT pg_get_expr(c.relpartbound, c.oid) INTO bound
+    FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid
+   WHERE i.inhparent = 'public.audit_logs'::regclass AND c.relname = partition_name;
+  IF bound IS NULL THEN
+    RAISE EXCEPTION '% is not a partition of audit_logs', partition_name;
+  END IF;
+  IF bound = 'DEFAULT' OR substring(bound FROM 'TO \(''([^'']+)''\)')::timestamptz > now() THEN
+    RAISE EXCEPTION 'partition % has not ended yet (%): only past months can be retired', partition_name, bound;
+  END IF;
   EXECUTE format(
     'INSERT INTO audit_chain_anchors AS a (chain, seq, hash)
        SELECT DISTINCT ON (COALESCE(org_id, %L)) COALESCE(org_id, %L), seq, hash

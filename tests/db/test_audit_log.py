@@ -1,6 +1,7 @@
 """The audit log on the real PostgreSQL (security.md, "Audit log"): append-only and hash-chained per org."""
 
 import asyncio
+from datetime import UTC
 
 import asyncpg
 import pytest
@@ -150,22 +151,51 @@ async def test_the_platform_has_its_own_chain(app_db):
         assert await conn.fetchval("SELECT count(*) FROM audit_logs WHERE org_id IS NULL") == 0
 
 
-async def test_partitions_are_kept_ahead_and_retiring_one_keeps_the_chain_verifiable(postgres, app_db):
+async def test_partitions_are_kept_ahead(postgres, app_db):
     await ensure_partitions(app_db, months_ahead=5)
     conn = await asyncpg.connect(postgres.owner_dsn)
     try:
-        partitions = await conn.fetchval(
-            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'audit_logs'::regclass")
-        assert partitions >= 7  # this month, five ahead, the default
-        # Rows of the retired month move out; verification resumes from the recorded anchor.
-        await record(app_db, event("audit-b"))
-        current = await conn.fetchval("SELECT 'audit_logs_' || to_char(now() AT TIME ZONE 'UTC', 'YYYY_MM')")
-        await conn.execute("SELECT audit_retire_partition($1)", current)
+        names = {r["relname"] for r in await conn.fetch(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'audit_logs'::regclass")}
+        months = await conn.fetch(
+            "SELECT 'audit_logs_' || to_char(date_trunc('month', now() AT TIME ZONE 'UTC') "
+            "+ make_interval(months => m), 'YYYY_MM') AS name FROM generate_series(0, 5) m")
+        assert {m["name"] for m in months} | {"audit_logs_default"} <= names
     finally:
         await conn.close()
-    after = await record(app_db, event("audit-b"))
-    report = await verify_chain(app_db, "audit-b")
-    assert report.ok and report.rows_checked == 1 and report.head_seq == after.seq
+
+
+async def test_retiring_a_past_month_keeps_the_chain_verifiable_from_its_anchor(postgres, app_db):
+    await create_orgs(app_db, "retire")
+    conn = await asyncpg.connect(postgres.owner_dsn)
+    try:
+        # Two months back, written by the owner (only it may set created_at); chained like any row.
+        past = await conn.fetchval(
+            "SELECT date_trunc('month', now() AT TIME ZONE 'UTC') - interval '2 months'")
+        name = f"audit_logs_{past:%Y_%m}"
+        start = f"'{past:%Y-%m-%d}Z'::timestamptz"
+        await conn.execute(f"CREATE TABLE {name} PARTITION OF audit_logs "
+                           f"FOR VALUES FROM ({start}) TO ({start} + interval '1 month')")
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.current_org', 'retire', true)")
+            for _ in range(3):
+                await conn.execute("INSERT INTO audit_logs (org_id, action, outcome, created_at) "
+                                   "VALUES ('retire', 'old.thing', 'success', $1)",
+                                   past.replace(day=2, tzinfo=UTC))
+        await record(app_db, event("retire"))
+        assert (await verify_chain(app_db, "retire")).rows_checked == 4
+
+        current = await conn.fetchval("SELECT 'audit_logs_' || to_char(now() AT TIME ZONE 'UTC', 'YYYY_MM')")
+        for unfinished in (current, "audit_logs_default"):
+            with pytest.raises(asyncpg.RaiseError, match="has not ended yet"):
+                await conn.execute("SELECT audit_retire_partition($1)", unfinished)
+        await conn.execute("SELECT audit_retire_partition($1)", name)
+    finally:
+        await conn.close()
+    after = await record(app_db, event("retire"))
+    report = await verify_chain(app_db, "retire")
+    assert report.ok and report.rows_checked == 2 and report.head_seq == after.seq == 5
 
 
 async def _tamper(postgres, statement: str, *args) -> None:
