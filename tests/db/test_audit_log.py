@@ -79,7 +79,9 @@ async def test_update_delete_and_truncate_are_refused_for_the_app(app_db):
     forged_insert = ("INSERT INTO audit_logs (org_id, action, outcome, seq, prev_hash, hash) "
                      "VALUES ('audit-a', 'x', 'success', 1, '\\x00', '\\x00')")
     for statement in ("UPDATE audit_logs SET reason = 'x'", "DELETE FROM audit_logs", "TRUNCATE audit_logs",
-                      "UPDATE audit_logs SET seq = 1", forged_insert):
+                      "UPDATE audit_logs SET seq = 1", forged_insert, "TRUNCATE audit_logs_default",
+                      "SELECT audit_retire_partition('audit_logs_default')",
+                      "SELECT * FROM audit_chain_heads"):
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="permission denied"):
             async with app_db.tenant("audit-a") as conn:
                 await conn.execute(statement)
