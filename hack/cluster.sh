@@ -167,7 +167,7 @@ furnish_kwok_cluster() {
   kwokctl_ scale node --replicas "$nodes" \
     --param ".allocatable.pods=$node_pods" \
     --param '.allocatable.cpu=1000' \
-    --param '.allocatable.memory=4Ti' >/dev/null 2>&1 \
+    --param '.allocatable.memory="4Ti"' >/dev/null 2>&1 \
     || die "could not add $nodes fake nodes to cluster '$name': run \`hack/cluster.sh down\` and retry"
   kubectl_ wait --for=condition=Ready node --all --timeout=60s >/dev/null \
     || die "the fake nodes did not become Ready in 60 s: see $cluster_dir/logs/kwok-controller.log"
@@ -297,9 +297,14 @@ command=${1:-}
 case $command in
   up | down)
     # One `up` or `down` per cluster at a time: test sessions started together share the cluster.
-    mkdir -p "$cache"
-    exec 9>"$cache/.cluster-$kind-$name.lock"
-    flock 9
+    # flock -o keeps the lock out of the daemons `up` starts, which would otherwise hold it for life.
+    if [ -z "${AGENTBOX_CLUSTER_LOCKED:-}" ]; then
+      mkdir -p "$cache/locks"
+      rc=0
+      AGENTBOX_CLUSTER_LOCKED=1 flock -E 75 -o -w 900 "$cache/locks/$kind-$name.lock" "$0" "$command" || rc=$?
+      [ $rc -ne 75 ] || die "another \`hack/cluster.sh up|down\` of '$name' held its lock for 15 minutes; re-run when it ends"
+      exit $rc
+    fi
     "${kind}_$command"
     ;;
   kubeconfig) "${kind}_kubeconfig_path" ;;
