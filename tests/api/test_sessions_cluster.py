@@ -1,0 +1,192 @@
+"""Orgs and sessions over HTTP against the real cluster and database; the runner a stand-in on 127.0.0.1."""
+
+from __future__ import annotations
+
+import base64
+import secrets
+
+import asyncpg
+import httpx
+import pytest_asyncio
+from kubernetes_asyncio import client
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from agentbox.api.app import Services, create_app
+from agentbox.api.auth import TokenVerifier
+from agentbox.api.db import Database
+from agentbox.api.kube import Kube as ApiKube
+from agentbox.api.runner_client import RunnerClient
+from agentbox.api.settings import Settings
+
+from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
+
+RUNNER_TOKEN = secrets.token_urlsafe(16)
+ORG_A, ORG_B = f"a{secrets.token_hex(4)}", f"b{secrets.token_hex(4)}"
+
+
+def bearer(sub: str, org: str | None, role: str = "user", **extra) -> dict[str, str]:
+    return {"Authorization": f"Bearer {hs256(sub=sub, app_metadata={'org_id': org, 'role': role}, **extra)}"}
+
+
+USER_A, USER_A2 = bearer("alice@example.com", ORG_A), bearer("bob", ORG_A)
+ADMIN_A, ADMIN_B = bearer("admin-a", ORG_A, "admin"), bearer("admin-b", ORG_B, "admin")
+PLATFORM = {"Authorization": f"Bearer {hs256(sub='operator', role='service_role', app_metadata=None)}"}
+
+
+class StandInRunner:
+    """The runner's HTTP surface, just enough to see what the API forwards."""
+
+    def __init__(self) -> None:
+        self.received: list[dict] = []
+        self.app = Starlette(routes=[Route("/status", self.status), Route("/messages", self.messages),
+                                     Route("/message", self.message, methods=["POST"]),
+                                     Route("/events", self.events)])
+
+    def _authorised(self, request: Request) -> bool:
+        return request.headers.get("authorization") == f"Bearer {RUNNER_TOKEN}"
+
+    async def status(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return JSONResponse({}, status_code=401)
+        return JSONResponse({"status": "stable", "agent_type": "scripted", "last_activity": None})
+
+    async def messages(self, request: Request) -> Response:
+        return JSONResponse({"messages": [{"id": 0, "role": "agent", "content": "hi"}]}
+                            if self._authorised(request) else {}, status_code=200 if self._authorised(request)
+                            else 401)
+
+    async def message(self, request: Request) -> Response:
+        if not self._authorised(request):
+            return JSONResponse({}, status_code=401)
+        self.received.append(await request.json())
+        return JSONResponse({"ok": True})
+
+    async def events(self, request: Request) -> Response:
+        async def two_events():
+            yield b"event: status_change\ndata: {\"status\": \"running\"}\n\n"
+            yield b"event: message_update\ndata: {\"id\": 1}\n\n"
+        return StreamingResponse(two_events(), media_type="text/event-stream")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def runner():
+    stand_in = StandInRunner()
+    async with serve(stand_in.app) as url:
+        stand_in.url = url
+        yield stand_in
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def setup(postgres, kube, runner):
+    superuser = await asyncpg.connect(postgres.superuser_dsn)
+    await superuser.execute("INSERT INTO system_prompts (scope, name, content) "
+                            "VALUES ('global', 'g', 'BE KIND')")
+    database = Database(postgres.app_dsn)
+    api_client = client.ApiClient(configuration=kube._configuration)
+    cluster = ApiKube(api_client)
+    http = httpx.AsyncClient(timeout=5)
+    services = Services(settings=Settings(), database=database, kube=cluster,
+                        verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
+                                               hs256_secret=HS256_SECRET),
+                        runner=RunnerClient(http, url_override=runner.url))
+    app = create_app(services_override=services)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api.test") as api:
+        yield api, cluster, superuser
+    for org in (ORG_A, ORG_B):
+        await cluster.delete_namespace(f"tenant-{org}")
+    await http.aclose()
+    await api_client.close()
+    await database.close()
+    await superuser.close()
+
+
+async def test_orgs_get_their_namespace_and_only_the_platform_makes_them(setup):
+    api, cluster, _ = setup
+    denied = await api.post("/api/v1/orgs", headers=ADMIN_A, json={"id": ORG_A, "name": "A"})
+    assert denied.status_code == 403
+    for org in (ORG_A, ORG_B):
+        response = await api.post("/api/v1/orgs", headers=PLATFORM, json={"id": org, "name": org.upper()})
+        assert response.status_code == 201, response.text
+    namespace = await cluster.core.read_namespace(f"tenant-{ORG_A}")
+    assert namespace.metadata.labels["agentbox.dev/tenant"] == ORG_A
+    again = await api.post("/api/v1/orgs", headers=PLATFORM, json={"id": ORG_A, "name": "dup"})
+    assert again.status_code == 409
+    bad = await api.post("/api/v1/orgs", headers=PLATFORM, json={"id": "../etc", "name": "x"})
+    assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "body.id"
+
+
+async def _make_ready(cluster: ApiKube, namespace: str, name: str) -> None:
+    """What the operator would do: a Ready condition and the runner-token Secret."""
+    await cluster.custom.patch_namespaced_custom_object_status(
+        "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
+        {"status": {"phase": "Running", "endpoint": "http://unused:3284", "conditions": [
+            {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+        _content_type="application/merge-patch+json")
+    await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=f"{name}-secrets", labels={"agentbox.dev/session": name}),
+        data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
+
+
+async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
+    api, cluster, superuser = setup
+    namespace = f"tenant-{ORG_A}"
+    created = await api.post("/api/v1/sessions", headers=USER_A,
+                             json={"name": "s1", "agent": {"runtime": "scripted"}})
+    assert created.status_code == 201, created.text
+    assert created.json()["user"] == "alice@example.com" and created.json()["ready"] is False
+    resource = await cluster.get_session(namespace, "s1")
+    assert resource["spec"]["systemPrompt"] == "BE KIND"
+    assert resource["spec"]["tenant"] == {"org": ORG_A, "user": "alice@example.com"}
+
+    assert (await api.get("/api/v1/sessions/s1/status", headers=USER_A)).status_code == 409
+    await _make_ready(cluster, namespace, "s1")
+    status = await api.get("/api/v1/sessions/s1/status", headers=USER_A)
+    assert status.status_code == 200 and status.json()["agent_type"] == "scripted"
+    sent = await api.post("/api/v1/sessions/s1/message", headers=USER_A, json={"content": "hello"})
+    assert sent.status_code == 200 and runner.received == [{"content": "hello", "type": "user"}]
+    messages = (await api.get("/api/v1/sessions/s1/messages", headers=USER_A)).json()
+    assert messages["messages"][0]["content"] == "hi"
+    events = await api.get("/api/v1/sessions/s1/events", headers=USER_A)
+    assert events.headers["content-type"].startswith("text/event-stream")
+    assert b"event: message_update" in events.content
+    annotations = (await cluster.get_session(namespace, "s1"))["metadata"]["annotations"]
+    assert "agentbox.dev/last-activity" in annotations
+
+    # Another user of the org, and another org's admin: 404 everywhere, nothing changes, all audited.
+    assert (await api.get("/api/v1/sessions/s1", headers=USER_A2)).status_code == 404
+    assert [s["name"] for s in (await api.get("/api/v1/sessions", headers=USER_A2)).json()] == []
+    assert [s["name"] for s in (await api.get("/api/v1/sessions", headers=ADMIN_A)).json()] == ["s1"]
+    before_b = await superuser.fetchval("SELECT count(*) FROM audit_logs WHERE org_id = $1", ORG_B)
+    for method, path, body in [("GET", "", None), ("DELETE", "", None), ("POST", "/suspend", None),
+                               ("POST", "/resume", None), ("POST", "/message", {"content": "x"}),
+                               ("GET", "/messages", None), ("GET", "/status", None),
+                               ("GET", "/events", None)]:
+        response = await api.request(method, f"/api/v1/sessions/s1{path}", headers=ADMIN_B, json=body)
+        assert response.status_code == 404, (method, path, response.text)
+    after_b = await superuser.fetch("SELECT action, outcome FROM audit_logs WHERE org_id = $1 ORDER BY seq",
+                                    ORG_B)
+    assert [tuple(r) for r in after_b[before_b:]] == [
+        ("session.delete", "denied"), ("session.suspend", "denied"), ("session.resume", "denied"),
+        ("session.message", "denied")]
+    assert runner.received == [{"content": "hello", "type": "user"}]
+    assert (await cluster.get_session(namespace, "s1"))["spec"]["lifecycle"].get("suspend", False) is False
+
+    suspended = await api.post("/api/v1/sessions/s1/suspend", headers=USER_A)
+    assert suspended.status_code == 200 and suspended.json()["suspended"] is True
+    assert (await api.delete("/api/v1/sessions/s1", headers=USER_A)).status_code == 204
+    assert (await api.get("/api/v1/sessions/s1", headers=USER_A)).status_code == 404
+
+
+async def test_session_bodies_are_validated_without_side_effects(setup):
+    api, cluster, _ = setup
+    for body, field in [({"agent": {"runtime": "nope"}}, "body.agent.runtime"),
+                        ({"name": "../../x"}, "body.name"), ({"surprise": True}, "body.surprise"),
+                        ({"agent": {"runtime": "custom"}}, "body.agent")]:
+        response = await api.post("/api/v1/sessions", headers=USER_A, json=body)
+        assert response.status_code == 422, response.text
+        assert any(error["field"].startswith(field) for error in response.json()["errors"])
+    assert await cluster.list_sessions(f"tenant-{ORG_A}", "agentbox.dev/org") == []
