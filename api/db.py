@@ -35,7 +35,6 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
-    asyncpg.InterfaceError,  # e.g. "connection is closed" after the server went away
 )
 
 
@@ -127,13 +126,25 @@ class Database:
 
     @asynccontextmanager
     async def _transaction(self, context: dict[str, str]) -> AsyncIterator[asyncpg.Connection]:
-        async with self.connection() as conn, conn.transaction():
-            await conn.execute(
-                "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
-                                      for i in range(len(context))),
-                *[part for item in context.items() for part in item],
-            )
-            yield conn
+        # Not `conn.transaction()` as a context manager: after the server dropped the connection, its
+        # exit raises a bare InterfaceError that would hide the real cause.
+        async with self.connection() as conn:
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
+                await conn.execute(
+                    "SELECT " + ", ".join(f"set_config(${2 * i + 1}, ${2 * i + 2}, true)"
+                                          for i in range(len(context))),
+                    *[part for item in context.items() for part in item],
+                )
+                yield conn
+            except BaseException:
+                if not _gone(conn):
+                    await transaction.rollback()
+                raise
+            if _gone(conn):
+                raise DatabaseUnavailable("database unavailable: the connection closed before the commit")
+            await transaction.commit()
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:
@@ -142,7 +153,7 @@ class Database:
         try:
             yield
         except _UNAVAILABLE as error:
-            if not _raised_through_asyncpg(error):
+            if isinstance(error, OSError | TimeoutError) and not _raised_through_asyncpg(error):
                 raise
             raise DatabaseUnavailable(_describe(error)) from error
 
@@ -150,6 +161,14 @@ class Database:
         """Round-trip to the server (readiness); raises DatabaseUnavailable when it cannot."""
         async with self.connection() as conn:
             await conn.fetchval("SELECT 1")
+
+
+def _gone(conn: asyncpg.Connection) -> bool:
+    # When the server drops a pooled connection, the pool detaches its proxy: any call then raises.
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _raised_through_asyncpg(error: BaseException) -> bool:

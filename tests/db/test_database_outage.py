@@ -30,6 +30,16 @@ async def test_a_stopped_server_gives_database_unavailable_then_recovers(postgre
         await db.ping()
 
 
+async def test_the_server_going_away_mid_transaction_gives_database_unavailable(postgres):
+    async with quick(postgres.app_dsn) as db:
+        with pytest.raises(DatabaseUnavailable):
+            async with db.tenant("any-org") as conn:
+                await conn.fetchval("SELECT 1")
+                with postgres.server.stopped():
+                    await conn.fetchval("SELECT 2")
+        assert await _one_transaction(db) == 1
+
+
 async def test_the_api_can_start_while_the_database_is_down(postgres):
     with postgres.server.stopped():
         db = await quick(postgres.app_dsn).open()
