@@ -129,7 +129,7 @@ async def _append(conn: asyncpg.Connection, event: AuditEvent, *, own_transactio
         _APPEND, own_transaction, event.org_id, event.actor_sub, event.actor_role, event.action,
         scrub(event.target) if event.target else None, event.outcome,
         scrub(event.reason)[:2000] if event.reason else None, _address_or_none(event.ip),
-        event.user_agent[:1024] if event.user_agent else None, event.request_id,
+        scrub(event.user_agent)[:1024] if event.user_agent else None, event.request_id,
         json.dumps(redact(dict(event.details)), default=str),
     )
     return AuditRecord(id=row["id"], seq=row["seq"], created_at=row["created_at"], hash=row["hash"])
