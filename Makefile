@@ -43,7 +43,7 @@ crds: venv ## regenerate the CRD YAML in crds/ from the Pydantic models
 .PHONY: lint
 lint: venv ## ruff and the import-layering contracts
 	@$(VENV)/bin/ruff check .
-	@$(VENV)/bin/lint-imports
+	@VENV=$(VENV) hack/lint-imports.sh
 
 .PHONY: unit
 unit: venv ## the fast layer alone: no cluster, no database
