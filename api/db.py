@@ -1,6 +1,6 @@
 """The API's database: an asyncpg pool and the per-transaction tenant context row security relies on.
 
-    db = Database(settings.database_url)          # connects lazily: the API starts even if PostgreSQL is down
+    db = Database(dsn)                            # connects lazily: the API starts even if PostgreSQL is down
     async with db.tenant("acme") as conn:         # one transaction, app.current_org = 'acme'
         rows = await conn.fetch("SELECT * FROM mcp_configurations")
     async with db.platform() as conn:             # the service role: orgs, global prompts, platform audit
@@ -35,6 +35,8 @@ _UNAVAILABLE = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    asyncpg.InvalidAuthorizationSpecificationError,  # wrong role or password: unusable until fixed
+    asyncpg.InvalidCatalogNameError,  # the database does not exist (yet)
 )
 
 

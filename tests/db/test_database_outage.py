@@ -94,3 +94,12 @@ async def test_the_password_never_appears_in_the_error(postgres):
 async def _one_transaction(db: Database) -> int:
     async with db.tenant("any-org") as conn:
         return await conn.fetchval("SELECT 1")
+
+
+async def test_wrong_credentials_or_database_are_unavailable_not_a_crash(postgres):
+    for dsn in (postgres.app_dsn.replace(postgres.server.app_password, "wrong-password"),
+                postgres.app_dsn.rsplit("/", 1)[0] + "/no_such_database"):
+        db = quick(dsn)
+        with pytest.raises(DatabaseUnavailable, match=r"InvalidPasswordError|InvalidCatalogNameError"):
+            await _one_transaction(db)
+        await db.close()
