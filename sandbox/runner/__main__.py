@@ -46,7 +46,8 @@ def main() -> None:
     bridge = AgentBridge(conversation, argv=argv, env=env, workspace=settings.workspace,
                          gateway_url=settings.gateway_url, system_prompt=system_prompt,
                          permission_policy=settings.permission_policy,
-                         restart_max_seconds=settings.agent_restart_max_seconds)
+                         restart_max_seconds=settings.agent_restart_max_seconds,
+                         ready_wait_seconds=settings.agent_ready_wait_seconds)
     app = create_app(conversation, bridge, token=token, workspace=settings.workspace,
                      upload_max_bytes=settings.upload_max_bytes)
     uvicorn.run(app, host=settings.runner_host, port=settings.runner_port, log_config=None, access_log=False)

@@ -31,6 +31,7 @@ from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
 log = logging.getLogger("agentbox.runner")
 
+HANDSHAKE_SECONDS = 60  # npx-style adapters can be slow on a cold start
 CANCEL_KEYS = {"\x03", "\x1b"}  # Ctrl-C and Escape in a raw message cancel the running turn
 
 
@@ -105,7 +106,7 @@ def _write_text(target: Path, content: str) -> None:
 class AgentBridge:
     def __init__(self, conversation: Conversation, *, argv: list[str], env: dict[str, str], workspace: Path,
                  gateway_url: str, system_prompt: str, permission_policy: str = "allow",
-                 restart_max_seconds: float = 10.0) -> None:
+                 restart_max_seconds: float = 10.0, ready_wait_seconds: float = 10.0) -> None:
         self.conversation = conversation
         self.argv, self.env = argv, env
         self.workspace = workspace
@@ -113,6 +114,7 @@ class AgentBridge:
         self.system_prompt = system_prompt
         self.permission_policy = permission_policy
         self.restart_max_seconds = restart_max_seconds
+        self.ready_wait_seconds = ready_wait_seconds
         self.ready = asyncio.Event()
         self.restarts = 0
         self._conn: Any = None
@@ -149,27 +151,31 @@ class AgentBridge:
             async with spawn_agent_process(RunnerClient(self), *self.argv, env=self.env, cwd=self.workspace,
                                            transport_kwargs={"stderr": None}) as (conn, process):
                 self._process = process
-                await conn.initialize(
-                    protocol_version=PROTOCOL_VERSION,
-                    client_capabilities=ClientCapabilities(
-                        fs=FileSystemCapabilities(read_text_file=True, write_text_file=True)),
-                    client_info=Implementation(name="agentbox-runner", version="0.1.0"),
-                )
-                session = await conn.new_session(
-                    cwd=str(self.workspace),
-                    mcp_servers=[HttpMcpServer(type="http", name="agentbox", url=self.gateway_url,
-                                               headers=[])],
-                    # ACP has no system prompt field; adapters read it from _meta (claude-agent-acp's key).
-                    systemPrompt={"append": self.system_prompt},
-                )
+                async with asyncio.timeout(HANDSHAKE_SECONDS):
+                    await conn.initialize(
+                        protocol_version=PROTOCOL_VERSION,
+                        client_capabilities=ClientCapabilities(
+                            fs=FileSystemCapabilities(read_text_file=True, write_text_file=True)),
+                        client_info=Implementation(name="agentbox-runner", version="0.1.0"),
+                    )
+                    session = await conn.new_session(
+                        cwd=str(self.workspace),
+                        mcp_servers=[HttpMcpServer(type="http", name="agentbox", url=self.gateway_url,
+                                                   headers=[])],
+                        # ACP has no system prompt field; adapters read _meta (claude-agent-acp's key).
+                        systemPrompt={"append": self.system_prompt},
+                    )
                 self._conn, self._session_id = conn, session.session_id
                 self.ready.set()
                 log.info("agent started: %s (pid %s)", self.argv[0], process.pid)
                 code = await process.wait()
                 return f"agent exited with code {code}"
-        except (OSError, RequestError, ConnectionError) as error:
-            log.error("agent %s failed to start: %s", self.argv[0], error)
-            return f"agent failed to start: {error}"
+        except TimeoutError:
+            log.error("agent %s did not finish the ACP handshake in %ss", self.argv[0], HANDSHAKE_SECONDS)
+            return f"agent did not answer initialize/new_session within {HANDSHAKE_SECONDS}s"
+        except Exception as error:  # whatever the agent does wrong, the supervisor must live on to restart it
+            log.exception("agent %s failed", self.argv[0])
+            return f"agent failed: {error}"
         finally:
             self.ready.clear()
             self._conn = self._session_id = self._process = None
@@ -188,7 +194,7 @@ class AgentBridge:
             return
         if self.conversation.status == "running":
             raise AgentBusy("the agent is running a turn; wait for status stable")
-        await self.wait_ready(10)
+        await self.wait_ready(self.ready_wait_seconds)
         if self.conversation.status == "running":  # another message won the race while we waited
             raise AgentBusy("the agent is running a turn; wait for status stable")
         self.conversation.set_status("running")

@@ -29,3 +29,5 @@ class RunnerSettings(BaseSettings):
     # How permission requests from the agent are answered: the pod is the sandbox, so allow by default.
     permission_policy: Literal["allow", "deny"] = "allow"
     agent_restart_max_seconds: float = Field(10.0, gt=0)
+    # How long POST /message waits for a (re)starting agent before answering 503.
+    agent_ready_wait_seconds: float = Field(10.0, ge=0)
