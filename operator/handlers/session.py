@@ -113,9 +113,14 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
 
 async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
     """Bring one session's children to the desired state and write its status. Returns the status."""
-    meta = body["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     async with _locks[(namespace, name)], metrics.reconciling("agentsession"):
+        # Re-read under the lock: the triggering event may predate another trigger's status write.
+        fresh = await kube.get(agentsession.KIND, namespace, name)
+        if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
+            return body.get("status") or {}
+        body = fresh
+        meta = body["metadata"]
         try:
             spec = AgentSessionSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:
@@ -173,6 +178,10 @@ async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) 
     """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict."""
     meta = body["metadata"]
     async with _locks[(meta["namespace"], meta["name"])], metrics.reconciling("agentsession-status"):
+        fresh = await kube.get(agentsession.KIND, meta["namespace"], meta["name"])
+        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+            return
+        body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
         pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
         await _write_status(kube, body, derive(_observed(body, spec, pvc=pvc, pod=pod), _now()))

@@ -1,0 +1,133 @@
+"""Helpers for the operator's cluster tests: the operator as a real process, manifests, waiting."""
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+
+from agentbox.crds import agentsession, mcpserver
+from agentbox.operator.kube import Kube as OperatorKube
+
+# The operator under test serves only the test namespaces, so it stays out of other suites' way.
+SCOPE = "t-op-*"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class OperatorProcess:
+    """`python -m agentbox.operator` as a child process that tests may kill and restart."""
+
+    def __init__(self, kubeconfig: str, log_path: str):
+        self.kubeconfig = kubeconfig
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+        self.liveness_port = free_port()
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.kubeconfig,
+            "AGENTBOX_EXPIRY_CHECK_SECONDS": "1",
+            "AGENTBOX_CONFLICT_RETRY_SECONDS": "2",
+            "AGENTBOX_METRICS_PORT": "0",
+        }
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agentbox.operator",
+                "--standalone",
+                "-n",
+                SCOPE,
+                "--liveness",
+                f"http://127.0.0.1:{self.liveness_port}/healthz",
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+
+    async def wait_alive(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        async with httpx.AsyncClient() as http:
+            while time.monotonic() < deadline:
+                assert self.process is not None and self.process.poll() is None, (
+                    f"operator died: {self.log_path}"
+                )
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{self.liveness_port}/healthz")).status_code == 200:
+                        return
+                await asyncio.sleep(0.2)
+        raise TimeoutError("operator liveness never answered")
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+def session_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    org = namespace.removeprefix("t-")
+    return {
+        "apiVersion": agentsession.API_VERSION,
+        "kind": agentsession.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"tenant": {"org": org, "user": "ada@example.com"}, "agent": {"runtime": "scripted"}, **spec},
+    }
+
+
+def mcpserver_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": mcpserver.API_VERSION,
+        "kind": mcpserver.KIND,
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+async def eventually(probe: Callable[[], Any], timeout: float = 30, interval: float = 0.2) -> Any:
+    """Poll until probe() returns something truthy; the last value is in the failure message."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"not reached in {timeout}s; last value: {value!r}")
+
+
+async def session_in_phase(
+    ops: OperatorKube, namespace: str, name: str, phase: str, timeout: float = 30
+) -> dict[str, Any]:
+    async def probe():
+        body = await ops.get(agentsession.KIND, namespace, name)
+        return body if body and (body.get("status") or {}).get("phase") == phase else None
+
+    try:
+        return await eventually(probe, timeout)
+    except AssertionError:
+        body = await ops.get(agentsession.KIND, namespace, name)
+        raise AssertionError(f"{name} never became {phase}: {(body or {}).get('status')}") from None

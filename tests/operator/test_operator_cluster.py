@@ -1,0 +1,349 @@
+"""The operator against the real local cluster (kwok: real apiserver, scheduler, GC; simulated kubelets)."""
+
+import base64
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from kubernetes_asyncio.client.exceptions import ApiException
+from operator_harness import eventually, mcpserver_manifest, session_in_phase, session_manifest
+
+from agentbox.crds import agentsession, mcpserver
+from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.operator import naming
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.pod import build_pod
+
+pytestmark = pytest.mark.cluster
+CHILDREN = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
+
+
+async def children(ops, namespace, name):
+    child = naming.child_name(name)
+    return {kind: await ops.get(kind, namespace, child) for kind in CHILDREN}
+
+
+async def test_tenant_namespace_gets_its_baseline(operator, ops, tenant):
+    async def baseline():
+        namespace = await ops.get("Namespace", None, tenant)
+        objects = [
+            await ops.get(kind, tenant, name)
+            for kind, name in (
+                ("ResourceQuota", "agentbox-tenant-quota"),
+                ("LimitRange", "agentbox-tenant-limits"),
+                ("NetworkPolicy", "agentbox-default-deny"),
+            )
+        ]
+        labels = namespace["metadata"].get("labels") or {}
+        return all(objects) and labels.get("pod-security.kubernetes.io/enforce") == "restricted" and objects
+
+    quota, _limits, deny = await eventually(baseline)
+    assert quota["spec"]["hard"]["pods"] == "50"
+    assert deny["spec"]["podSelector"] == {} and deny["spec"]["policyTypes"] == ["Ingress", "Egress"]
+
+
+async def test_session_becomes_ready_with_every_child(operator, ops, tenant):
+    await ops.create(
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "gh", "namespace": tenant},
+            "data": {"token": base64.b64encode(b"s3cret").decode()},
+        }
+    )
+    await ops.create(
+        mcpserver_manifest(
+            "files",
+            tenant,
+            transport="stdio",
+            stdio={"command": "npx", "args": ["fs"]},
+            auth={"type": "bearer", "secretRef": {"name": "gh", "key": "token"}},
+        )
+    )
+    await ops.create(
+        session_manifest("ready", tenant, mcpServers=[{"name": "files"}], systemPrompt="be kind")
+    )
+    body = await session_in_phase(ops, tenant, "ready", "Running")
+    status = body["status"]
+    conditions = {c["type"]: c for c in status["conditions"]}
+    assert {c: conditions[c]["status"] for c in conditions} == {
+        "Ready": "True",
+        "PodScheduled": "True",
+        "WorkspaceReady": "True",
+        "MCPReady": "True",
+        "Suspended": "False",
+    }
+    assert status["observedGeneration"] == body["metadata"]["generation"]
+    assert status["endpoint"] == f"http://{naming.child_name('ready')}.{tenant}.svc:3284"
+    assert status["startedAt"] and status["readyAt"] and status["podName"] == naming.child_name("ready")
+
+    found = await children(ops, tenant, "ready")
+    for kind, child in found.items():
+        assert child is not None, kind
+        (owner,) = child["metadata"]["ownerReferences"]
+        assert owner["uid"] == body["metadata"]["uid"] and owner["controller"] is True, kind
+        assert child["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "agentbox", kind
+    gateway = json.loads(found["ConfigMap"]["data"]["gateway.json"])
+    assert [upstream["name"] for upstream in gateway["upstreams"]] == ["files"]
+    assert "s3cret" not in json.dumps(found["ConfigMap"])
+    assert found["ConfigMap"]["data"]["system-prompt.md"] == "be kind"
+    secret = found["Secret"]["data"]
+    assert base64.b64decode(secret["mcp-files-token"]) == b"s3cret" and secret["runner-token"]
+    assert found["PersistentVolumeClaim"]["status"]["phase"] == "Bound"
+    pod = found["Pod"]
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert pod["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
+
+    # Idempotent: another reconciliation changes nothing and keeps the runner token.
+    await ops.merge_patch(agentsession.KIND, tenant, "ready", {"metadata": {"labels": {"touch": "1"}}})
+    await session_in_phase(ops, tenant, "ready", "Running")
+    again = await children(ops, tenant, "ready")
+    assert again["Pod"]["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert again["Secret"]["data"]["runner-token"] == secret["runner-token"]
+
+
+HARDENING_FLIPS = {
+    "allowPrivilegeEscalation": lambda pod: pod["spec"]["containers"][0]["securityContext"].update(
+        allowPrivilegeEscalation=True
+    ),
+    "capabilities": lambda pod: pod["spec"]["containers"][0]["securityContext"].update(
+        capabilities={"add": ["NET_ADMIN"]}
+    ),
+    "runAsNonRoot": lambda pod: (
+        [c["securityContext"].update(runAsNonRoot=False, runAsUser=0) for c in pod["spec"]["containers"]]
+        and pod["spec"]["securityContext"].update(runAsNonRoot=False, runAsUser=0)
+    ),
+    "seccompProfile": lambda pod: (
+        [
+            c["securityContext"].pop("seccompProfile")
+            for c in (*pod["spec"]["containers"], *pod["spec"]["initContainers"])
+        ]
+        and pod["spec"]["securityContext"].pop("seccompProfile")
+    ),
+    "dropAll": lambda pod: pod["spec"]["initContainers"][0]["securityContext"].pop("capabilities"),
+    "hostPath": lambda pod: pod["spec"]["volumes"].append({"name": "host", "hostPath": {"path": "/"}}),
+    "hostNetwork": lambda pod: pod["spec"].update(hostNetwork=True),
+}
+
+
+@pytest.mark.parametrize("flip", [None, *HARDENING_FLIPS])
+async def test_pod_is_admitted_under_restricted_and_any_flip_is_rejected(kube, ops, namespace, flip):
+    await ops.merge_patch(
+        "Namespace",
+        None,
+        namespace,
+        {
+            "metadata": {
+                "labels": {
+                    "pod-security.kubernetes.io/enforce": "restricted",
+                    "pod-security.kubernetes.io/enforce-version": "latest",
+                }
+            }
+        },
+    )
+    session = Session(
+        "dry",
+        namespace,
+        "00000000-0000-0000-0000-000000000000",
+        AgentSessionSpec.model_validate({"tenant": {"org": "acme", "user": "u"}}),
+    )
+    pod = build_pod(
+        session,
+        image="img:1",
+        pull_policy="IfNotPresent",
+        config_digest="x",
+        runner_resources={},
+        gateway_resources={},
+    )
+    del pod["metadata"]["ownerReferences"]
+    if flip:
+        pod = copy.deepcopy(pod)
+        HARDENING_FLIPS[flip](pod)
+    async with kube.api_client() as api:
+        call = api.call_api(
+            f"/api/v1/namespaces/{namespace}/pods",
+            "POST",
+            query_params=[("dryRun", "All")],
+            body=pod,
+            auth_settings=["BearerToken"],
+            response_types_map={201: "object"},
+            header_params={"Content-Type": "application/json", "Accept": "application/json"},
+            _return_http_data_only=True,
+        )
+        if flip is None:
+            assert (await call)["metadata"]["name"] == naming.child_name("dry")
+        else:
+            with pytest.raises(ApiException) as error:
+                await call
+            assert error.value.status == 403 and "restricted" in error.value.body
+
+
+async def test_suspend_and_resume_keep_the_workspace(operator, ops, tenant):
+    await ops.create(session_manifest("nap", tenant))
+    await session_in_phase(ops, tenant, "nap", "Running")
+    claim = (await children(ops, tenant, "nap"))["PersistentVolumeClaim"]
+    await ops.merge_patch(agentsession.KIND, tenant, "nap", {"spec": {"lifecycle": {"suspend": True}}})
+    body = await session_in_phase(ops, tenant, "nap", "Suspended")
+    assert {c["type"]: c["status"] for c in body["status"]["conditions"]}["Suspended"] == "True"
+    await eventually(lambda: _gone(ops, "Pod", tenant, naming.child_name("nap")))
+    assert (await children(ops, tenant, "nap"))["PersistentVolumeClaim"]["metadata"]["uid"] == claim[
+        "metadata"
+    ]["uid"]
+    await ops.merge_patch(agentsession.KIND, tenant, "nap", {"spec": {"lifecycle": {"suspend": False}}})
+    await session_in_phase(ops, tenant, "nap", "Running")
+    found = await children(ops, tenant, "nap")
+    assert found["PersistentVolumeClaim"]["metadata"]["uid"] == claim["metadata"]["uid"]
+    claim_volume = next(v for v in found["Pod"]["spec"]["volumes"] if v["name"] == "workspace")
+    assert claim_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+async def _gone(ops, kind, namespace, name):
+    return await ops.get(kind, namespace, name) is None
+
+
+async def test_shutdown_time_expires_the_session(operator, ops, tenant):
+    soon = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await ops.create(session_manifest("brief", tenant, lifecycle={"shutdownTime": soon}))
+    await session_in_phase(ops, tenant, "brief", "Running")
+    body = await session_in_phase(ops, tenant, "brief", "Expired", timeout=20)
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ShutdownTimeReached"
+    await eventually(lambda: _gone(ops, "Pod", tenant, naming.child_name("brief")))
+    assert (await children(ops, tenant, "brief"))["PersistentVolumeClaim"] is not None
+
+
+async def test_idle_timeout_follows_the_activity_annotation(operator, ops, tenant):
+    await ops.create(session_manifest("idle", tenant, lifecycle={"idleTimeout": "4s"}))
+    await session_in_phase(ops, tenant, "idle", "Running")
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    await ops.merge_patch(
+        agentsession.KIND,
+        tenant,
+        "idle",
+        {"metadata": {"annotations": {naming.LAST_ACTIVITY_ANNOTATION: now}}},
+    )
+    body = await session_in_phase(ops, tenant, "idle", "Expired", timeout=20)
+    assert body["status"]["lastActivityTime"] == now
+    assert (
+        next(c for c in body["status"]["conditions"] if c["type"] == "Ready")["reason"]
+        == "IdleTimeoutReached"
+    )
+
+
+async def test_deletion_leaves_nothing_behind(operator, ops, tenant):
+    await ops.create(session_manifest("gone", tenant))
+    await session_in_phase(ops, tenant, "gone", "Running")
+    await ops.delete(agentsession.KIND, tenant, "gone")
+
+    async def nothing_left():
+        found = await children(ops, tenant, "gone")
+        return all(
+            child is None or child["metadata"].get("deletionTimestamp") for child in found.values()
+        ) and (all(child is None for kind, child in found.items() if kind != "Pod"))
+
+    await eventually(nothing_left, timeout=60)
+
+
+async def test_retained_workspace_survives_deletion(operator, ops, tenant):
+    await ops.create(session_manifest("keep", tenant, workspace={"retainOnDelete": True}))
+    await session_in_phase(ops, tenant, "keep", "Running")
+    await ops.delete(agentsession.KIND, tenant, "keep")
+    await eventually(lambda: _gone(ops, agentsession.KIND, tenant, "keep"))
+    await eventually(lambda: _gone(ops, "Service", tenant, naming.child_name("keep")), timeout=60)
+    claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("keep"))
+    assert claim is not None and not claim["metadata"].get("deletionTimestamp")
+    assert not claim["metadata"].get("ownerReferences")
+
+
+async def test_changing_an_mcpserver_rolls_the_pod(operator, ops, tenant):
+    await ops.create(mcpserver_manifest("tools", tenant, transport="stdio", stdio={"command": "tool-a"}))
+    await ops.create(session_manifest("roll", tenant, mcpServers=[{"name": "tools"}]))
+    await session_in_phase(ops, tenant, "roll", "Running")
+    before = (await children(ops, tenant, "roll"))["Pod"]
+    await ops.merge_patch(mcpserver.KIND, tenant, "tools", {"spec": {"stdio": {"command": "tool-b"}}})
+
+    async def rolled():
+        pod = await ops.get("Pod", tenant, naming.child_name("roll"))
+        return pod if pod and pod["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+    after = await eventually(rolled)
+    hash_key = naming.CONFIG_HASH_ANNOTATION
+    assert after["metadata"]["annotations"][hash_key] != before["metadata"]["annotations"][hash_key]
+    config = (await children(ops, tenant, "roll"))["ConfigMap"]
+    assert json.loads(config["data"]["gateway.json"])["upstreams"][0]["command"] == "tool-b"
+    await session_in_phase(ops, tenant, "roll", "Running")
+
+
+async def test_missing_mcpserver_is_reported_and_the_session_still_starts(operator, ops, tenant):
+    await ops.create(session_manifest("lonely", tenant, mcpServers=[{"name": "nowhere"}]))
+    body = await session_in_phase(ops, tenant, "lonely", "Running")
+    mcp_ready = next(c for c in body["status"]["conditions"] if c["type"] == "MCPReady")
+    assert mcp_ready["status"] == "False" and mcp_ready["reason"] == "MCPServerNotFound"
+    assert "nowhere" in mcp_ready["message"]
+
+
+async def test_a_foreign_object_is_never_overwritten(operator, ops, tenant):
+    child = naming.child_name("clash")
+    await ops.create(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": child, "namespace": tenant},
+            "data": {"mine": "yes"},
+        }
+    )
+    await ops.create(session_manifest("clash", tenant))
+    body = await session_in_phase(ops, tenant, "clash", "Failed")
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "NameConflict" and child in ready["message"]
+    found = await children(ops, tenant, "clash")
+    assert found["ConfigMap"]["data"] == {"mine": "yes"}
+    assert found["Pod"] is None and found["Secret"] is None  # nothing half-built
+    await ops.delete("ConfigMap", tenant, child)
+    await session_in_phase(ops, tenant, "clash", "Running", timeout=40)
+
+
+@pytest.mark.parametrize(
+    ("manifest", "field"),
+    [
+        (
+            mcpserver_manifest("bad1", "NS", transport="stdio", url="https://x", stdio={"command": "npx"}),
+            "spec.url",
+        ),
+        (mcpserver_manifest("bad2", "NS", transport="sse"), "spec.url"),
+        (mcpserver_manifest("bad3", "NS", transport="stdio"), "spec.stdio"),
+        (
+            mcpserver_manifest("bad4", "NS", transport="sse", url="https://x", auth={"type": "bearer"}),
+            "spec.auth",
+        ),
+        (session_manifest("bad5", "t-x", agent={"runtime": "custom"}), "spec.agent.command"),
+        (session_manifest("bad6", "t-x", workspace={"size": "lots"}), "spec.workspace.size"),
+        (session_manifest("bad7", "t-x", lifecycle={"idleTimeout": "1 day"}), "spec.lifecycle.idleTimeout"),
+        (
+            session_manifest("bad8", "t-x", agent={"env": [{"name": "AGENTBOX_RUNTIME", "value": "x"}]}),
+            "AGENTBOX_",
+        ),
+    ],
+)
+async def test_invalid_specs_are_rejected_at_admission(ops, namespace, manifest, field):
+    manifest = copy.deepcopy(manifest)
+    manifest["metadata"]["namespace"] = namespace
+    with pytest.raises(ApiException) as error:
+        await ops.create(manifest)
+    assert error.value.status == 422 and field in error.value.body
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"tenant": {"org": "someone-else"}}, "spec.tenant.org is immutable"),
+        ({"workspace": {"size": "512Mi"}}, "spec.workspace.size may grow, never shrink"),
+    ],
+)
+async def test_transition_rules(ops, namespace, change, field):
+    await ops.create(session_manifest("steady", namespace, workspace={"size": "1Gi"}))
+    with pytest.raises(ApiException) as error:
+        await ops.merge_patch(agentsession.KIND, namespace, "steady", {"spec": change})
+    assert error.value.status == 422 and field in error.value.body
+    await ops.merge_patch(agentsession.KIND, namespace, "steady", {"spec": {"workspace": {"size": "2Gi"}}})
