@@ -1,0 +1,160 @@
+"""Session status from observed state: phases, conditions and reasons without a cluster."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.crds.conditions import Reason
+from agentbox.operator import naming
+from agentbox.operator.build.mcp import Problem
+from agentbox.operator.status import Observed, derive, expiry, pod_failure
+
+NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
+
+
+def observe(spec=None, **seen):
+    spec = AgentSessionSpec.model_validate({"tenant": {"org": "acme", "user": "u"}, **(spec or {})})
+    return Observed(
+        generation=3, spec=spec, name="s", namespace="tenant-acme", created=NOW - timedelta(hours=1), **seen
+    )
+
+
+def pod(phase="Running", ready=True, scheduled=True, waiting=None, unschedulable_message=None):
+    conditions = [
+        {"type": "PodScheduled", "status": "True" if scheduled else "False"},
+        {"type": "Ready", "status": "True" if ready else "False"},
+    ]
+    if unschedulable_message:
+        conditions[0].update(reason="Unschedulable", message=unschedulable_message)
+    statuses = (
+        [{"name": "runner", "state": {"waiting": {"reason": waiting, "message": "boom"}}}] if waiting else []
+    )
+    return {
+        "spec": {"nodeName": "n1"},
+        "status": {
+            "phase": phase,
+            "conditions": conditions,
+            "containerStatuses": statuses,
+            "startTime": "2026-11-26T11:59:00Z",
+        },
+    }
+
+
+BOUND = {"status": {"phase": "Bound"}}
+
+
+def conditions(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def test_running_session():
+    status = derive(observe(pod=pod(), pvc=BOUND, mcp_problems=()), NOW)
+    assert status["phase"] == "Running"
+    assert conditions(status) == {
+        "Ready": ("True", "SessionReady"),
+        "PodScheduled": ("True", "Scheduled"),
+        "WorkspaceReady": ("True", "ClaimBound"),
+        "MCPReady": ("True", "NoServersReferenced"),
+        "Suspended": ("False", "NotSuspended"),
+    }
+    assert status["observedGeneration"] == 3 and all(
+        c["observedGeneration"] == 3 for c in status["conditions"]
+    )
+    assert status["readyAt"] == "2026-11-26T12:00:00Z" and status["startedAt"] == "2026-11-26T11:59:00Z"
+    assert status["endpoint"] == naming.endpoint("s", "tenant-acme") and status["podName"]
+
+
+@pytest.mark.parametrize(
+    ("observed_pod", "reason"),
+    [
+        (pod(ready=False, waiting="ErrImagePull"), Reason.IMAGE_PULL_FAILED),
+        (pod(ready=False, waiting="ImagePullBackOff"), Reason.IMAGE_PULL_FAILED),
+        (pod(ready=False, waiting="CrashLoopBackOff"), Reason.CRASH_LOOP),
+        (pod(ready=False, waiting="CreateContainerConfigError"), Reason.CONTAINER_CONFIG_ERROR),
+        (pod(phase="Failed", ready=False), Reason.POD_FAILED),
+        (
+            pod(
+                phase="Pending",
+                ready=False,
+                scheduled=False,
+                unschedulable_message="0/2 nodes: Insufficient cpu",
+            ),
+            Reason.UNSCHEDULABLE,
+        ),
+    ],
+)
+def test_failing_pods_fail_the_session_early(observed_pod, reason):
+    status = derive(observe(pod=observed_pod, pvc=BOUND, mcp_problems=()), NOW)
+    assert status["phase"] == "Failed" and conditions(status)["Ready"] == ("False", reason)
+
+
+def test_waiting_for_the_claim_is_pending_not_failed():
+    observed = pod(
+        phase="Pending",
+        ready=False,
+        scheduled=False,
+        unschedulable_message="pod has unbound immediate PersistentVolumeClaims",
+    )
+    status = derive(observe(pod=observed, pvc={"status": {"phase": "Pending"}}, mcp_problems=()), NOW)
+    assert status["phase"] == "Pending" and conditions(status)["WorkspaceReady"] == ("False", "ClaimPending")
+
+
+def test_starting_and_pending():
+    assert derive(observe(pod=pod(ready=False), pvc=BOUND, mcp_problems=()), NOW)["phase"] == "Starting"
+    status = derive(observe(pod=None, mcp_problems=()), NOW)
+    assert status["phase"] == "Pending" and status["podName"] is None
+
+
+def test_suspended_expired_conflict_terminating():
+    suspended = derive(observe({"lifecycle": {"suspend": True}}, pvc=BOUND, mcp_problems=()), NOW)
+    assert suspended["phase"] == "Suspended" and conditions(suspended)["Suspended"] == (
+        "True",
+        "SuspendedByUser",
+    )
+    expired = derive(observe({"lifecycle": {"shutdownTime": "2026-11-26T11:00:00Z"}}, mcp_problems=()), NOW)
+    assert expired["phase"] == "Expired" and conditions(expired)["Ready"][1] == "ShutdownTimeReached"
+    conflict = derive(observe(conflict="ConfigMap x is foreign", mcp_problems=()), NOW)
+    assert conflict["phase"] == "Failed" and conditions(conflict)["Ready"] == ("False", "NameConflict")
+    assert derive(observe(deleting=True, mcp_problems=()), NOW)["phase"] == "Terminating"
+
+
+def test_idle_timeout_counts_from_the_latest_activity():
+    spec = {"lifecycle": {"idleTimeout": "30m"}}
+    recent = {naming.LAST_ACTIVITY_ANNOTATION: "2026-11-26T11:45:00Z"}
+    assert expiry(observe(spec, annotations=recent), NOW) is None
+    stale = {naming.LAST_ACTIVITY_ANNOTATION: "2026-11-26T11:00:00Z"}
+    assert expiry(observe(spec, annotations=stale), NOW)[0] == Reason.IDLE_TIMEOUT_REACHED
+    # No activity at all: counted from creation (an hour ago).
+    assert expiry(observe(spec), NOW)[0] == Reason.IDLE_TIMEOUT_REACHED
+    assert (
+        derive(observe(spec, annotations=recent, mcp_problems=()), NOW)["lastActivityTime"]
+        == "2026-11-26T11:45:00Z"
+    )
+
+
+def test_mcp_problems_and_kept_verdict():
+    spec = {"mcpServers": [{"name": "gh"}]}
+    status = derive(
+        observe(spec, mcp_problems=(Problem(Reason.SERVER_NOT_FOUND, "MCPServer gh not found"),)), NOW
+    )
+    assert conditions(status)["MCPReady"] == ("False", "MCPServerNotFound")
+    assert derive(observe(spec, mcp_problems=()), NOW)["conditions"][3]["reason"] == "AllServersReady"
+    # A status-only refresh (mcp_problems None) keeps the last verdict.
+    kept = derive(observe(spec, previous=status), NOW + timedelta(minutes=1))
+    assert conditions(kept)["MCPReady"] == ("False", "MCPServerNotFound")
+
+
+def test_transition_times_move_only_on_change():
+    first = derive(observe(pod=pod(ready=False), pvc=BOUND, mcp_problems=()), NOW)
+    later = NOW + timedelta(minutes=5)
+    same = derive(observe(pod=pod(ready=False), pvc=BOUND, mcp_problems=(), previous=first), later)
+    assert same["conditions"] == first["conditions"]
+    ready = derive(observe(pod=pod(), pvc=BOUND, mcp_problems=(), previous=first), later)
+    by_type = {c["type"]: c for c in ready["conditions"]}
+    assert by_type["Ready"]["lastTransitionTime"] == "2026-11-26T12:05:00Z"
+    assert by_type["WorkspaceReady"]["lastTransitionTime"] == "2026-11-26T12:00:00Z"
+
+
+def test_pod_failure_ignores_healthy_waiting():
+    assert pod_failure(pod(ready=False, waiting="ContainerCreating")) is None
