@@ -176,6 +176,14 @@ class Kube:
                 return None
             raise
 
+    async def get_secret(self, namespace: str, name: str) -> client.V1Secret | None:
+        try:
+            return await self._call(self.core.read_namespaced_secret, name, namespace)
+        except KubeError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     async def delete_mcp_server(self, namespace: str, name: str) -> None:
         await self._ignore_missing(self.custom.delete_namespaced_custom_object, mcpserver.GROUP,
                                    mcpserver.VERSION, namespace, mcpserver.PLURAL, name)

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 
 def mount_routers(app: FastAPI) -> None:
-    from agentbox.api.routers import audit, health, orgs, prompts, sessions
+    from agentbox.api.routers import audit, health, mcp, orgs, prompts, sessions
 
-    for module in (health, orgs, sessions, prompts, audit):
+    for module in (health, orgs, sessions, mcp, prompts, audit):
         app.include_router(module.router)

@@ -1,0 +1,239 @@
+"""MCP configurations: their sealed credentials, and the MCPServer plus Secret each one becomes.
+
+A row of `mcp_configurations` is the source of truth; the org's tenant namespace holds its rendering:
+
+    MCPServer <name>   the spec, with credentials only referenced (auth.secretRef, headers[].valueFrom)
+    Secret    <name>   the credentials: `token`, `header-<header name>`, `env-<VARIABLE>`
+
+Both carry the label agentbox.dev/mcp-configuration=<row id>: an object of that name without our label
+is somebody else's and is never overwritten or deleted. The builders are pure (row and credentials in,
+spec and Secret data out); `apply` and `remove` do the writing.
+
+For `oauth` configurations the current access token travels as `Credentials.bearer_token`: it lands in
+the Secret under `token`, where auth.secretRef points.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from agentbox.api.crypto import CipherContext, KeyRing
+from agentbox.api.kube import MCP_CONFIGURATION_LABEL, ORG_LABEL, Kube
+from agentbox.crds.fields import ToolFilter
+from agentbox.crds.mcpserver import (
+    Auth,
+    Header,
+    HeaderSource,
+    MCPServerSpec,
+    SecretKeySelector,
+    Stdio,
+)
+
+TABLE = "mcp_configurations"
+BEARER_COLUMN = "bearer_token_enc"
+HEADERS_COLUMN = "secret_headers_enc"
+ENV_COLUMN = "stdio_env_enc"
+TOKEN_KEY = "token"  # noqa: S105 (a key name inside the Secret)
+MIN_TIMEOUT_SECONDS, MAX_TIMEOUT_SECONDS = 1, 600  # the table's CHECK
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """The secret parts of a configuration, in plaintext: only ever in memory and in the Secret."""
+
+    bearer_token: str | None = None
+    secret_headers: Mapping[str, str] = field(default_factory=dict)
+    stdio_env: Mapping[str, str] = field(default_factory=dict)
+
+    def __repr__(self) -> str:  # never print a credential, whatever logs the object
+        return (f"Credentials(bearer_token={'set' if self.bearer_token else None}, "
+                f"secret_headers={sorted(self.secret_headers)}, stdio_env={sorted(self.stdio_env)})")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.bearer_token or self.secret_headers or self.stdio_env)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """The non-secret parts of a configuration, as stored."""
+
+    id: uuid.UUID
+    org_id: str
+    name: str
+    transport: str
+    description: str = ""
+    url: str | None = None
+    stdio_command: str | None = None
+    stdio_args: list[str] = field(default_factory=list)
+    auth_type: str = "none"
+    headers: list[dict[str, str]] = field(default_factory=list)
+    tools_allow: list[str] = field(default_factory=list)
+    tools_deny: list[str] = field(default_factory=list)
+    timeout_seconds: int = 30
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Configuration:
+        def as_list(value: Any) -> list[Any]:
+            return json.loads(value) if isinstance(value, str) else list(value or [])
+
+        return cls(id=row["id"], org_id=row["org_id"], name=row["name"], transport=row["transport"],
+                   description=row["description"], url=row["url"], stdio_command=row["stdio_command"],
+                   stdio_args=as_list(row["stdio_args"]), auth_type=row["auth_type"],
+                   headers=as_list(row["headers"]), tools_allow=list(row["tools_allow"]),
+                   tools_deny=list(row["tools_deny"]), timeout_seconds=row["timeout_seconds"])
+
+
+class InvalidConfiguration(ValueError):
+    """The configuration cannot become a valid MCPServer; `field` names the API field at fault."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class ForeignObject(Exception):
+    """An MCPServer or Secret of the configuration's name exists and is not this configuration's."""
+
+
+def header_key(name: str) -> str:
+    return f"header-{name.lower()}"
+
+
+def env_key(name: str) -> str:
+    return f"env-{name}"
+
+
+def check(config: Configuration, credentials: Credentials, *, token_required: bool = True) -> MCPServerSpec:
+    """The MCPServer spec `config` becomes, or InvalidConfiguration naming the field that prevents it.
+    `token_required=False` when a bearer token may still come from the stored row (a PUT body)."""
+    if not MIN_TIMEOUT_SECONDS <= config.timeout_seconds <= MAX_TIMEOUT_SECONDS:
+        raise InvalidConfiguration("timeout", f"must be between {MIN_TIMEOUT_SECONDS}s and "
+                                              f"{MAX_TIMEOUT_SECONDS}s")
+    if config.auth_type == "bearer" and token_required and not credentials.bearer_token:
+        raise InvalidConfiguration("bearerToken", "is required when authType is bearer")
+    if credentials.bearer_token and config.auth_type != "bearer":
+        raise InvalidConfiguration("bearerToken", "is only used when authType is bearer")
+    if credentials.stdio_env and config.transport != "stdio":
+        raise InvalidConfiguration("stdioEnv", "is only used when transport is stdio")
+    if config.transport == "stdio" and (config.headers or credentials.secret_headers):
+        raise InvalidConfiguration("headers", "HTTP headers do not apply when transport is stdio")
+    if config.transport == "stdio" and config.auth_type != "none":
+        raise InvalidConfiguration("authType", "must be none when transport is stdio")
+    try:
+        return server_spec(config, credentials)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = ".".join(str(part) for part in error.get("loc", ())) or "body"
+        # The spec model words its own rules in CRD terms (spec.url); the API field has the same name.
+        raise InvalidConfiguration(location, str(error["msg"]).removeprefix("Value error, ")
+                                   .replace("spec.", "")) from None
+
+
+def server_spec(config: Configuration, credentials: Credentials) -> MCPServerSpec:
+    """The MCPServer spec: credentials referenced by Secret key, never included."""
+    secret_ref = None if config.auth_type == "none" else SecretKeySelector(name=config.name, key=TOKEN_KEY)
+    headers = [Header(name=header["name"], value=header["value"]) for header in config.headers]
+    headers += [Header(name=name, value_from=HeaderSource(
+                    secret_key_ref=SecretKeySelector(name=config.name, key=header_key(name))))
+                for name in sorted(credentials.secret_headers)]
+    stdio = None
+    if config.transport == "stdio":
+        stdio = Stdio(command=config.stdio_command or "", args=config.stdio_args)
+    return MCPServerSpec(
+        description=config.description, transport=config.transport, url=config.url, stdio=stdio,
+        auth=Auth(type=config.auth_type, secret_ref=secret_ref), headers=headers,
+        tools=ToolFilter(allow=config.tools_allow, deny=config.tools_deny),
+        timeout=f"{config.timeout_seconds}s")
+
+
+def secret_data(credentials: Credentials) -> dict[str, str]:
+    data = {header_key(name): value for name, value in credentials.secret_headers.items()}
+    data.update({env_key(name): value for name, value in credentials.stdio_env.items()})
+    if credentials.bearer_token:
+        data[TOKEN_KEY] = credentials.bearer_token
+    return data
+
+
+def labels(config: Configuration) -> dict[str, str]:
+    return {ORG_LABEL: config.org_id, MCP_CONFIGURATION_LABEL: str(config.id)}
+
+
+# Sealing: one ciphertext per credential column, bound to (org, table, row id, column, key id) --------
+
+def _where(config: Configuration, column: str) -> CipherContext:
+    return CipherContext(org_id=config.org_id, table=TABLE, row_id=str(config.id), column=column)
+
+
+def seal(keys: KeyRing | None, config: Configuration, credentials: Credentials) -> dict[str, str | None]:
+    """The three credential columns' values (None where there is nothing to store)."""
+    plain: dict[str, str | None] = {
+        BEARER_COLUMN: credentials.bearer_token,
+        HEADERS_COLUMN: json.dumps(dict(credentials.secret_headers)) if credentials.secret_headers else None,
+        ENV_COLUMN: json.dumps(dict(credentials.stdio_env)) if credentials.stdio_env else None,
+    }
+    if keys is None and any(plain.values()):
+        raise ValueError("credentials need an encryption key ring")
+    return {column: None if text is None else keys.encrypt(text, _where(config, column))  # type: ignore[union-attr]
+            for column, text in plain.items()}
+
+
+def sealed_columns(row: Mapping[str, Any]) -> bool:
+    return any(row[column] is not None for column in (BEARER_COLUMN, HEADERS_COLUMN, ENV_COLUMN))
+
+
+def unseal(keys: KeyRing | None, config: Configuration, row: Mapping[str, Any]) -> Credentials:
+    """Decrypt a row's credential columns (raises crypto.DecryptionError if one was tampered with)."""
+    if keys is None:
+        if sealed_columns(row):
+            raise ValueError("credentials need an encryption key ring")
+        return Credentials()
+
+    def opened(column: str) -> str | None:
+        stored = row[column]
+        return None if stored is None else keys.decrypt_text(stored, _where(config, column))
+
+    headers, env = opened(HEADERS_COLUMN), opened(ENV_COLUMN)
+    return Credentials(bearer_token=opened(BEARER_COLUMN),
+                       secret_headers=json.loads(headers) if headers else {},
+                       stdio_env=json.loads(env) if env else {})
+
+
+# Kubernetes ------------------------------------------------------------------------------------------
+
+def _ours(metadata_labels: Mapping[str, str] | None, config_id: uuid.UUID) -> bool:
+    return (metadata_labels or {}).get(MCP_CONFIGURATION_LABEL) == str(config_id)
+
+
+async def _existing(kube: Kube, namespace: str, name: str) -> list[Mapping[str, str] | None]:
+    """The labels of the MCPServer and the Secret of that name that exist."""
+    found: list[Mapping[str, str] | None] = []
+    server = await kube.get_mcp_server(namespace, name)
+    if server is not None:
+        found.append(server["metadata"].get("labels"))
+    secret = await kube.get_secret(namespace, name)
+    if secret is not None:
+        found.append(secret.metadata.labels)
+    return found
+
+
+async def apply(kube: Kube, namespace: str, config: Configuration, credentials: Credentials) -> None:
+    """Create or replace the configuration's MCPServer and Secret (ForeignObject if the name is taken)."""
+    if not all(_ours(found, config.id) for found in await _existing(kube, namespace, config.name)):
+        raise ForeignObject(f"an MCPServer or Secret named {config.name!r} already exists in {namespace} "
+                            "and does not belong to this configuration")
+    spec = server_spec(config, credentials).model_dump(by_alias=True, exclude_none=True, mode="json")
+    await kube.apply_mcp_server(namespace, config.name, spec, secret_data(credentials), labels(config))
+
+
+async def remove(kube: Kube, namespace: str, config: Configuration) -> None:
+    """Delete the configuration's MCPServer and Secret; objects of that name that are not ours stay."""
+    if all(_ours(found, config.id) for found in await _existing(kube, namespace, config.name)):
+        await kube.delete_mcp_server(namespace, config.name)
