@@ -46,6 +46,18 @@ class Settings(BaseSettings):
     readiness_timeout_seconds: float = Field(default=2, gt=0)
     mcp_test_timeout_seconds: float = Field(default=15, gt=0, le=120)
 
+    # OAuth for MCP servers. The redirect URI is <public_url>/api/v1/mcp/oauth/callback (the request's own
+    # base URL when unset); the callback then sends the browser to frontend_url with the outcome.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^\s?#]+$")
+    frontend_url: str | None = Field(default=None, pattern=r"^https?://[^\s#]+$")
+    # Pre-registered clients by issuer, JSON: {"https://issuer": {"clientId": "...", "clientSecret": "..."}}.
+    oauth_clients: SecretStr | None = None
+    oauth_client_name: str = "agentbox"
+    oauth_http_timeout_seconds: float = Field(default=10, gt=0, le=60)
+    # Tokens expiring within the window are refreshed; the background pass runs every interval.
+    oauth_refresh_window_seconds: float = Field(default=300, ge=0)
+    oauth_refresh_interval_seconds: float = Field(default=60, gt=0)
+
     prompt_max_chars: int = Field(default=20_000, gt=0)
     composed_prompt_max_chars: int = Field(default=60_000, gt=0)
 

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 
 def mount_routers(app: FastAPI) -> None:
-    from agentbox.api.routers import audit, health, mcp, orgs, prompts, sessions
+    from agentbox.api.routers import audit, health, mcp, oauth, orgs, prompts, sessions
 
-    for module in (health, orgs, sessions, mcp, prompts, audit):
+    for module in (health, orgs, sessions, mcp, oauth, prompts, audit):
         app.include_router(module.router)
