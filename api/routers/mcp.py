@@ -436,8 +436,9 @@ async def _target(request: Request, principal: Principal, shared: Services,
                   body: ConnectionTest) -> tuple[str, str, Credentials, dict[str, str], float | None]:
     """(transport, url, credentials, plain headers, own timeout) of what to test."""
     if body.configuration_id is None:
-        assert body.transport is not None and body.url is not None
+        assert body.transport is not None
         _no_stdio(body.transport)
+        assert body.url is not None
         credentials = Credentials(bearer_token=body.bearer_token, secret_headers=body.secret_headers or {})
         timeout = parse_duration(body.timeout).total_seconds() if body.timeout else None
         return body.transport, body.url, credentials, {h.name: h.value for h in body.headers}, timeout

@@ -12,7 +12,7 @@ from agentbox.api import mcp_sync
 from agentbox.api.crypto import DecryptionError, KeyRing, generate_key_entry
 from agentbox.api.mcp_sync import Configuration, Credentials, InvalidConfiguration
 
-TOKEN = "ghp_" + "t" * 36  # noqa: S105
+TOKEN = "ghp_" + "t" * 36
 HEADER_SECRET = "header-secret-value-123"
 ENV_SECRET = "env-secret-value-456"
 
@@ -34,7 +34,8 @@ def test_the_spec_references_credentials_and_the_secret_holds_them():
     assert spec["tools"] == {"allow": ["search"], "deny": ["delete"]} and spec["timeout"] == "45s"
     assert TOKEN not in json.dumps(spec) and HEADER_SECRET not in json.dumps(spec)
     assert mcp_sync.secret_data(HTTP_CREDENTIALS) == {"token": TOKEN, "header-x-api-key": HEADER_SECRET}
-    assert mcp_sync.labels(HTTP) == {"agentbox.dev/org": "acme", "agentbox.dev/mcp-configuration": str(HTTP.id)}
+    assert mcp_sync.labels(HTTP) == {"agentbox.dev/org": "acme",
+                                     "agentbox.dev/mcp-configuration": str(HTTP.id)}
 
 
 def test_stdio_environment_goes_to_the_secret_only():
