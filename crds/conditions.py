@@ -46,6 +46,7 @@ class Reason(StrEnum):
     CRASH_LOOP = "CrashLoopBackOff"
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     POD_FAILED = "PodFailed"
+    POD_REJECTED = "PodRejected"
     NAME_CONFLICT = "NameConflict"
     INVALID_SPEC = "InvalidSpec"
     RECONCILE_ERROR = "ReconcileError"

@@ -2,11 +2,13 @@
 derive status from what is observed. Safe to kill at any line: every step is an idempotent apply."""
 
 import asyncio
+import json
 from collections import defaultdict
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from agentbox.crds import agentsession
@@ -34,6 +36,17 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 
 class NameConflictError(kopf.TemporaryError):
     """A child's name is held by an object we do not own; retried slowly in case it goes away."""
+
+
+class PodRejectedError(kopf.TemporaryError):
+    """The apiserver refused the pod (quota, admission); retried slowly in case room appears."""
+
+
+def _api_message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body).get("message") or str(error.reason)
+    except (TypeError, ValueError):
+        return str(error.reason)
 
 
 def _now() -> datetime:
@@ -105,7 +118,12 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
                               uid=existing["metadata"]["uid"])
             kopf.info(body, reason="PodReplaced", message="configuration changed: replacing the sandbox pod")
         return None  # its DELETED event brings us back to create the new one
-    created = await kube.create(desired)
+    try:
+        created = await kube.create(desired)
+    except ApiException as error:
+        if error.status in (403, 422):
+            raise PodRejectedError(_api_message(error)) from error
+        raise
     if created is not None:
         kopf.info(body, reason="PodCreated", message=f"created sandbox pod {desired['metadata']['name']}")
     return created
@@ -164,7 +182,13 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
                                 config_digest=config_hash(configmap, secret),
                                 runner_resources=settings.runner_resources,
                                 gateway_resources=settings.gateway_resources)
-            pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
+            try:
+                pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
+            except PodRejectedError as rejection:
+                observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
+                                     rejected=str(rejection))
+                await _write_status(kube, body, derive(observed, _now()))
+                raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
         elif pod is not None:
             await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
             pod = None

@@ -11,6 +11,8 @@ from agentbox.operator import naming
 
 pytestmark = pytest.mark.cluster
 SESSIONS = 50
+# Small enough that 50 sessions fit the tenant's default quota (gateway included).
+SMALL = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}}
 KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 
@@ -20,7 +22,7 @@ async def test_sigkill_during_creates_converges(operator, ops, tenant):
 
     async def create_all():
         for name in names:
-            await ops.create(session_manifest(name, tenant))
+            await ops.create(session_manifest(name, tenant, resources=SMALL))
             await asyncio.sleep(rng.uniform(0, 0.05))
 
     creating = asyncio.create_task(create_all())
@@ -42,7 +44,7 @@ async def test_sigkill_during_creates_converges(operator, ops, tenant):
     await eventually(all_running, timeout=120, interval=1)
 
     for kind in KINDS:
-        items = await ops.list(kind, tenant, f"{naming.MANAGED_BY}={naming.MANAGER}")
+        items = await ops.list(kind, tenant, f"{naming.MANAGED_BY}={naming.MANAGER},{naming.SESSION_LABEL}")
         owners = sorted(
             item["metadata"]["labels"][naming.SESSION_LABEL]
             for item in items

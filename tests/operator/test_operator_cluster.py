@@ -347,3 +347,12 @@ async def test_transition_rules(ops, namespace, change, field):
         await ops.merge_patch(agentsession.KIND, namespace, "steady", {"spec": change})
     assert error.value.status == 422 and field in error.value.body
     await ops.merge_patch(agentsession.KIND, namespace, "steady", {"spec": {"workspace": {"size": "2Gi"}}})
+
+
+async def test_a_pod_the_tenant_limits_refuse_is_reported(operator, ops, tenant):
+    huge = {"requests": {"cpu": "1"}, "limits": {"cpu": "64"}}  # the tenant LimitRange allows 8 per container
+    await ops.create(session_manifest("greedy", tenant, resources=huge))
+    body = await session_in_phase(ops, tenant, "greedy", "Failed")
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "PodRejected" and "forbidden" in ready["message"]
+    assert (await children(ops, tenant, "greedy"))["Pod"] is None
