@@ -76,7 +76,7 @@ wait_api_ready() { # SECONDS
 }
 
 create_kwok_cluster() {
-  local config="$KWOK_WORKDIR/$name.kwokctl.yaml"
+  local config="$KWOK_WORKDIR/$name.kwokctl.yaml" create_log="$KWOK_WORKDIR/$name.create.log"
   mkdir -p "$KWOK_WORKDIR"
   # bindAddress has no flag or variable in kwokctl: it comes from a configuration document.
   cat >"$config" <<'YAML'
@@ -97,9 +97,10 @@ YAML
       --kube-controller-manager-binary "$kube_bin/kube-controller-manager" \
       --kube-scheduler-binary "$kube_bin/kube-scheduler" \
       --kwok-controller-binary "$bin_root/kwok-$KWOK_VERSION/kwok" \
-      --wait 120s >&2; then
+      --wait 120s >"$create_log" 2>&1; then
+    tail -n 15 "$create_log" >&2
     delete_kwok_cluster
-    die "kwokctl could not create cluster '$name' (see the messages above); re-run \`hack/cluster.sh up\`"
+    die "kwokctl could not create cluster '$name' (its output is in $create_log); re-run \`hack/cluster.sh up\`"
   fi
   echo "$wanted_versions" >"$versions_stamp"
 }
@@ -119,6 +120,21 @@ provisioner_running() {
   pid=$(cat "$provisioner_pid" 2>/dev/null) || return 1
   # The pid must still be our provisioner, not a process that reused the number.
   [ -r "/proc/$pid/cmdline" ] && tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q "storage_provisioner.py"
+}
+
+# Prints "PORT pid PID" for the first port the stopped cluster needs that another process listens on.
+foreign_port_holder() {
+  local ours port listener pid
+  ours=" $(cat "$cluster_dir"/pids/*.pid 2>/dev/null | tr '\n' ' ') "
+  for port in $(sed -n 's/^ *port: \([0-9][0-9]*\)$/\1/p' "$cluster_dir/kwok.yaml" | sort -u); do
+    listener=$(ss -Hltnp "sport = :$port" 2>/dev/null) || continue
+    [ -n "$listener" ] || continue
+    pid=$(grep -o 'pid=[0-9]*' <<<"$listener" | head -n 1 | cut -d= -f2)
+    [[ $ours == *" $pid "* ]] && continue
+    echo "$port pid ${pid:-unknown}"
+    return 0
+  done
+  return 1
 }
 
 delete_kwok_cluster() {
@@ -196,13 +212,20 @@ kwok_up() {
     if api_ready; then
       say "reusing running cluster '$name'"
     else
-      say "starting stopped cluster '$name'"
       # Its stale provisioner may hold a client for an apiserver that is gone.
       stop_provisioner
-      if ! kwokctl_ start cluster --wait 60s >/dev/null 2>&1 || ! wait_api_ready 30; then
-        say "cluster '$name' did not come back (a port taken or state damaged); recreating it"
+      local holder
+      if holder=$(foreign_port_holder); then
+        say "port ${holder%% *} of cluster '$name' is taken by ${holder#* }; recreating the cluster on free ports"
         delete_kwok_cluster
         create_kwok_cluster
+      else
+        say "starting stopped cluster '$name'"
+        if ! kwokctl_ start cluster --timeout 30s --wait 30s >/dev/null 2>&1 || ! wait_api_ready 30; then
+          say "cluster '$name' did not come back (state damaged?); recreating it"
+          delete_kwok_cluster
+          create_kwok_cluster
+        fi
       fi
     fi
   else
