@@ -29,9 +29,11 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m agentbox.operator` as a child process that tests may kill and restart."""
 
-    def __init__(self, kubeconfig: str, log_path: str):
+    def __init__(self, kubeconfig: str, log_path: str, scope: str = SCOPE, env: dict[str, str] | None = None):
         self.kubeconfig = kubeconfig
         self.log_path = log_path
+        self.scope = scope
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
         self.liveness_port = free_port()
 
@@ -42,6 +44,7 @@ class OperatorProcess:
             "AGENTBOX_EXPIRY_CHECK_SECONDS": "1",
             "AGENTBOX_CONFLICT_RETRY_SECONDS": "2",
             "AGENTBOX_METRICS_PORT": "0",
+            **self.env,
         }
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
@@ -51,7 +54,7 @@ class OperatorProcess:
                 "agentbox.operator",
                 "--standalone",
                 "-n",
-                SCOPE,
+                self.scope,
                 "--liveness",
                 f"http://127.0.0.1:{self.liveness_port}/healthz",
             ],
