@@ -14,11 +14,16 @@ bin_root="$cache/bin"
 mkdir -p "$bin_root"
 
 die() { echo "build-binaries: $*" >&2; exit 1; }
-command -v go >/dev/null 2>&1 || die "no Go toolchain on PATH: install Go >= 1.25 (https://go.dev/doc/install or apt-get install golang) and re-run"
+# Go is needed only when something is missing, so a machine with a warm cache builds nothing and needs none.
+need_go() {
+  command -v go >/dev/null 2>&1 \
+    || die "no Go toolchain on PATH: install Go >= 1.25 (https://go.dev/doc/install or apt-get install golang) and re-run"
+}
 
 export CGO_ENABLED=0 GOFLAGS="${GOFLAGS:--buildvcs=false}"
-# Two cores and a big link step: one package at a time keeps peak memory predictable.
+# Parallel package builds; lower it (AGENTBOX_BUILD_JOBS=1) if the link steps run out of memory.
 jobs=${AGENTBOX_BUILD_JOBS:-2}
+started=$SECONDS
 
 # install_into DIR NAME SRC_BINARY: atomically place a built binary.
 install_into() {
@@ -32,7 +37,8 @@ build_kubernetes() (
   local missing=()
   for b in "${want[@]}"; do [ -x "$dir/$b" ] || missing+=("$b"); done
   [ ${#missing[@]} -eq 0 ] && return 0
-  echo "==> building Kubernetes $K8S_VERSION (${missing[*]}): 20-45 minutes on 2 cores, once"
+  echo "==> building Kubernetes $K8S_VERSION (${missing[*]}): 5-45 minutes on 2 cores, once"
+  need_go
   local staging="v0.${K8S_VERSION#v1.}"
   local work; work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
   cd "$work"
@@ -83,6 +89,7 @@ build_etcd() (
   local dir="$bin_root/etcd-$ETCD_VERSION"
   [ -x "$dir/etcd" ] && return 0
   echo "==> building etcd $ETCD_VERSION"
+  need_go
   local work; work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
   cd "$work"
   go mod init agentbox.dev/hack/etcd >/dev/null 2>&1
@@ -98,6 +105,7 @@ build_plain() ( # NAME VERSION PACKAGE [LDFLAGS]
   local dir="$bin_root/$name-$version"
   [ -x "$dir/$name" ] && return 0
   echo "==> building $name $version"
+  need_go
   local work; work=$(mktemp -d); trap 'rm -rf "$work"' EXIT
   GOBIN="$work" go install -trimpath -ldflags "-s -w $ld" "$pkg@$version" \
     || die "go install $pkg@$version failed (module proxy unreachable?); re-run when it answers"
@@ -109,4 +117,4 @@ build_plain kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 build_plain kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl
 build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_kubernetes
-echo "==> binaries ready in $bin_root"
+echo "==> binaries ready in $bin_root ($((SECONDS - started)) s)"
