@@ -260,3 +260,29 @@ async def test_rbac_denies_a_service_account_until_it_is_bound_to_a_role(kube: K
     # The binding is namespaced: elsewhere the account is still refused.
     with pytest.raises(KubectlError, match="forbidden"):
         await kube.kubectl("get", "pods", "-n", "default", f"--as={account}")
+
+
+@pytest.mark.cluster
+async def test_deleting_a_namespace_removes_it_and_its_running_pods(kube: Kube, namespace: str):
+    async with kube.api_client() as api:
+        core = client.CoreV1Api(api)
+        await core.create_namespaced_pod(namespace, {
+            "metadata": {"name": "idle"},
+            "spec": {"containers": [{"name": "main", "image": "example.invalid/none:1"}],
+                     "terminationGracePeriodSeconds": 0},
+        })
+
+        async def running():
+            return (await core.read_namespaced_pod("idle", namespace)).status.phase == "Running"
+
+        await eventually(running, what="the pod to be Running")
+        await core.delete_namespace(namespace)
+
+        async def namespace_gone():
+            try:
+                await core.read_namespace(namespace)
+            except ApiException as error:
+                return error.status == 404
+            return False
+
+        await eventually(namespace_gone, what="the namespace controller to finish deleting the namespace")
