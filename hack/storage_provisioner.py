@@ -95,6 +95,12 @@ def volume_to_delete(volume: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------ I/O
 
 
+def make_shared_dir(path: Path) -> None:
+    # Writable by any uid, as a fresh volume is: the sandbox runs as 65532, not as us (chmod beats umask).
+    path.mkdir(exist_ok=True)
+    path.chmod(0o777)
+
+
 class Provisioner:
     def __init__(self, core: client.CoreV1Api, storage_class: str, volumes_dir: Path) -> None:
         self.core = core
@@ -106,7 +112,7 @@ class Provisioner:
             return
         volume = volume_for_claim(claim, self.storage_class, self.volumes_dir)
         name = volume["metadata"]["name"]
-        await asyncio.to_thread(Path(volume["spec"]["hostPath"]["path"]).mkdir, mode=0o777, exist_ok=True)
+        await asyncio.to_thread(make_shared_dir, Path(volume["spec"]["hostPath"]["path"]))
         try:
             await self.core.create_persistent_volume(body=volume)
         except ApiException as error:
