@@ -6,7 +6,7 @@ cluster `agentbox-test` (hack/cluster.sh up) for sessions. Each phase sends requ
 (open loop: a slow answer does not delay the next request), alternating the measured route with /livez,
 so both see the same load. Then chained audit inserts per second through bench/bench_audit.py.
 
-    python -m bench.bench_api [--rate 100] [--seconds 10]      # one JSON document on stdout
+    python -m bench.bench_api [--rate 50] [--seconds 10]      # one JSON document on stdout
 """
 
 from __future__ import annotations
@@ -250,7 +250,7 @@ async def _delete_namespace(kubeconfig: str, namespace: str) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rate", type=float, default=100, help="requests per second in all (half /livez)")
+    parser.add_argument("--rate", type=float, default=50, help="requests per second in all (half /livez)")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
     directory = Path(tempfile.mkdtemp(prefix="agentbox-bench-pg-"))

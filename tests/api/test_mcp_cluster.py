@@ -276,8 +276,9 @@ async def test_a_failed_kubernetes_write_takes_the_database_change_back(setup):
     assert await superuser.fetchval("SELECT count(*) FROM mcp_configurations WHERE name = 'handmade'") == 0
 
 
-async def test_connection_test_lists_tools_with_and_without_a_token(setup):
+async def test_connection_test_lists_tools_with_and_without_a_token(setup, caplog):
     api, _, superuser = setup
+    caplog.set_level(logging.DEBUG)
     async with serve_mcp(upstream()) as open_url, serve_mcp(upstream(StaticTokenVerifier(
             tokens={UPSTREAM_TOKEN: {"client_id": "agentbox", "scopes": []}}))) as guarded_url, \
             serve_mcp(upstream(), transport="sse") as sse_url:
@@ -312,6 +313,7 @@ async def test_connection_test_lists_tools_with_and_without_a_token(setup):
     assert [row["outcome"] for row in rows] == [
         "success", "success", "failed", "success", "success", "denied"]
     assert not any(UPSTREAM_TOKEN in row["details"] for row in rows)
+    assert UPSTREAM_TOKEN not in caplog.text
 
 
 async def test_connection_test_failures_are_problems_not_500s(setup):
