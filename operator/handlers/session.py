@@ -58,7 +58,7 @@ def _created(body: dict[str, Any]) -> datetime:
 
 
 def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
-    """One Kubernetes Event per lifecycle step: each change of phase or Ready/MCPReady reason."""
+    """One Kubernetes Event per lifecycle step: each change of the Ready or MCPReady reason."""
     def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
         return {c["type"]: (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
 
@@ -69,9 +69,7 @@ def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any
             condition = conditions[kind]
             post = kopf.info if condition["status"] == "True" or condition["reason"] in (
                 Reason.POD_STARTING, Reason.SUSPENDED_BY_USER) else kopf.warn
-            post(body, reason=condition["reason"], message=condition["message"])
-    if before.get("phase") != after["phase"]:
-        kopf.info(body, reason=f"Phase{after['phase']}", message=f"session is {after['phase']}")
+            post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
 
 
 async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
@@ -137,69 +135,74 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
         fresh = await kube.get(agentsession.KIND, namespace, name)
         if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
             return body.get("status") or {}
-        body = fresh
-        meta = body["metadata"]
-        try:
-            spec = AgentSessionSpec.model_validate(body.get("spec") or {})
-        except ValidationError as error:
-            # Admission rejects this normally; an older CRD version might not have.
-            kopf.warn(body, reason=Reason.INVALID_SPEC, message=str(error))
-            raise kopf.PermanentError(f"invalid spec: {error}") from error
-        session = Session(name, namespace, meta["uid"], spec)
-        child = session.child_name
-        rendered, existing = await asyncio.gather(
-            _references(kube, namespace, spec),
-            asyncio.gather(*(kube.get(kind, namespace, child) for kind in CHILD_KINDS)))
-        found = dict(zip(CHILD_KINDS, existing, strict=True))
-        ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in CHILD_KINDS}
-        conflicts = [Conflict(kind, child, "held by another owner") for kind in CHILD_KINDS
-                     if ownership[kind] is Ownership.FOREIGN]
-        if conflicts:
-            message = "; ".join(conflict.message for conflict in conflicts)
-            status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
-                            _now())
-            await _write_status(kube, body, status)
-            raise NameConflictError(message, delay=settings.conflict_retry_seconds)
+        return await _reconcile(kube, settings, fresh)
 
-        old_secret = found["Secret"] if ownership["Secret"] is not Ownership.ABSENT else None
-        token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_runner_token()
-        configmap = build_configmap(session, rendered.config)
-        secret = build_secret(session, token, rendered.credentials)
-        applied = await asyncio.gather(
-            kube.apply(configmap), kube.apply(secret), kube.apply(build_pvc(session)),
-            kube.apply(build_service(session)),
-            kube.apply(build_session_policy(session, settings.api_namespace, settings.api_pod_labels)))
-        pvc = applied[2]
-        if ownership["ConfigMap"] is Ownership.ABSENT:
-            kopf.info(body, reason="ChildrenCreated",
-                      message=f"created workspace, config and service {child}")
 
-        observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
-        wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
-        pod = found["Pod"]
-        if wants_pod:
-            desired = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
-                                config_digest=config_hash(configmap, secret),
-                                runner_resources=settings.runner_resources,
-                                gateway_resources=settings.gateway_resources)
-            try:
-                pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
-            except PodRejectedError as rejection:
-                observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
-                                     rejected=str(rejection))
-                await _write_status(kube, body, derive(observed, _now()))
-                raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
-        elif pod is not None:
-            await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
-            pod = None
-        observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
-        status = derive(observed, _now())
+async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    try:
+        spec = AgentSessionSpec.model_validate(body.get("spec") or {})
+    except ValidationError as error:
+        # Admission rejects this normally; an older CRD version might not have.
+        kopf.warn(body, reason=Reason.INVALID_SPEC, message=str(error))
+        raise kopf.PermanentError(f"invalid spec: {error}") from error
+    session = Session(name, namespace, meta["uid"], spec)
+    child = session.child_name
+    # Every child is read first: nothing is written until no name is held by someone else.
+    rendered, existing = await asyncio.gather(
+        _references(kube, namespace, spec),
+        asyncio.gather(*(kube.get(kind, namespace, child) for kind in CHILD_KINDS)))
+    found = dict(zip(CHILD_KINDS, existing, strict=True))
+    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in CHILD_KINDS}
+    conflicts = [Conflict(kind, child, "held by another owner") for kind in CHILD_KINDS
+                 if ownership[kind] is Ownership.FOREIGN]
+    if conflicts:
+        message = "; ".join(conflict.message for conflict in conflicts)
+        status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
+                        _now())
         await _write_status(kube, body, status)
-        return status
+        raise NameConflictError(message, delay=settings.conflict_retry_seconds)
+
+    old_secret = found["Secret"] if ownership["Secret"] is not Ownership.ABSENT else None
+    token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_runner_token()
+    configmap = build_configmap(session, rendered.config)
+    secret = build_secret(session, token, rendered.credentials)
+    manifests = [configmap, secret, build_pvc(session), build_service(session),
+                 build_session_policy(session, settings.api_namespace, settings.api_pod_labels)]
+    applied = await asyncio.gather(*(kube.apply(manifest) for manifest in manifests))
+    pvc = applied[2]
+    if ownership["ConfigMap"] is Ownership.ABSENT:
+        kopf.info(body, reason="ChildrenCreated", message=f"created workspace, config and service {child}")
+
+    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
+    wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
+    pod = found["Pod"]
+    if wants_pod:
+        desired = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
+                            config_digest=config_hash(configmap, secret),
+                            runner_resources=settings.runner_resources,
+                            gateway_resources=settings.gateway_resources)
+        try:
+            pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
+        except PodRejectedError as rejection:
+            observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
+                                 rejected=str(rejection))
+            await _write_status(kube, body, derive(observed, _now()))
+            raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
+    elif pod is not None:
+        await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
+        pod = None
+    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
+    status = derive(observed, _now())
+    await _write_status(kube, body, status)
+    return status
 
 
 async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) -> None:
-    """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict."""
+    """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict.
+
+    `body` needs only the session's namespace, name and uid: it is re-read under the lock."""
     meta = body["metadata"]
     async with _locks[(meta["namespace"], meta["name"])], metrics.reconciling("agentsession-status"):
         fresh = await kube.get(agentsession.KIND, meta["namespace"], meta["name"])
@@ -207,7 +210,11 @@ async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) 
             return
         body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
-        pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
+        scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True"
+                        for c in ((pod or {}).get("status") or {}).get("conditions") or [])
+        # A scheduled pod's claim is bound (the scheduler waits for it): no need to read it.
+        pvc = {"status": {"phase": "Bound"}} if scheduled else await kube.get(
+            "PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
         await _write_status(kube, body, derive(_observed(body, spec, pvc=pvc, pod=pod), _now()))
 
 
@@ -265,10 +272,12 @@ async def session_event(event: kopf.RawEvent, **_: Any) -> None:
         _locks.pop(key, None)
 
 
-def _owner_session(pod: dict[str, Any]) -> str | None:
+def _owner_session(pod: dict[str, Any]) -> dict[str, Any] | None:
+    """Enough of the owning session for reconcile/refresh, which re-read it under the lock anyway."""
     for ref in pod["metadata"].get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == agentsession.KIND:
-            return ref.get("name")
+            return {"metadata": {"namespace": pod["metadata"]["namespace"], "name": ref["name"],
+                                 "uid": ref["uid"]}}
     return None
 
 
@@ -280,12 +289,8 @@ async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
     """Pod changes are watched, not polled: status follows them, a lost pod is recreated."""
     kube, settings = _memo(memo)
     pod = event["object"]
-    name = _owner_session(pod)
-    if name is None:
-        return
-    body = await kube.get(agentsession.KIND, pod["metadata"]["namespace"], name)
-    if body is None or body["metadata"]["uid"] != next(
-            ref["uid"] for ref in pod["metadata"]["ownerReferences"] if ref.get("name") == name):
+    body = _owner_session(pod)
+    if body is None:
         return
     if event["type"] == "DELETED":
         await reconcile(kube, settings, body)

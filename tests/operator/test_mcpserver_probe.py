@@ -1,5 +1,6 @@
 """MCPServer status from a real probe: a FastMCP server on 127.0.0.1 answering, then gone."""
 
+import asyncio
 import subprocess
 import sys
 
@@ -27,6 +28,15 @@ def shout(text: str) -> str:
 
 mcp.run(transport="http", host="127.0.0.1", port=int(sys.argv[1]), show_banner=False, log_level="warning")
 """
+
+
+async def _listening(port):
+    try:
+        _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    return True
 
 
 async def _status(ops, namespace, name, phase):
