@@ -103,8 +103,9 @@ async def test_sql_round_trip_through_every_table(app_db):
         verifier = CipherContext("smoke", "oauth_states", state_hash.hex(), "code_verifier_enc")
         await conn.execute(
             "INSERT INTO oauth_states (state_hash, org_id, user_id, configuration_id, issuer, resource, "
-            "redirect_uri, code_verifier_enc) VALUES ($1, 'smoke', 'u1', $2, 'https://as.example', "
-            "'https://mcp.example/mcp', 'https://app.example/cb', $3)",
+            "redirect_uri, code_verifier_enc, client_id, token_auth_method, token_endpoint) "
+            "VALUES ($1, 'smoke', 'u1', $2, 'https://as.example', 'https://mcp.example/mcp', "
+            "'https://app.example/cb', $3, 'c1', 'none', 'https://as.example/token')",
             state_hash, config_id, keys.encrypt("verifier", verifier))
         await conn.execute("INSERT INTO system_prompts (scope, org_id, user_id, name, content, is_template) "
                            "VALUES ('user', 'smoke', 'u1', 'mine', 'Hi {{ name }}', true)")
@@ -131,8 +132,9 @@ async def test_an_expired_state_cannot_be_consumed_and_states_live_ten_minutes_a
             "INSERT INTO mcp_configurations (org_id, name, transport, url) "
             "VALUES ('states', 'x', 'sse', 'https://x.example') RETURNING id")
         insert = ("INSERT INTO oauth_states (state_hash, org_id, user_id, configuration_id, issuer, "
-                  "resource, redirect_uri, code_verifier_enc, created_at, expires_at) "
-                  "VALUES ($1, 'states', 'u', $2, 'i', 'r', 'u', 'v1:k:x', "
+                  "resource, redirect_uri, code_verifier_enc, client_id, token_auth_method, "
+                  "token_endpoint, created_at, expires_at) "
+                  "VALUES ($1, 'states', 'u', $2, 'i', 'r', 'u', 'v1:k:x', 'c', 'none', 't', "
                   "now() - $3::interval, now() - $3::interval + $4::interval)")
         await conn.execute(insert, b"e" * 32, config_id, timedelta(minutes=11), timedelta(minutes=10))
         assert (await conn.fetchrow("SELECT * FROM oauth_consume_state($1)", b"e" * 32))["state_hash"] is None
