@@ -30,7 +30,7 @@ class Observed:
     pvc: dict[str, Any] | None = None
     mcp_problems: tuple[Problem, ...] | None = None  # None: not looked at this time, keep the last
     conflict: str | None = None
-    rejected: str | None = None  # the apiserver refused the pod (quota, admission)
+    blocked: tuple[Reason, str] | None = None  # the apiserver refused a write (quota, admission, error)
     deleting: bool = False
 
 
@@ -175,9 +175,8 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     elif suspended:
         phase, ready = SessionPhase.SUSPENDED, _condition(Kind.READY, False, Reason.SUSPENDED_BY_USER,
                                                           "suspended: pod deleted, workspace kept")
-    elif observed.rejected:
-        phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, Reason.POD_REJECTED,
-                                                       observed.rejected)
+    elif observed.blocked:
+        phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *observed.blocked)
     elif failure:
         phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *failure)
     elif pod_ready:

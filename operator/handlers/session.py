@@ -2,6 +2,7 @@
 derive status from what is observed. Safe to kill at any line: every step is an idempotent apply."""
 
 import asyncio
+import contextlib
 import json
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -41,6 +42,8 @@ class NameConflictError(kopf.TemporaryError):
 class PodRejectedError(kopf.TemporaryError):
     """The apiserver refused the pod (quota, admission); retried slowly in case room appears."""
 
+
+API_RETRY_SECONDS = 5.0
 
 def _api_message(error: ApiException) -> str:
     try:
@@ -135,7 +138,16 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
         fresh = await kube.get(agentsession.KIND, namespace, name)
         if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
             return body.get("status") or {}
-        return await _reconcile(kube, settings, fresh)
+        try:
+            return await _reconcile(kube, settings, fresh)
+        except ApiException as error:
+            # Never a silent retry loop: the failure is on the session for `kubectl get` to show.
+            message = f"{error.status}: {_api_message(error)}"
+            spec = AgentSessionSpec.model_validate(fresh.get("spec") or {})
+            status = derive(_observed(fresh, spec, blocked=(Reason.RECONCILE_ERROR, message)), _now())
+            with contextlib.suppress(ApiException):
+                await _write_status(kube, fresh, status)
+            raise kopf.TemporaryError(message, delay=API_RETRY_SECONDS) from error
 
 
 async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
@@ -187,7 +199,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
             pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
-                                 rejected=str(rejection))
+                                 blocked=(Reason.POD_REJECTED, str(rejection)))
             await _write_status(kube, body, derive(observed, _now()))
             raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
     elif pod is not None:

@@ -148,7 +148,11 @@ def test_pvc_and_service():
     assert pvc["spec"]["storageClassName"] == "fast"
     assert "storageClassName" not in build_pvc(make_session())["spec"]
     service = build_service(make_session())
-    assert service["spec"]["type"] == "ClusterIP" and service["spec"]["ports"][0]["port"] == 3284
+    assert (
+        service["spec"]["type"] == "ClusterIP"
+        and service["spec"]["clusterIP"] == "None"
+        and service["spec"]["ports"][0]["port"] == 3284
+    )
     assert service["spec"]["selector"] == {
         "app.kubernetes.io/managed-by": "agentbox",
         "agentbox.dev/session": "demo",
