@@ -89,7 +89,7 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
                 failures = 0 if tools is not None else getattr(memo, "failures", 0) + 1
                 memo.failures = failures
                 delay = (settings.mcp_probe_seconds if tools is not None
-                         else min(PROBE_TICK_SECONDS * 2 ** failures, settings.mcp_backoff_max_seconds))
+                         else min(PROBE_TICK_SECONDS * 2 ** (failures - 1), settings.mcp_backoff_max_seconds))
                 memo.next_probe = time.monotonic() + delay
                 status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
                                   generation, previous, tools, probed=True) if tools is not None else

@@ -54,7 +54,7 @@ async def test_http_server_is_probed_for_tools_and_unreachable_is_reported(opera
                 "live", tenant, transport="streamable-http", url=f"http://127.0.0.1:{port}/mcp", timeout="5s"
             )
         )
-        status = await eventually(lambda: _status(ops, tenant, "live", "Ready"), timeout=40)
+        status = await eventually(lambda: _status(ops, tenant, "live", "Ready"), timeout=90)
         assert sorted(tool["name"] for tool in status["tools"]) == ["echo", "shout"]
         assert status["toolCount"] == 2 and status["lastProbeTime"]
         assert status["conditions"][0]["reason"] == "ProbeSucceeded"
