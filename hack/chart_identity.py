@@ -40,8 +40,8 @@ class Tools:
 
     async def run(self, *argv: str | Path, input: str | None = None) -> str:
         process = await asyncio.create_subprocess_exec(
-            *map(str, argv), stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            *map(str, argv), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            stdin=asyncio.subprocess.PIPE if input is not None else asyncio.subprocess.DEVNULL)
         stdout, stderr = await process.communicate(input.encode() if input is not None else None)
         if process.returncode != 0:
             raise ToolError(f"{Path(str(argv[0])).name} {' '.join(map(str, argv[1:4]))}...: "
@@ -92,18 +92,22 @@ async def write_identities(tools: Tools, release: str, namespace: str, out: Path
     await tools.kubectl_("apply", "--server-side", "--force-conflicts", "--field-manager=agentbox-dev",
                          "--namespace", namespace, "-f", "-", input=rbac)
     admin = json.loads(await tools.kubectl_("config", "view", "--raw", "--minify", "--flatten", "-o", "json"))
-    out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for role, account in service_account_names(release).items():
         token = (await tools.kubectl_("create", "token", account, "--namespace", namespace,
                                       "--duration", duration)).strip()
-        path = out / f"{role}.kubeconfig"
-        # Written private first: the file holds a bearer token.
-        path.touch(mode=0o600, exist_ok=True)
-        os.chmod(path, 0o600)
-        path.write_text(yaml.safe_dump(token_kubeconfig(admin, token, f"{namespace}:{account}")))
-        paths[role] = path
+        paths[role] = out / f"{role}.kubeconfig"
+        await asyncio.to_thread(write_private, paths[role],
+                                yaml.safe_dump(token_kubeconfig(admin, token, f"{namespace}:{account}")))
     return paths
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds a bearer token)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600, exist_ok=True)
+    os.chmod(path, 0o600)
+    path.write_text(text)
 
 
 def main(argv: list[str] | None = None) -> int:

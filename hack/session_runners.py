@@ -1,0 +1,273 @@
+"""Local stand-ins for session pods on a cluster whose nodes run no containers (kwok).
+
+    python hack/session_runners.py --kubeconfig ADMIN --state-dir DIR [--port 0] [--namespace-prefix tenant-]
+
+For every Running session pod the operator made (label app.kubernetes.io/managed-by=agentbox) it starts
+what the pod would run, `python -m agentbox.sandbox.runner` and `python -m agentbox.sandbox.gateway`, fed
+from the session's own ConfigMap and Secret (runner token, system prompt, gateway.json, MCP credentials)
+and the runner container's environment, each on a free loopback port. When the pod goes (suspend,
+delete), its processes stop. One HTTP listener routes /<namespace>/<session>/<path> to the session's
+runner, so the API reaches it with AGENTBOX_RUNNER_URL_OVERRIDE=http://127.0.0.1:PORT/{namespace}/{name}.
+
+The listener's port is written to --ready-file once it serves. Logs go to DIR/<namespace>/<pod>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import uvicorn
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+log = logging.getLogger("session-runners")
+
+POD_SELECTOR = "app.kubernetes.io/managed-by=agentbox,agentbox.dev/session"
+SESSION_LABEL = "agentbox.dev/session"
+IN_POD_SECRETS = "/var/run/agentbox/secrets/"  # where the pod mounts the session's Secret
+POLL_SECONDS = 0.5
+# Only what the runner needs from the caller; hop-by-hop headers stay behind.
+FORWARDED_HEADERS = ("authorization", "content-type", "accept", "last-event-id")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class StandIn:
+    """The processes standing in for one pod."""
+
+    namespace: str
+    session: str
+    pod_uid: str
+    runner_port: int
+    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+
+    @property
+    def runner_url(self) -> str:
+        return f"http://127.0.0.1:{self.runner_port}"
+
+    def alive(self) -> bool:
+        return all(process.returncode is None for process in self.processes)
+
+    async def stop(self) -> None:
+        for process in self.processes:
+            if process.returncode is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def runner_env(pod: client.V1Pod) -> dict[str, str]:
+    """The plain-valued environment of the pod's runner container (the first one running the runner)."""
+    for container in pod.spec.containers:
+        if "agentbox.sandbox.runner" in " ".join((container.command or []) + (container.args or [])):
+            return {var.name: var.value for var in container.env or [] if var.value is not None}
+    return {}
+
+
+def gateway_config_for(rendered: str, secrets_dir: Path) -> str:
+    """The pod's gateway.json with mounted-secret paths pointing at the local copies."""
+    return rendered.replace(IN_POD_SECRETS, f"{secrets_dir}/")
+
+
+@dataclass(frozen=True)
+class PodFiles:
+    secrets: Path
+    config: Path
+    workspace: Path
+    gateway_config: Path
+
+
+def lay_out_pod_files(workdir: Path, secret_files: dict[str, bytes],
+                      config_files: dict[str, str]) -> PodFiles:
+    """What the pod would mount, as local folders; the workspace survives restarts, like the PVC."""
+    layout = PodFiles(workdir / "secrets", workdir / "config", workdir / "workspace",
+                      workdir / "config" / "gateway.local.json")
+    for folder, files in ((layout.secrets, secret_files), (layout.config, config_files)):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, mode=0o700)
+        for key, value in files.items():
+            (folder / key).write_bytes(value if isinstance(value, bytes) else value.encode())
+    layout.workspace.mkdir(parents=True, exist_ok=True)
+    rendered = config_files.get("gateway.json", json.dumps({"upstreams": []}))
+    layout.gateway_config.write_text(gateway_config_for(rendered, layout.secrets))
+    return layout
+
+
+class Supervisor:
+    def __init__(self, api: client.ApiClient, state_dir: Path, namespace_prefix: str) -> None:
+        self.core = client.CoreV1Api(api)
+        self.state_dir = state_dir
+        self.namespace_prefix = namespace_prefix
+        self.stand_ins: dict[tuple[str, str], StandIn] = {}
+
+    def find(self, namespace: str, session: str) -> StandIn | None:
+        return self.stand_ins.get((namespace, session))
+
+    async def reconcile(self) -> None:
+        pods = await self.core.list_pod_for_all_namespaces(label_selector=POD_SELECTOR)
+        wanted = {}
+        for pod in pods.items:
+            if (pod.metadata.namespace.startswith(self.namespace_prefix) and pod.status.phase == "Running"
+                    and not pod.metadata.deletion_timestamp):
+                wanted[(pod.metadata.namespace, pod.metadata.labels[SESSION_LABEL])] = pod
+        for key, stand_in in list(self.stand_ins.items()):
+            pod = wanted.get(key)
+            if pod is None or pod.metadata.uid != stand_in.pod_uid or not stand_in.alive():
+                log.info("stopping the stand-in of %s/%s", *key)
+                del self.stand_ins[key]
+                await stand_in.stop()
+        for key, pod in wanted.items():
+            if key not in self.stand_ins:
+                try:
+                    self.stand_ins[key] = await self.start(pod)
+                except (ApiException, OSError, ValueError) as error:
+                    log.warning("cannot stand in for %s/%s yet: %s", *key, error)
+
+    async def _volume_files(self, pod: client.V1Pod) -> tuple[dict[str, bytes], dict[str, str]]:
+        """The contents of the pod's Secret and ConfigMap volumes, key by key."""
+        secret_files: dict[str, bytes] = {}
+        config_files: dict[str, str] = {}
+        namespace = pod.metadata.namespace
+        for volume in pod.spec.volumes or []:
+            if volume.secret:
+                secret = await self.core.read_namespaced_secret(volume.secret.secret_name, namespace)
+                for key, value in (secret.data or {}).items():
+                    secret_files[key] = base64.b64decode(value)
+            elif volume.config_map:
+                config_map = await self.core.read_namespaced_config_map(volume.config_map.name, namespace)
+                config_files.update(config_map.data or {})
+        if "runner-token" not in secret_files:
+            raise ValueError("the session's Secret has no runner-token")
+        return secret_files, config_files
+
+    async def start(self, pod: client.V1Pod) -> StandIn:
+        namespace, session = pod.metadata.namespace, pod.metadata.labels[SESSION_LABEL]
+        workdir = self.state_dir / namespace / pod.metadata.name
+        secret_files, config_files = await self._volume_files(pod)
+        layout = await asyncio.to_thread(lay_out_pod_files, workdir, secret_files, config_files)
+        runner_port, gateway_port = free_port(), free_port()
+        base_env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTBOX_")}
+        runner = {**base_env, **runner_env(pod),
+                  "AGENTBOX_RUNNER_HOST": "127.0.0.1", "AGENTBOX_RUNNER_PORT": str(runner_port),
+                  "AGENTBOX_RUNNER_TOKEN_FILE": str(layout.secrets / "runner-token"),
+                  "AGENTBOX_SYSTEM_PROMPT_FILE": str(layout.config / "system-prompt.md"),
+                  "AGENTBOX_GATEWAY_URL": f"http://127.0.0.1:{gateway_port}/mcp",
+                  "AGENTBOX_WORKSPACE": str(layout.workspace)}
+        gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
+                   "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
+        stand_in = StandIn(namespace, session, pod.metadata.uid, runner_port)
+        for module, env in (("agentbox.sandbox.gateway", gateway), ("agentbox.sandbox.runner", runner)):
+            output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
+            with output:
+                stand_in.processes.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", module, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
+                    stdout=output, stderr=asyncio.subprocess.STDOUT))
+        log.info("standing in for pod %s/%s (session %s): runner on %s", namespace, pod.metadata.name,
+                 session, stand_in.runner_url)
+        return stand_in
+
+    async def stop_all(self) -> None:
+        for stand_in in self.stand_ins.values():
+            await stand_in.stop()
+        self.stand_ins.clear()
+
+
+def proxy_app(supervisor: Supervisor, http: httpx.AsyncClient) -> Starlette:
+    async def forward(request: Request) -> Response:
+        params = request.path_params
+        stand_in = supervisor.find(params["namespace"], params["session"])
+        if stand_in is None:
+            return JSONResponse({"detail": "no running pod stands in for this session"}, status_code=502)
+        headers = {name: value for name, value in request.headers.items() if name in FORWARDED_HEADERS}
+        upstream = http.build_request(request.method, f"{stand_in.runner_url}/{params['path']}",
+                                      params=request.query_params, headers=headers,
+                                      content=await request.body())
+        try:
+            response = await http.send(upstream, stream=True)
+        except httpx.HTTPError as error:
+            return JSONResponse({"detail": f"the stand-in runner did not answer: {error!r}"}, status_code=502)
+        kept = {name: value for name, value in response.headers.items()
+                if name in ("content-type", "cache-control", "www-authenticate")}
+        return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=kept,
+                                 background=BackgroundTask(response.aclose))
+
+    return Starlette(routes=[Route("/{namespace}/{session}/{path:path}", forward,
+                                   methods=["GET", "POST", "PUT", "DELETE"])])
+
+
+async def run(args: argparse.Namespace) -> None:
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(args.kubeconfig), client_configuration=configuration)
+    async with client.ApiClient(configuration=configuration) as api, \
+            httpx.AsyncClient(timeout=httpx.Timeout(60.0, read=None)) as http:
+        supervisor = Supervisor(api, args.state_dir, args.namespace_prefix)
+        port = args.port or free_port()
+        server = uvicorn.Server(uvicorn.Config(proxy_app(supervisor, http), host="127.0.0.1", port=port,
+                                               log_level="warning", lifespan="off"))
+        serving = asyncio.create_task(server.serve())
+        stop = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.05)
+        if args.ready_file:
+            args.ready_file.write_text(f"{port}\n")
+        log.info("routing http://127.0.0.1:%d/<namespace>/<session>/ to stand-in runners", port)
+        try:
+            while not stop.is_set():
+                try:
+                    await supervisor.reconcile()
+                except (ApiException, OSError) as error:  # apiserver restarts: try again next round
+                    log.warning("listing session pods failed: %s", error)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+        finally:
+            server.should_exit = True
+            await supervisor.stop_all()
+            await serving
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hack/session_runners.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", type=Path, required=True)
+    parser.add_argument("--state-dir", type=Path, required=True)
+    parser.add_argument("--port", type=int, default=0, help="listener port on 127.0.0.1 (0: a free one)")
+    parser.add_argument("--ready-file", type=Path, help="written with the port once the listener serves")
+    parser.add_argument("--namespace-prefix", default="tenant-", help="stand in only for pods in these")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    asyncio.run(run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
