@@ -145,14 +145,7 @@ class Kube:
                                secret_data: dict[str, str], labels: dict[str, str]) -> None:
         """Create or replace the MCPServer and, when it has credentials, its Secret of the same name."""
         labels = {**labels, **MANAGED_BY}
-        if secret_data:
-            secret = client.V1Secret(metadata=client.V1ObjectMeta(name=name, labels=labels),
-                                     type="Opaque", string_data=secret_data)
-            await self._create_or_replace(self.core.create_namespaced_secret,
-                                          self.core.read_namespaced_secret,
-                                          self.core.replace_namespaced_secret, namespace, name, secret)
-        else:
-            await self._ignore_missing(self.core.delete_namespaced_secret, name, namespace)
+        await self.apply_mcp_secret(namespace, name, secret_data, labels)
         body = {"apiVersion": mcpserver.API_VERSION, "kind": mcpserver.KIND,
                 "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec}
         try:
@@ -164,8 +157,21 @@ class Kube:
             current = await self._call(self.custom.get_namespaced_custom_object, mcpserver.GROUP,
                                        mcpserver.VERSION, namespace, mcpserver.PLURAL, name)
             body["metadata"]["resourceVersion"] = current["metadata"]["resourceVersion"]
+            # Annotations are others' notes (the OAuth needs-reauth mark among them): a new spec keeps them.
+            body["metadata"]["annotations"] = current["metadata"].get("annotations") or {}
             await self._call(self.custom.replace_namespaced_custom_object, mcpserver.GROUP, mcpserver.VERSION,
                              namespace, mcpserver.PLURAL, name, body)
+
+    async def apply_mcp_secret(self, namespace: str, name: str, secret_data: dict[str, str],
+                               labels: dict[str, str]) -> None:
+        """Replace the MCPServer's Secret with exactly `secret_data`; no data, no Secret."""
+        if not secret_data:
+            await self._ignore_missing(self.core.delete_namespaced_secret, name, namespace)
+            return
+        secret = client.V1Secret(metadata=client.V1ObjectMeta(name=name, labels={**labels, **MANAGED_BY}),
+                                 type="Opaque", string_data=secret_data)
+        await self._create_or_replace(self.core.create_namespaced_secret, self.core.read_namespaced_secret,
+                                      self.core.replace_namespaced_secret, namespace, name, secret)
 
     async def get_mcp_server(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:

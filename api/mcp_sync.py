@@ -9,8 +9,10 @@ Both carry the label agentbox.dev/mcp-configuration=<row id>: an object of that 
 is somebody else's and is never overwritten or deleted. The builders are pure (row and credentials in,
 spec and Secret data out); `apply` and `remove` do the writing.
 
-For `oauth` configurations the current access token travels as `Credentials.bearer_token`: it lands in
-the Secret under `token`, where auth.secretRef points.
+What the Secret holds has one answer, `secret_credentials`: the row's own credentials, and for `oauth`
+configurations the current access token (from mcp_oauth_tokens) as `Credentials.bearer_token`, under
+`token` where auth.secretRef points. Every writer (the configuration routes, the OAuth callback, refresh
+and revoke) renders the Secret from it, so none of them drops what another put there.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import asyncpg
 from pydantic import ValidationError
 
 from agentbox.api.crypto import CipherContext, KeyRing
@@ -36,6 +39,7 @@ from agentbox.crds.mcpserver import (
 )
 
 TABLE = "mcp_configurations"
+TOKENS_TABLE = "mcp_oauth_tokens"
 BEARER_COLUMN = "bearer_token_enc"
 HEADERS_COLUMN = "secret_headers_enc"
 ENV_COLUMN = "stdio_env_enc"
@@ -172,6 +176,11 @@ def _where(config: Configuration, column: str) -> CipherContext:
     return CipherContext(org_id=config.org_id, table=TABLE, row_id=str(config.id), column=column)
 
 
+def token_cipher(org: str, configuration_id: uuid.UUID, column: str) -> CipherContext:
+    """Where a ciphertext of a configuration's OAuth connection (mcp_oauth_tokens) lives."""
+    return CipherContext(org_id=org, table=TOKENS_TABLE, row_id=str(configuration_id), column=column)
+
+
 def seal(keys: KeyRing | None, config: Configuration, credentials: Credentials) -> dict[str, str | None]:
     """The three credential columns' values (None where there is nothing to store)."""
     plain: dict[str, str | None] = {
@@ -206,6 +215,23 @@ def unseal(keys: KeyRing | None, config: Configuration, row: Mapping[str, Any]) 
                        stdio_env=json.loads(env) if env else {})
 
 
+async def secret_credentials(conn: asyncpg.Connection, keys: KeyRing | None, config: Configuration,
+                             row: Mapping[str, Any]) -> Credentials:
+    """What the configuration's Secret carries: the row's credentials and, for oauth, the stored access
+    token (none until connected). Reads through `conn`, so it sees that transaction's own writes."""
+    credentials = unseal(keys, config, row)
+    if config.auth_type != "oauth":
+        return credentials
+    stored = await conn.fetchval(f"SELECT access_token_enc FROM {TOKENS_TABLE} WHERE configuration_id = $1",  # noqa: S608
+                                 config.id)
+    if stored is None:
+        return credentials
+    if keys is None:
+        raise ValueError("credentials need an encryption key ring")
+    token = keys.decrypt_text(stored, token_cipher(config.org_id, config.id, "access_token_enc"))
+    return replace(credentials, bearer_token=token)
+
+
 # Kubernetes ------------------------------------------------------------------------------------------
 
 def _ours(metadata_labels: Mapping[str, str] | None, config_id: uuid.UUID) -> bool:
@@ -224,13 +250,23 @@ async def _existing(kube: Kube, namespace: str, name: str) -> list[Mapping[str, 
     return found
 
 
-async def apply(kube: Kube, namespace: str, config: Configuration, credentials: Credentials) -> None:
-    """Create or replace the configuration's MCPServer and Secret (ForeignObject if the name is taken)."""
+async def _refuse_foreign(kube: Kube, namespace: str, config: Configuration) -> None:
     if not all(_ours(found, config.id) for found in await _existing(kube, namespace, config.name)):
         raise ForeignObject(f"an MCPServer or Secret named {config.name!r} already exists in {namespace} "
                             "and does not belong to this configuration")
+
+
+async def apply(kube: Kube, namespace: str, config: Configuration, credentials: Credentials) -> None:
+    """Create or replace the configuration's MCPServer and Secret (ForeignObject if the name is taken)."""
+    await _refuse_foreign(kube, namespace, config)
     spec = server_spec(config, credentials).model_dump(by_alias=True, exclude_none=True, mode="json")
     await kube.apply_mcp_server(namespace, config.name, spec, secret_data(credentials), labels(config))
+
+
+async def apply_secret(kube: Kube, namespace: str, config: Configuration, credentials: Credentials) -> None:
+    """Rewrite only the configuration's Secret (the MCPServer, its annotations and status stay)."""
+    await _refuse_foreign(kube, namespace, config)
+    await kube.apply_mcp_secret(namespace, config.name, secret_data(credentials), labels(config))
 
 
 async def remove(kube: Kube, namespace: str, config: Configuration) -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -203,13 +203,28 @@ def _seal(shared: Services, config: Configuration, credentials: Credentials) -> 
     return mcp_sync.seal(None if credentials.empty else _keys(shared), config, credentials)
 
 
-def _unseal(shared: Services, config: Configuration, row: asyncpg.Record) -> Credentials:
+@contextlib.contextmanager
+def _decrypting(config: Configuration) -> Iterator[None]:
     try:
-        return mcp_sync.unseal(_keys(shared) if mcp_sync.sealed_columns(row) else None, config, row)
+        yield
     except DecryptionError as exc:
         log.error("stored MCP credentials do not decrypt", extra={"configuration": str(config.id)})
         raise ProblemError(500, "Internal Server Error",
                            "the stored credentials of this configuration cannot be decrypted") from exc
+
+
+def _unseal(shared: Services, config: Configuration, row: asyncpg.Record) -> Credentials:
+    with _decrypting(config):
+        return mcp_sync.unseal(_keys(shared) if mcp_sync.sealed_columns(row) else None, config, row)
+
+
+async def _for_secret(shared: Services, conn: asyncpg.Connection, config: Configuration,
+                      row: asyncpg.Record) -> Credentials:
+    """What the configuration's Secret carries (mcp_sync.secret_credentials), errors as problems."""
+    oauth_token_possible = config.auth_type == "oauth" and bool(shared.settings.encryption_keys)
+    keys = _keys(shared) if mcp_sync.sealed_columns(row) or oauth_token_possible else None
+    with _decrypting(config):
+        return await mcp_sync.secret_credentials(conn, keys, config, row)
 
 
 def _invalid(exc: InvalidConfiguration) -> ProblemError:
@@ -321,7 +336,8 @@ async def create_configuration(body: ConfigurationBody, request: Request,
         except asyncpg.UniqueViolationError as exc:
             raise ProblemError(409, "Conflict", f"an MCP configuration named {config.name!r} exists") from exc
         row = await _summary(conn, config.id)
-        await undo.write(config, mcp_sync.apply(client, undo.namespace, config, credentials))
+        delivered = await _for_secret(shared, conn, config, await _locked(conn, config.id))
+        await undo.write(config, mcp_sync.apply(client, undo.namespace, config, delivered))
     return _view(row)
 
 
@@ -359,17 +375,17 @@ async def update_configuration(configuration_id: uuid.UUID, body: ConfigurationB
                                                   message=f"is {current['name']!r}; delete and recreate "
                                                           "to rename it")])
         before_config = Configuration.from_row(current)
-        before_credentials = _unseal(shared, before_config, current)
         config = body.configuration(configuration_id, before_config.org_id)
-        credentials = body.credentials(before_credentials)
+        credentials = body.credentials(_unseal(shared, before_config, current))
         try:
             mcp_sync.check(config, credentials)
         except InvalidConfiguration as exc:
             raise _invalid(exc) from exc
+        undo.before = (before_config, await _for_secret(shared, conn, before_config, current))
         await conn.execute(_UPDATE, config.id, *_columns(config, _seal(shared, config, credentials)))
         row = await _summary(conn, config.id)
-        undo.before = (before_config, before_credentials)
-        await undo.write(config, mcp_sync.apply(client, undo.namespace, config, credentials))
+        delivered = await _for_secret(shared, conn, config, await _locked(conn, config.id))
+        await undo.write(config, mcp_sync.apply(client, undo.namespace, config, delivered))
     return _view(row)
 
 
@@ -386,7 +402,7 @@ async def delete_configuration(configuration_id: uuid.UUID, request: Request,
         current = await _locked(conn, configuration_id)
         config = Configuration.from_row(current)
         audit_target(request, f"mcp_configuration/{configuration_id}", name=config.name)
-        undo.before = (config, _unseal(shared, config, current))
+        undo.before = (config, await _for_secret(shared, conn, config, current))
         await conn.execute("DELETE FROM mcp_configurations WHERE id = $1", configuration_id)
         await undo.write(config, mcp_sync.remove(client, undo.namespace, config))
     return Response(status_code=204)

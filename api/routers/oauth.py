@@ -33,12 +33,13 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import Field
 
-from agentbox.api import audit, oauth
+from agentbox.api import audit, mcp_sync, oauth
 from agentbox.api.app import Services, services
 from agentbox.api.auth import InvalidToken, KeysUnavailable, Principal, org_admin, tenant_member
 from agentbox.api.crypto import CipherContext, KeyConfigError, KeyRing
 from agentbox.api.db import Database, DatabaseUnavailable
-from agentbox.api.kube import MANAGED_BY, MCP_CONFIGURATION_LABEL, ORG_LABEL, KubeError, tenant_namespace
+from agentbox.api.kube import KubeError, tenant_namespace
+from agentbox.api.mcp_sync import token_cipher
 from agentbox.api.observability import current_request_id
 from agentbox.api.problems import ProblemError, problem_response, problem_responses, title_for
 from agentbox.api.routers.common import (
@@ -110,10 +111,6 @@ def _state_cipher(org: str, state_hash: bytes, column: str) -> CipherContext:
     return CipherContext(org_id=org, table="oauth_states", row_id=state_hash.hex(), column=column)
 
 
-def _token_cipher(org: str, configuration_id: uuid.UUID, column: str) -> CipherContext:
-    return CipherContext(org_id=org, table="mcp_oauth_tokens", row_id=str(configuration_id), column=column)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -146,26 +143,22 @@ async def _server(kube: Any, namespace: str, name: str) -> dict[str, Any] | None
     return await kube.get_mcp_server(namespace, name) if kube is not None else None
 
 
-async def sync_access_token(kube: Any, org: str, namespace: str, server_name: str,
-                            configuration_id: uuid.UUID, token: str | None) -> bool:
-    """Put `token` (None: remove it) under the key the MCPServer's spec.auth.secretRef names. False when
-    there is no MCPServer using a Secret yet (its sync will read the token from the database)."""
-    server = await _server(kube, namespace, server_name)
-    ref = ((server or {}).get("spec", {}).get("auth") or {}).get("secretRef")
-    if not ref:
+async def sync_secret(shared: Services, conn: asyncpg.Connection, org: str,
+                      configuration_id: uuid.UUID) -> bool:
+    """Render the configuration's Secret again from what `conn` sees (mcp_sync.secret_credentials: its own
+    credentials plus the current access token, or none). False when Kubernetes is not configured."""
+    if shared.kube is None:
         return False
-    name, key = ref["name"], ref["key"]
-    patch: dict[str, Any] = {"stringData": {key: token}} if token is not None else {"data": {key: None}}
+    row = await conn.fetchrow("SELECT * FROM mcp_configurations WHERE id = $1", configuration_id)
+    if row is None:
+        return False
+    config = mcp_sync.Configuration.from_row(row)
+    credentials = await mcp_sync.secret_credentials(conn, _keys(shared), config, row)
+    namespace = tenant_namespace(org, shared.settings.tenant_namespace_prefix)
     try:
-        await _kube_call(kube, kube.core.patch_namespaced_secret, name, namespace, patch)
-    except KubeError as exc:
-        if exc.status != 404 or token is None:
-            if exc.status == 404:
-                return True  # nothing to remove
-            raise
-        labels = {**MANAGED_BY, ORG_LABEL: org, MCP_CONFIGURATION_LABEL: str(configuration_id)}
-        body = {"metadata": {"name": name, "labels": labels}, "type": "Opaque", "stringData": {key: token}}
-        await _kube_call(kube, kube.core.create_namespaced_secret, namespace, body)
+        await mcp_sync.apply_secret(shared.kube, namespace, config, credentials)
+    except mcp_sync.ForeignObject as exc:
+        raise KubeError(409, str(exc)) from exc
     return True
 
 
@@ -190,14 +183,6 @@ async def mark_server_authorization(kube: Any, namespace: str, server_name: str,
     await _kube_call(kube, kube.custom.patch_namespaced_custom_object_status, mcpserver.GROUP,
                      mcpserver.VERSION, namespace, mcpserver.PLURAL, server_name,
                      {"status": {"conditions": conditions}}, _content_type="application/merge-patch+json")
-
-
-async def access_token_for(conn: asyncpg.Connection, keys: KeyRing, org: str,
-                           configuration_id: uuid.UUID) -> str | None:
-    """The stored access token of a configuration (for whoever renders its Secret), or None."""
-    stored = await conn.fetchval("SELECT access_token_enc FROM mcp_oauth_tokens WHERE configuration_id = $1",
-                                 configuration_id)
-    return _open(keys, stored, _token_cipher(org, configuration_id, "access_token_enc"))
 
 
 # Bodies -------------------------------------------------------------------------------------------------
@@ -313,7 +298,7 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
         preregistered = _preregistered(shared, metadata.issuer)
         if stored is not None and stored["issuer"] == metadata.issuer:
             registration = "stored"
-            client = oauth.Client(stored["client_id"], _open(keys, stored["client_secret_enc"], _token_cipher(
+            client = oauth.Client(stored["client_id"], _open(keys, stored["client_secret_enc"], token_cipher(
                 org, configuration.id, "client_secret_enc")), stored["token_auth_method"])
         elif preregistered is not None:
             registration = "preregistered"
@@ -506,7 +491,7 @@ async def _store_connection(shared: Services, recorder: _CallbackAudit, org: str
     now = _now()
 
     def seal(value: str | None, column: str) -> str | None:
-        return _seal(keys, value, _token_cipher(org, configuration_id, column))
+        return _seal(keys, value, token_cipher(org, configuration_id, column))
 
     async with db.tenant(org) as conn:
         configuration = await conn.fetchrow(
@@ -534,8 +519,7 @@ async def _store_connection(shared: Services, recorder: _CallbackAudit, org: str
             await conn.execute("UPDATE mcp_configurations SET status = 'pending', status_message = NULL "
                                "WHERE id = $1", configuration_id)
         namespace = tenant_namespace(org, shared.settings.tenant_namespace_prefix)
-        synced = await sync_access_token(shared.kube, org, namespace, configuration["name"], configuration_id,
-                                         tokens.access_token)
+        synced = await sync_secret(shared, conn, org, configuration_id)
         if synced:
             await mark_server_authorization(shared.kube, namespace, configuration["name"], authorized=True,
                                             message="connected")
@@ -586,10 +570,10 @@ async def refresh_connection(shared: Services, org: str, configuration_id: uuid.
         if not force and not oauth.refresh_due(row["expires_at"], _now(), window):
             return RefreshOutcome(row)
         refresh_token = _open(keys, row["refresh_token_enc"],
-                              _token_cipher(org, configuration_id, "refresh_token_enc"))
+                              token_cipher(org, configuration_id, "refresh_token_enc"))
         if refresh_token is None:
             return await _mark_needs_reauth(shared, org, row, "the provider issued no refresh token")
-        client = oauth.Client(row["client_id"], _open(keys, row["client_secret_enc"], _token_cipher(
+        client = oauth.Client(row["client_id"], _open(keys, row["client_secret_enc"], token_cipher(
             org, configuration_id, "client_secret_enc")), row["token_auth_method"])
         resource = row["resource"] if oauth.sends_resource(row["issuer"], _presets(shared)) else None
         try:
@@ -606,22 +590,20 @@ async def refresh_connection(shared: Services, org: str, configuration_id: uuid.
                 "UPDATE mcp_oauth_tokens SET access_token_enc = $2, "
                 "refresh_token_enc = COALESCE($3, refresh_token_enc), scope = COALESCE($4, scope), "
                 "expires_at = $5 WHERE configuration_id = $1 AND version = $6 RETURNING configuration_id",
-                configuration_id, keys.encrypt(tokens.access_token, _token_cipher(
+                configuration_id, keys.encrypt(tokens.access_token, token_cipher(
                     org, configuration_id, "access_token_enc")),
-                _seal(keys, tokens.refresh_token, _token_cipher(org, configuration_id, "refresh_token_enc")),
+                _seal(keys, tokens.refresh_token, token_cipher(org, configuration_id, "refresh_token_enc")),
                 tokens.scope, tokens.expires_at(now), seen)
             if updated is None:
                 raise ProblemError(409, "Conflict", "the connection changed during the refresh; retry")
         async with db.tenant(org) as conn:
             row = await conn.fetchrow(_CONNECTION, configuration_id)
-    namespace = tenant_namespace(org, shared.settings.tenant_namespace_prefix)
-    try:
-        await sync_access_token(shared.kube, org, namespace, row["name"], configuration_id,
-                                tokens.access_token)
-    except KubeError:
-        # The database holds the new tokens; the Secret catches up at the next refresh or sync.
-        log.warning("could not copy the refreshed token into the Secret",
-                    extra={"configuration": row["name"]})
+            try:
+                await sync_secret(shared, conn, org, configuration_id)
+            except KubeError:
+                # The database holds the new tokens; the Secret catches up at the next refresh or sync.
+                log.warning("could not copy the refreshed token into the Secret",
+                            extra={"configuration": row["name"]})
     return RefreshOutcome(row, refreshed=True)
 
 
@@ -703,17 +685,17 @@ async def revoke(body: ConnectionBody, request: Request, principal: Principal = 
         raise _not_connected(configuration_id)
     revoked, detail = False, "the provider offers no revocation endpoint; the tokens were deleted here"
     if row["revocation_endpoint"]:
-        client = oauth.Client(row["client_id"], _open(keys, row["client_secret_enc"], _token_cipher(
+        client = oauth.Client(row["client_id"], _open(keys, row["client_secret_enc"], token_cipher(
             org, configuration_id, "client_secret_enc")), row["token_auth_method"])
         try:
             # The refresh token first: revoking it ends the grant (RFC 7009 §2.1), then the access token.
             refresh_token = _open(keys, row["refresh_token_enc"],
-                                  _token_cipher(org, configuration_id, "refresh_token_enc"))
+                                  token_cipher(org, configuration_id, "refresh_token_enc"))
             if refresh_token is not None:
                 await oauth.revoke(_http(shared), row["revocation_endpoint"], client, token=refresh_token,
                                    hint="refresh_token")
             await oauth.revoke(_http(shared), row["revocation_endpoint"], client,
-                               token=keys.decrypt_text(row["access_token_enc"], _token_cipher(
+                               token=keys.decrypt_text(row["access_token_enc"], token_cipher(
                                    org, configuration_id, "access_token_enc")), hint="access_token")
             revoked, detail = True, "revoked at the provider and deleted"
         except oauth.OAuthError as exc:
@@ -721,9 +703,8 @@ async def revoke(body: ConnectionBody, request: Request, principal: Principal = 
     audit_details(request, revoked_at_server=revoked, issuer=row["issuer"])
     async with audited_transaction(request, principal) as conn:
         await conn.execute("DELETE FROM mcp_oauth_tokens WHERE configuration_id = $1", configuration_id)
-        namespace = tenant_namespace(org, shared.settings.tenant_namespace_prefix)
         try:
-            await sync_access_token(shared.kube, org, namespace, row["name"], configuration_id, None)
+            await sync_secret(shared, conn, org, configuration_id)
         except KubeError as exc:
             raise kube_problem(exc) from exc
     return RevokeView(configuration_id=configuration_id, revoked_at_server=revoked, detail=detail)

@@ -1,9 +1,12 @@
 """The Kubernetes side of OAuth on the real local cluster: the access token lands in the Secret the
-MCPServer names (never a ConfigMap or the spec), invalid_grant shows on the MCPServer, revoke removes it."""
+MCPServer names (never a ConfigMap or the spec) beside the configuration's other credentials, editing the
+configuration keeps it there, invalid_grant shows on the MCPServer (and survives an edit), revoke removes
+only the token."""
 
 from __future__ import annotations
 
 import base64
+import secrets
 import uuid
 from urllib.parse import parse_qs, urlsplit
 
@@ -21,6 +24,16 @@ from agentbox.api.settings import Settings
 from .authserver import AuthServer
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
+CONFIGURATIONS = "/api/v1/mcp/configurations"
+TEAM_SECRET = "team-" + secrets.token_hex(8)
+TRACKER = {"name": "tracker", "transport": "streamable-http", "authType": "oauth",
+           "secretHeaders": {"X-Team": TEAM_SECRET}}
+
+
+async def secret_values(core: client.CoreV1Api, namespace: str) -> dict[str, str]:
+    secret = await core.read_namespaced_secret("tracker", namespace)
+    return {key: base64.b64decode(value).decode() for key, value in (secret.data or {}).items()}
+
 
 async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(postgres, kube, namespace):
     org = namespace.removeprefix("t-")
@@ -35,13 +48,6 @@ async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(po
         async with serve(server.app()) as base:
             server.base_url = base
             await superuser.execute("INSERT INTO organizations (id, name) VALUES ($1, 'Org')", org)
-            configuration_id: uuid.UUID = await superuser.fetchval(
-                "INSERT INTO mcp_configurations (org_id, name, transport, url, auth_type) "
-                "VALUES ($1, 'tracker', 'streamable-http', $2, 'oauth') RETURNING id", org, server.resource)
-            # The MCPServer as the configuration sync renders it; its Secret does not exist yet.
-            await cluster.apply_mcp_server(namespace, "tracker", {
-                "transport": "streamable-http", "url": server.resource,
-                "auth": {"type": "oauth", "secretRef": {"name": "tracker", "key": "token"}}}, {}, {})
             shared = Services(settings=Settings(encryption_keys=[generate_key_entry("k1")],
                                                 tenant_namespace_prefix="t-"),
                               database=database, kube=cluster,
@@ -50,6 +56,10 @@ async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(po
             app = create_app(services_override=shared)
             transport = httpx.ASGITransport(app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as api:
+                tracker = TRACKER | {"url": server.resource}
+                created = await api.post(CONFIGURATIONS, headers=headers, json=tracker)
+                assert created.status_code == 201, created.text
+                configuration_id = uuid.UUID(created.json()["id"])
                 init = await api.post("/api/v1/mcp/oauth/init", headers=headers,
                                       json={"configurationId": str(configuration_id)})
                 assert init.status_code == 200, init.text
@@ -60,8 +70,13 @@ async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(po
                 access = next(iter(server.access_tokens))
 
                 core = client.CoreV1Api(api_client)
-                secret = await core.read_namespaced_secret("tracker", namespace)
-                assert base64.b64decode(secret.data["token"]).decode() == access
+                assert await secret_values(core, namespace) == {"token": access, "header-x-team": TEAM_SECRET}
+
+                # Editing the configuration renders the Secret again: the access token stays in it.
+                edited = await api.put(f"{CONFIGURATIONS}/{configuration_id}", headers=headers,
+                                       json=tracker | {"description": "edited"})
+                assert edited.status_code == 200, edited.text
+                assert await secret_values(core, namespace) == {"token": access, "header-x-team": TEAM_SECRET}
                 configmaps = await core.list_namespaced_config_map(namespace)
                 assert all(access not in str(item.data) for item in configmaps.items)
                 resource = await cluster.get_mcp_server(namespace, "tracker")
@@ -77,12 +92,17 @@ async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(po
                 assert resource["metadata"]["annotations"]["agentbox.dev/oauth"] == "needs-reauth"
                 authorized = next(c for c in resource["status"]["conditions"] if c["type"] == "Authorized")
                 assert (authorized["status"], authorized["reason"]) == ("False", "NeedsReauthorization")
+                edited = await api.put(f"{CONFIGURATIONS}/{configuration_id}", headers=headers,
+                                       json=tracker | {"description": "again"})
+                assert edited.status_code == 200, edited.text
+                resource = await cluster.get_mcp_server(namespace, "tracker")
+                assert resource["spec"]["description"] == "again"
+                assert resource["metadata"]["annotations"]["agentbox.dev/oauth"] == "needs-reauth"
 
                 revoked = await api.post("/api/v1/mcp/oauth/revoke", headers=headers,
                                          json={"configurationId": str(configuration_id)})
                 assert revoked.status_code == 200, revoked.text
-                secret = await core.read_namespaced_secret("tracker", namespace)
-                assert "token" not in (secret.data or {})
+                assert await secret_values(core, namespace) == {"header-x-team": TEAM_SECRET}
                 query = parse_qs(urlsplit(init.json()["authorizationUrl"]).query)
                 assert query["resource"] == [server.resource]
             http = shared.extras.get("oauth_http")
