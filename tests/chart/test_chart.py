@@ -1,0 +1,220 @@
+"""The Helm chart: lint, the values schema, install and uninstall on the local cluster, and its RBAC.
+
+The RBAC tests run the operator as a local process authenticated as the chart's operator ServiceAccount
+(a TokenRequest token, authorization on), so "enough" and "not more than needed" are both shown for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import yaml
+from e2e.stack import REPO, chart_identity, operator_process, tools_for
+
+pytestmark = pytest.mark.cluster
+
+CHART = REPO / "charts" / "agentbox"
+REQUIRED = ["--set", "jwt.issuer=https://auth.example.test/auth/v1",
+            "--set", "database.url=postgresql://agentbox_app@db.example.test/agentbox"]
+
+
+async def helm(kube, *args: str) -> str:
+    tools = tools_for(kube)
+    return await tools.run(tools.helm, "--kubeconfig", kube.kubeconfig, *args)
+
+
+async def helm_fails(kube, *args: str) -> str:
+    with pytest.raises(chart_identity.ToolError) as failure:
+        await helm(kube, *args)
+    return str(failure.value)
+
+
+def documents(rendered: str) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+async def test_lint_passes_with_the_required_values(kube):
+    output = await helm(kube, "lint", str(CHART), "--strict", *REQUIRED)
+    assert "0 chart(s) failed" in output
+
+
+async def test_template_renders_restricted_pods_and_rbac_without_wildcards(kube):
+    objects = documents(await helm(kube, "template", "abx", str(CHART), "--namespace", "abx-system",
+                                   "--include-crds", *REQUIRED))
+    kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
+    for expected in [("Deployment", "abx-agentbox-operator"), ("Deployment", "abx-agentbox-api"),
+                     ("Service", "abx-agentbox-api"), ("ServiceAccount", "abx-agentbox-operator"),
+                     ("ClusterRole", "abx-agentbox-api"), ("PodDisruptionBudget", "abx-agentbox-api"),
+                     ("NetworkPolicy", "abx-agentbox-api"), ("Job", "abx-agentbox-migrate-1"),
+                     ("CustomResourceDefinition", "agentsessions.agentbox.dev"),
+                     ("CustomResourceDefinition", "mcpservers.agentbox.dev"),
+                     ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev")]:
+        assert expected in kinds
+    operator = next(o for o in objects if o["kind"] == "Deployment" and "operator" in o["metadata"]["name"])
+    assert operator["spec"]["replicas"] == 2
+    pod = operator["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["containers"][0]
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert container["livenessProbe"] and container["resources"]["limits"]
+    for role in (o for o in objects if o["kind"] in ("ClusterRole", "Role")):
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] + rule["resources"] + rule.get("apiGroups", []), role["metadata"]
+
+
+@pytest.mark.parametrize(("values", "named"), [
+    (["--set", "operator.replicas=0"], "at '/operator/replicas'"),
+    (["--set", "api.service.type=Sideways"], "at '/api/service/type'"),
+    (["--set", "jwt.issuer=not-a-url"], "at '/jwt/issuer'"),
+    (["--set", "database.url=mysql://x/y"], "at '/database/url'"),
+    (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy'"),
+    (["--set", "operator.resources.limits.memory=lots"], "at '/operator/resources/limits/memory'"),
+    (["--set", "serviceMonitor.interval=often"], "at '/serviceMonitor/interval'"),
+    (["--set", "operatr.replicas=2"], "'operatr' not allowed"),
+    (["--set-json", "api.port=\"8000\""], "at '/api/port'"),
+])
+async def test_bad_values_fail_naming_the_field(kube, values, named):
+    error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
+    assert "values don't meet the specifications of the schema" in error
+    assert named in error
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (["--set", "database.url=postgresql://x@h/d"], "jwt.issuer is required"),
+    (["--set", "jwt.issuer=https://i.test"], "database.url (or database.existingSecret) is required"),
+    ([*REQUIRED, "--set", "encryption.generate=false"], "encryption.existingSecret is required"),
+    ([*REQUIRED, "--set", "api.ingress.enabled=true"], "api.ingress.host is required"),
+])
+async def test_missing_values_fail_with_the_next_step(kube, values, message):
+    assert message in await helm_fails(kube, "template", "abx", str(CHART), *values)
+
+
+async def namespaced_leftovers(kube, namespace: str) -> list[str]:
+    listing = json.loads(await kube.kubectl(
+        "get", "deployments,replicasets,pods,services,serviceaccounts,secrets,configmaps,jobs,"
+        "poddisruptionbudgets,networkpolicies,roles,rolebindings", "-n", namespace, "-o", "json"))
+    defaults = {("ServiceAccount", "default"), ("ConfigMap", "kube-root-ca.crt")}
+    return sorted(f"{o['kind']}/{o['metadata']['name']}" for o in listing["items"]
+                  if (o["kind"], o["metadata"]["name"]) not in defaults
+                  and not o["metadata"].get("deletionTimestamp"))
+
+
+async def test_install_then_uninstall_keeps_only_what_the_user_chose(kube, namespace):
+    release = f"abx{secrets.token_hex(3)}"
+    values = [*REQUIRED, "--set", f"operator.peeringName={release}"]
+    await helm(kube, "install", release, str(CHART), "--namespace", namespace, *values)
+    installed = await namespaced_leftovers(kube, namespace)
+    for expected in [f"Deployment/{release}-agentbox-operator", f"Deployment/{release}-agentbox-api",
+                     f"Service/{release}-agentbox-api", f"Secret/{release}-agentbox-encryption",
+                     f"Secret/{release}-agentbox-database", f"PodDisruptionBudget/{release}-agentbox-api",
+                     f"NetworkPolicy/{release}-agentbox-operator"]:
+        assert expected in installed
+    cluster_scoped = ("clusterroles,clusterrolebindings,clusterkopfpeerings -l "
+                      f"app.kubernetes.io/instance={release}")
+    assert len((await kube.kubectl("get", *cluster_scoped.split(), "-o", "name")).split()) == 5
+
+    # A second release in the same namespace is refused before it creates anything.
+    error = await helm_fails(kube, "install", f"{release}b", str(CHART), "--namespace", namespace, *values)
+    assert f'namespace {namespace} already has agentbox release "{release}"' in error
+    assert await namespaced_leftovers(kube, namespace) == installed
+
+    # An upgrade keeps the generated encryption key (losing it loses every stored credential).
+    key = await kube.kubectl("get", "secret", f"{release}-agentbox-encryption", "-n", namespace,
+                             "-o", "jsonpath={.data.keys}")
+    await helm(kube, "upgrade", release, str(CHART), "--namespace", namespace, *values)
+    assert await kube.kubectl("get", "secret", f"{release}-agentbox-encryption", "-n", namespace,
+                              "-o", "jsonpath={.data.keys}") == key
+
+    uninstalled = await helm(kube, "uninstall", release, "--namespace", namespace, "--wait")
+    assert f"{release}-agentbox-encryption" in uninstalled  # helm says what it kept
+    assert await namespaced_leftovers(kube, namespace) == [f"Secret/{release}-agentbox-encryption"]
+    assert (await kube.kubectl("get", *cluster_scoped.split(), "-o", "name")).strip() == ""
+    crds = await kube.kubectl("get", "crd", "-o", "name")
+    assert "agentsessions.agentbox.dev" in crds and "mcpservers.agentbox.dev" in crds
+
+
+# ---------------------------------------------------------------------------------------------- RBAC
+
+RBAC_RELEASE = "abx-rbac"
+RBAC_NAMESPACE = "abx-rbac-system"
+OPERATOR_ACCOUNT = f"system:serviceaccount:{RBAC_NAMESPACE}:{RBAC_RELEASE}-agentbox-operator"
+API_ACCOUNT = f"system:serviceaccount:{RBAC_NAMESPACE}:{RBAC_RELEASE}-agentbox-api"
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def chart_identities(kube, tmp_path_factory) -> dict[str, Path]:
+    """The chart's ServiceAccounts and RBAC applied for release abx-rbac, with a token kubeconfig each."""
+    return await chart_identity.write_identities(tools_for(kube), RBAC_RELEASE, RBAC_NAMESPACE,
+                                                 tmp_path_factory.mktemp("identity"), duration="1h")
+
+
+async def can(kube, account: str, *check: str) -> bool:
+    """`kubectl auth can-i` as the account (answers on stdout, exits 1 for "no")."""
+    process = await asyncio.create_subprocess_exec(
+        str(kube.kubectl_path), "--kubeconfig", str(kube.kubeconfig), "auth", "can-i", "--as", account,
+        *check,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    stdout, stderr = await process.communicate()
+    answer = stdout.decode().strip()
+    assert answer in ("yes", "no"), stderr.decode()
+    return answer == "yes"
+
+
+@pytest.mark.parametrize(("account", "check"), [
+    (OPERATOR_ACCOUNT, ["list", "secrets", "--all-namespaces"]),
+    (OPERATOR_ACCOUNT, ["delete", "namespaces"]),
+    (OPERATOR_ACCOUNT, ["create", "namespaces"]),
+    (OPERATOR_ACCOUNT, ["create", "clusterroles"]),
+    (OPERATOR_ACCOUNT, ["create", "pods", "--subresource=exec", "-n", "default"]),
+    (OPERATOR_ACCOUNT, ["create", "agentsessions.agentbox.dev", "-n", "default"]),
+    (OPERATOR_ACCOUNT, ["update", "customresourcedefinitions"]),
+    (OPERATOR_ACCOUNT, ["create", "serviceaccounts", "--subresource=token", "-n", "default"]),
+    (API_ACCOUNT, ["create", "pods", "-n", "default"]),
+    (API_ACCOUNT, ["patch", "agentsessions.agentbox.dev", "--subresource=status", "-n", "default"]),
+    (API_ACCOUNT, ["create", "rolebindings", "-n", "default"]),
+    (API_ACCOUNT, ["get", "nodes"]),
+])
+async def test_the_chart_grants_no_more_than_needed(kube, chart_identities, account, check):
+    assert not await can(kube, account, *check)
+
+
+async def test_the_accounts_can_do_their_daily_work(kube, chart_identities):
+    assert await can(kube, OPERATOR_ACCOUNT, "create", "pods", "-n", "tenant-x")
+    assert await can(kube, OPERATOR_ACCOUNT, "patch", "agentsessions.agentbox.dev", "--subresource=status",
+                     "-n", "tenant-x")
+    assert await can(kube, API_ACCOUNT, "create", "agentsessions.agentbox.dev", "-n", "tenant-x")
+
+
+async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(kube, chart_identities,
+                                                                              tmp_path):
+    identities = chart_identities
+    org = f"rbac{secrets.token_hex(3)}"
+    tenant = f"tenant-{org}"
+    await kube.kubectl("create", "namespace", tenant)
+    await kube.kubectl("label", "namespace", tenant, f"agentbox.dev/tenant={org}",
+                       "agentbox.dev/test-namespace=true")
+    session = {"apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
+               "metadata": {"name": "s1", "namespace": tenant},
+               "spec": {"tenant": {"org": org, "user": "ada@example.com"}, "agent": {"runtime": "scripted"}}}
+    try:
+        async with operator_process(identities["operator"], tenant, tmp_path / "operator.log") as operator:
+            await kube.kubectl("apply", "-f", "-", input=json.dumps(session))
+            await kube.kubectl("wait", "agentsession/s1", "-n", tenant, "--for=condition=Ready",
+                               "--timeout=60s")
+            assert "Forbidden" not in operator.tail(200), operator.tail(200)
+            children = await kube.kubectl("get", "pods,pvc,services,configmaps,secrets,networkpolicies",
+                                          "-n", tenant, "-l", "agentbox.dev/session=s1", "-o", "name")
+            assert len(children.split()) >= 6, children
+            # The tenant baseline is the operator's too.
+            baseline = await kube.kubectl("get", "resourcequotas,limitranges,networkpolicies", "-n", tenant,
+                                          "-o", "name")
+            assert "resourcequota" in baseline and "limitrange" in baseline
+    finally:
+        await kube.kubectl("delete", "namespace", tenant, "--wait=false")
