@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     kube_timeout_seconds: float = Field(default=10, gt=0)
     readiness_timeout_seconds: float = Field(default=2, gt=0)
     mcp_test_timeout_seconds: float = Field(default=15, gt=0, le=120)
+    # POST /api/v1/mcp/test refuses private-network and loopback addresses unless this is true (development
+    # and tests); link-local and metadata addresses are refused always (agentbox.api.egress).
+    mcp_test_allow_private_networks: bool = False
 
     # OAuth for MCP servers. The redirect URI is <public_url>/api/v1/mcp/oauth/callback (the request's own
     # base URL when unset); the callback then sends the browser to frontend_url with the outcome.

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import time
@@ -25,7 +24,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import Field, StringConstraints, model_validator
 
-from agentbox.api import mcp_sync
+from agentbox.api import egress, mcp_sync
 from agentbox.api.app import Services, services
 from agentbox.api.audit import scrub
 from agentbox.api.auth import Principal, org_admin, tenant_member
@@ -484,23 +483,18 @@ async def _target(request: Request, principal: Principal, shared: Services,
     return config.transport, config.url, credentials, headers, float(config.timeout_seconds)
 
 
-_METADATA_NETWORKS = (ipaddress.ip_network("169.254.0.0/16"), ipaddress.ip_network("fe80::/10"),
-                      ipaddress.ip_network("fd00:ec2::/32"))
-
-
-async def _refuse_link_local(url: str) -> None:
-    """The API itself connects here: never to link-local addresses, where cloud metadata services live."""
+async def _pin(url: str, allow_private: bool, field: str) -> egress.Pin:
+    """The API itself connects here: resolve the host once, check every address, connect to that one.
+    `field` names where the URL came from (body.url, or body.configurationId for a stored one)."""
     host = urlsplit(url).hostname or ""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-    except OSError as exc:
+        return egress.Pin(host, await egress.resolve_allowed(host, allow_private=allow_private))
+    except egress.Unresolvable as exc:
         raise ProblemError(502, "Bad Gateway", f"cannot resolve the MCP server's host {host!r}") from exc
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if any(address in network for network in _METADATA_NETWORKS) or address.is_unspecified \
-                or address.is_multicast:
-            raise ProblemError(422, "Unprocessable Content", f"the MCP server's host {host!r} resolves to a "
-                               "link-local, multicast or unspecified address, which the API does not contact")
+    except egress.RefusedAddress as exc:
+        message = f"the MCP server's host {exc}"
+        raise ProblemError(422, "Unprocessable Content", message,
+                           errors=[FieldError(field=field, message=message, type="value_error")]) from exc
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -520,15 +514,16 @@ def _describe(exc: BaseException) -> str:
 
 
 async def list_tools(transport: str, url: str, credentials: Credentials, headers: dict[str, str],
-                     seconds: float) -> list[ToolView]:
-    """Connect, initialise, list tools, all within `seconds`."""
+                     seconds: float, pin: egress.Pin) -> list[ToolView]:
+    """Connect (to the pinned address only), initialise, list tools, all within `seconds`."""
     # Imported here: FastMCP is heavy and only this route needs it.
     from fastmcp import Client
     from fastmcp.client.transports import SSETransport, StreamableHttpTransport
 
     transport_class: Any = SSETransport if transport == "sse" else StreamableHttpTransport
     all_headers = {**headers, **credentials.secret_headers}
-    connection = transport_class(url, headers=all_headers or None, auth=credentials.bearer_token)
+    connection = transport_class(url, headers=all_headers or None, auth=credentials.bearer_token,
+                                 httpx_client_factory=egress.pinned_client_factory(pin))
     async with asyncio.timeout(seconds), Client(connection, timeout=seconds) as client:
         tools = await client.list_tools()
     return [ToolView(name=tool.name, description=(tool.description or "")[:4096]) for tool in tools]
@@ -540,12 +535,13 @@ async def test_connection(body: ConnectionTest, request: Request, principal: Pri
                           shared: Services = Depends(services)) -> ConnectionResult:
     transport, url, credentials, headers, own_timeout = await _target(request, principal, shared, body)
     audit_details(request, url=url, transport=transport)
-    await _refuse_link_local(url)
+    pin = await _pin(url, shared.settings.mcp_test_allow_private_networks,
+                     "body.url" if body.configuration_id is None else "body.configurationId")
     limit = shared.settings.mcp_test_timeout_seconds
     timeout = min(own_timeout, limit) if own_timeout else limit
     started = time.perf_counter()
     try:
-        tools = await list_tools(transport, url, credentials, headers, timeout)
+        tools = await list_tools(transport, url, credentials, headers, timeout, pin)
     except Exception as exc:  # any transport, protocol or auth failure of the remote server is its problem
         if _timed_out(exc):
             raise ProblemError(504, "Gateway Timeout",

@@ -92,7 +92,8 @@ async def setup(postgres, kube):
     cluster = ApiKube(api_client)
     for org in (ORG_A, ORG_B):
         await cluster.ensure_tenant_namespace(f"tenant-{org}", org)
-    settings = Settings(encryption_keys=[generate_key_entry("k1")], mcp_test_timeout_seconds=3)
+    settings = Settings(encryption_keys=[generate_key_entry("k1")], mcp_test_timeout_seconds=3,
+                        mcp_test_allow_private_networks=True)  # the test servers listen on loopback
     services = Services(settings=settings, database=database, kube=cluster,
                         verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
                                                hs256_secret=HS256_SECRET))
