@@ -100,10 +100,7 @@ class Kube:
             kubernetes_asyncio.config.load_incluster_config()
         except kubernetes_asyncio.config.ConfigException:
             await kubernetes_asyncio.config.load_kube_config()
-        configuration = kubernetes_asyncio.client.Configuration.get_default_copy()
-        # The default pool (5 x CPUs) queues a burst of creates behind a handful of connections.
-        configuration.connection_pool_maxsize = 64
-        return cls(kubernetes_asyncio.client.ApiClient(configuration=configuration))
+        return cls(kubernetes_asyncio.client.ApiClient())
 
     async def close(self) -> None:
         await self.client.close()
