@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     oauth_refresh_window_seconds: float = Field(default=300, ge=0)
     oauth_refresh_interval_seconds: float = Field(default=60, gt=0)
 
+    # How often the audit table's coming monthly partitions are ensured (also once at start-up).
+    audit_partition_interval_seconds: float = Field(default=86_400, gt=0)
+
     prompt_max_chars: int = Field(default=20_000, gt=0)
     composed_prompt_max_chars: int = Field(default=60_000, gt=0)
 

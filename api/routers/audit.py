@@ -1,23 +1,64 @@
-"""The audit log of the caller's org (admins): filtered, cursor-paginated reads and chain verification."""
+"""The audit log of the caller's org (admins): filtered, cursor-paginated reads and chain verification.
+While the app runs, a background task keeps the audit table's monthly partitions created ahead of time
+(at start-up, then every AGENTBOX_AUDIT_PARTITION_INTERVAL_SECONDS, a day by default): without next
+month's partition, every audited request would fail when the month turns."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request
+import asyncpg
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 
 from agentbox.api import audit
+from agentbox.api.app import Services
 from agentbox.api.auth import Principal, authenticate
 from agentbox.api.db import DatabaseUnavailable
 from agentbox.api.problems import ProblemError, problem_responses
 from agentbox.api.routers.common import audited_transaction, database
 from agentbox.api.routers.models import ApiModel
 
-router = APIRouter(prefix="/api/v1/audit", tags=["audit"])
+log = logging.getLogger("agentbox.api.audit")
+PARTITION_RETRY_SECONDS = 60.0  # after a failed attempt (PostgreSQL down at start-up, say)
+
+
+async def keep_partitions(shared: Services) -> None:
+    """Create the coming months' audit partitions now and then every interval, for as long as it runs."""
+    while True:
+        try:
+            await audit.ensure_partitions(shared.database)
+            delay = shared.settings.audit_partition_interval_seconds
+        except (DatabaseUnavailable, asyncpg.PostgresError):
+            log.warning("could not create the coming audit partitions; retrying", exc_info=True)
+            delay = min(PARTITION_RETRY_SECONDS, shared.settings.audit_partition_interval_seconds)
+        await asyncio.sleep(delay)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    shared: Services = app.state.services
+    task = None
+    if shared.database is not None:
+        task = asyncio.create_task(keep_partitions(shared), name="audit-partitions")
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+router = APIRouter(prefix="/api/v1/audit", tags=["audit"], lifespan=_lifespan)
 
 
 class AuditEntry(ApiModel):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import Field
 
 from agentbox.api.app import Services, services
-from agentbox.api.auth import Principal, authenticate
+from agentbox.api.auth import Principal, authenticate, tenant_member
 from agentbox.api.problems import ProblemError, not_found, problem_responses
 from agentbox.api.prompts import (
     ComposedPrompt,
@@ -101,16 +101,19 @@ def _note_signals(request: Request, shared: Services, signals: list[str]) -> Non
         audit_details(request, injection_signals=signals)
 
 
-def _require_member_or_platform(principal: Principal) -> None:
+async def _member_or_platform(principal: Principal = Depends(authenticate)) -> Principal:
+    """An org member, or the platform operator (global prompts). A dependency, so a token without an org
+    gets its 403 before the body is even validated."""
     if not principal.is_platform and principal.org is None:
         raise ProblemError(403, "Forbidden", "the token names no organisation (app_metadata.org_id)")
+    return principal
 
 
 @router.post("", status_code=201, response_model=PromptView, name="prompt.create",
              responses=problem_responses(400, 401, 403, 413, 422, 503))
-async def create_prompt(body: PromptCreate, request: Request, principal: Principal = Depends(authenticate),
+async def create_prompt(body: PromptCreate, request: Request,
+                        principal: Principal = Depends(_member_or_platform),
                         shared: Services = Depends(services)) -> PromptView:
-    _require_member_or_platform(principal)
     audit_target(request, f"system_prompt/{body.scope}", scope=body.scope, name=body.name)
     if not _may_write(principal, body.scope, principal.sub):
         raise ProblemError(403, "Forbidden", f"you may not write {body.scope} prompts")
@@ -136,9 +139,8 @@ def _visible_clause(principal: Principal) -> tuple[str, list[Any]]:
 
 
 @router.get("", response_model=list[PromptView], responses=problem_responses(401, 403, 503))
-async def list_prompts(request: Request, principal: Principal = Depends(authenticate),
+async def list_prompts(request: Request, principal: Principal = Depends(_member_or_platform),
                        scope: Scope | None = None) -> list[PromptView]:
-    _require_member_or_platform(principal)
     clause, args = _visible_clause(principal)
     if scope is not None:
         args.append(scope)
@@ -173,12 +175,10 @@ async def compose_for(conn: asyncpg.Connection, shared: Services, principal: Pri
 
 
 @router.get("/compose", response_model=ComposedView, responses=problem_responses(401, 403, 422, 503))
-async def compose_prompt(request: Request, principal: Principal = Depends(authenticate),
+async def compose_prompt(request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services),
                          runtime: Annotated[str | None, Query(max_length=32)] = None,
                          session: Annotated[str | None, Query(max_length=63)] = None) -> ComposedView:
-    if principal.org is None:
-        raise ProblemError(403, "Forbidden", "the token names no organisation (app_metadata.org_id)")
     async with audited_transaction(request, principal) as conn:
         composed = await compose_for(conn, shared, principal, {"name": session, "runtime": runtime})
     return ComposedView(text=composed.text, version=composed.version,
@@ -199,8 +199,7 @@ async def _fetch_visible(conn: asyncpg.Connection, principal: Principal, prompt_
 
 @router.get("/{prompt_id}", response_model=PromptView, responses=problem_responses(401, 403, 404, 422, 503))
 async def get_prompt(prompt_id: uuid.UUID, request: Request,
-                     principal: Principal = Depends(authenticate)) -> PromptView:
-    _require_member_or_platform(principal)
+                     principal: Principal = Depends(_member_or_platform)) -> PromptView:
     async with audited_transaction(request, principal) as conn:
         return _view(await _fetch_visible(conn, principal, prompt_id))
 
@@ -208,10 +207,9 @@ async def get_prompt(prompt_id: uuid.UUID, request: Request,
 @router.put("/{prompt_id}", response_model=PromptView, name="prompt.update",
             responses=problem_responses(400, 401, 403, 404, 413, 422, 503))
 async def update_prompt(prompt_id: uuid.UUID, body: PromptBody, request: Request,
-                        principal: Principal = Depends(authenticate),
+                        principal: Principal = Depends(_member_or_platform),
                         shared: Services = Depends(services)) -> PromptView:
     audit_target(request, f"system_prompt/{prompt_id}")
-    _require_member_or_platform(principal)
     signals = _check_content(shared, body)
     async with audited_transaction(request, principal) as conn:
         current = await _fetch_visible(conn, principal, prompt_id, lock=True)
@@ -228,9 +226,8 @@ async def update_prompt(prompt_id: uuid.UUID, body: PromptBody, request: Request
 @router.delete("/{prompt_id}", status_code=204, response_class=Response, name="prompt.delete",
                responses=problem_responses(401, 403, 404, 422, 503))
 async def delete_prompt(prompt_id: uuid.UUID, request: Request,
-                        principal: Principal = Depends(authenticate)) -> Response:
+                        principal: Principal = Depends(_member_or_platform)) -> Response:
     audit_target(request, f"system_prompt/{prompt_id}")
-    _require_member_or_platform(principal)
     async with audited_transaction(request, principal) as conn:
         current = await _fetch_visible(conn, principal, prompt_id, lock=True)
         if not _may_write(principal, current["scope"], current["user_id"]):

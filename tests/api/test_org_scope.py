@@ -1,0 +1,44 @@
+"""A token that names no organisation (no app_metadata.org_id) gets a clear 403 problem from every
+org-scoped route, before any tenant transaction: the database here is unreachable, so a route that went
+on to it would answer 500 (an empty org id) or 503 instead."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+
+from agentbox.api.app import Services, create_app
+from agentbox.api.auth import TokenVerifier
+from agentbox.api.db import Database
+from agentbox.api.settings import Settings
+
+from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256
+
+# Not org-scoped: the platform's own route, and the OAuth callback (the browser, bound by its state).
+NOT_ORG_SCOPED = {"/api/v1/orgs", "/api/v1/mcp/oauth/callback"}
+PATH_VALUES = {"{name}": "s1", "{configuration_id}": str(uuid.uuid4()), "{prompt_id}": str(uuid.uuid4())}
+NO_ORG = {"Authorization": f"Bearer {hs256(sub='drifter', app_metadata={'role': 'admin'})}"}
+
+
+def org_scoped_operations() -> list[tuple[str, str]]:
+    paths = create_app(Settings()).openapi()["paths"]
+    return [(method.upper(), path) for path, operations in paths.items()
+            if path.startswith("/api/v1/") and path not in NOT_ORG_SCOPED for method in operations]
+
+
+@pytest.mark.parametrize(("method", "path"), org_scoped_operations())
+async def test_no_org_in_the_token_is_a_403_problem(method, path):
+    database = Database("postgresql://nobody@127.0.0.1:1/none", connect_timeout=0.2)
+    services = Services(settings=Settings(encryption_keys=[]), database=database, verifier=TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, leeway=30, hs256_secret=HS256_SECRET))
+    for placeholder, value in PATH_VALUES.items():
+        path = path.replace(placeholder, value)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(services_override=services)),
+                                 base_url="http://api.test") as api:
+        body = {} if method in ("POST", "PUT") else None
+        response = await api.request(method, path, headers=NO_ORG, json=body)
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "organisation" in response.json()["detail"] or "org admins" in response.json()["detail"]
