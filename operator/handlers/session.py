@@ -194,7 +194,8 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         desired = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
                             config_digest=config_hash(configmap, secret),
                             runner_resources=settings.runner_resources,
-                            gateway_resources=settings.gateway_resources)
+                            gateway_resources=settings.gateway_resources,
+                            credential_keys=rendered.credentials)
         try:
             pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
         except PodRejectedError as rejection:

@@ -80,7 +80,7 @@ def test_pod_is_hardened():
         assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
         assert context["runAsNonRoot"] is True and context["runAsUser"] == 65532
         assert context["readOnlyRootFilesystem"] is True
-    assert {volume["name"] for volume in spec["volumes"]} == {"workspace", "config", "secrets", "tmp"}
+    assert {volume["name"] for volume in spec["volumes"]} == {"workspace", "config", "runner-secrets", "tmp"}
     assert all(
         set(volume) & {"persistentVolumeClaim", "configMap", "secret", "emptyDir"}
         for volume in spec["volumes"]
@@ -138,6 +138,38 @@ def test_config_hash_follows_configmap_and_secret():
     assert digest == config_hash(build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {}))
     assert digest != config_hash(build_configmap(session, {"a": 2}), secret)
     assert digest != config_hash(configmap, build_secret(session, b64("t"), {"mcp-x-token": b64("new")}))
+
+
+def _secret_files(pod: dict, container: dict) -> set[str]:
+    """The Secret keys a container can read: the items of every Secret volume it mounts."""
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+    files = set()
+    for mount in container["volumeMounts"]:
+        secret = volumes[mount["name"]].get("secret")
+        if secret is not None:
+            assert secret["items"], "a Secret volume without items projects every key"
+            files |= {item["path"] for item in secret["items"]}
+    return files
+
+
+def test_runner_sees_only_its_token_and_the_gateway_only_mcp_credentials():
+    session = make_session()
+    credentials = {"mcp-github-token": b64("T"), "mcp-github-header-x-api-key": b64("K")}
+    secret = build_secret(session, b64("runner"), credentials)
+    pod = build_pod(session, image="img:1", pull_policy="IfNotPresent", config_digest="x",
+                    runner_resources={}, gateway_resources={}, credential_keys=credentials)
+    (gateway,) = pod["spec"]["initContainers"]
+    (runner,) = pod["spec"]["containers"]
+    assert _secret_files(pod, runner) == {"runner-token"}
+    assert _secret_files(pod, gateway) == set(credentials)
+    assert _secret_files(pod, runner) | _secret_files(pod, gateway) == set(secret["data"])
+    for container in (runner, gateway):
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/agentbox/secrets"]
+        assert mount["readOnly"] is True
+    # No MCP credentials: the gateway mounts no secret at all (empty items would mean every key).
+    bare = make_pod(session)
+    assert _secret_files(bare, bare["spec"]["initContainers"][0]) == set()
+    assert "mcp-secrets" not in {volume["name"] for volume in bare["spec"]["volumes"]}
 
 
 def test_pvc_and_service():

@@ -1,0 +1,114 @@
+"""The sandbox pod: the agent runner plus the MCP gateway as a native sidecar, PSS "restricted"."""
+
+import hashlib
+import json
+from collections.abc import Iterable
+from typing import Any
+
+from agentbox.operator import naming
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.configmap import CONFIG_DIR, GATEWAY_CONFIG_KEY, SYSTEM_PROMPT_KEY
+from agentbox.operator.build.mcp import GATEWAY_HOST, GATEWAY_PORT, SECRETS_DIR
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
+
+SANDBOX_UID = 65532
+WORKSPACE_DIR = "/workspace"
+
+
+def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
+    """sha256 of everything the pod reads from its ConfigMap and Secret: a change rolls the pod."""
+    material = json.dumps([configmap.get("data", {}), secret.get("data", {})], sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+def container_security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False,
+            "readOnlyRootFilesystem": True, "runAsNonRoot": True, "runAsUser": SANDBOX_UID,
+            "runAsGroup": SANDBOX_UID, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _mounts(secrets_volume: str | None, workspace: bool) -> list[dict[str, Any]]:
+    mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+              {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 (an emptyDir, not the host's /tmp)
+    if secrets_volume:
+        mounts.append({"name": secrets_volume, "mountPath": SECRETS_DIR, "readOnly": True})
+    if workspace:
+        mounts.append({"name": "workspace", "mountPath": WORKSPACE_DIR})
+    return mounts
+
+
+def _secret_volume(name: str, secret_name: str, keys: list[str]) -> dict[str, Any]:
+    """One Secret, only the listed keys: the runner never sees MCP credentials, the gateway never the
+    runner token (the agent runs in the runner container)."""
+    return {"name": name, "secret": {"secretName": secret_name, "defaultMode": 0o440,
+                                     "items": [{"key": key, "path": key} for key in keys]}}
+
+
+def runner_env(session: Session) -> list[dict[str, Any]]:
+    agent = session.spec.agent
+    env = [{"name": "AGENTBOX_RUNTIME", "value": agent.runtime},
+           {"name": "AGENTBOX_RUNNER_TOKEN_FILE", "value": f"{SECRETS_DIR}/{RUNNER_TOKEN_KEY}"},
+           {"name": "AGENTBOX_SYSTEM_PROMPT_FILE", "value": f"{CONFIG_DIR}/{SYSTEM_PROMPT_KEY}"},
+           {"name": "AGENTBOX_GATEWAY_URL", "value": f"http://{GATEWAY_HOST}:{GATEWAY_PORT}/mcp"},
+           {"name": "AGENTBOX_WORKSPACE", "value": WORKSPACE_DIR},
+           {"name": "HOME", "value": "/tmp"}]  # noqa: S108 (an emptyDir)
+    if agent.model:
+        env.append({"name": "AGENTBOX_AGENT_MODEL", "value": agent.model})
+    if agent.command:
+        env.append({"name": "AGENTBOX_AGENT_COMMAND", "value": json.dumps([*agent.command, *agent.args])})
+    elif agent.args:
+        env.append({"name": "AGENTBOX_AGENT_ARGS", "value": json.dumps(agent.args)})
+    # User variables come last but can never shadow ours: AGENTBOX_* names are rejected at admission.
+    env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in agent.env)
+    return env
+
+
+def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: str,
+              runner_resources: dict[str, Any], gateway_resources: dict[str, Any],
+              credential_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """`credential_keys`: the session Secret's MCP credential keys, mounted into the gateway alone."""
+    spec = session.spec
+    mcp_keys = sorted(credential_keys)
+    gateway = {
+        "name": "gateway", "image": image, "imagePullPolicy": pull_policy,
+        "command": ["python", "-m", "agentbox.sandbox.gateway"],
+        "env": [{"name": "AGENTBOX_GATEWAY_CONFIG", "value": f"{CONFIG_DIR}/{GATEWAY_CONFIG_KEY}"},
+                {"name": "HOME", "value": "/tmp"}],  # noqa: S108 (an emptyDir)
+        "restartPolicy": "Always",  # a native sidecar: starts first, lives as long as the runner
+        "resources": gateway_resources, "securityContext": container_security_context(),
+        # An empty items list would project every key, so no credentials means no secret volume at all.
+        "volumeMounts": _mounts("mcp-secrets" if mcp_keys else None, workspace=False)}
+    runner = {
+        "name": "runner", "image": spec.agent.image or image, "imagePullPolicy": pull_policy,
+        "command": ["python", "-m", "agentbox.sandbox.runner"],
+        "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
+        "env": runner_env(session), "workingDir": WORKSPACE_DIR,
+        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
+        "resources": spec.resources or runner_resources, "securityContext": container_security_context(),
+        "volumeMounts": _mounts("runner-secrets", workspace=True)}
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "restartPolicy": "Always",
+        "terminationGracePeriodSeconds": 15,
+        "securityContext": {"runAsNonRoot": True, "runAsUser": SANDBOX_UID, "runAsGroup": SANDBOX_UID,
+                            "fsGroup": SANDBOX_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "initContainers": [gateway],
+        "containers": [runner],
+        "volumes": [
+            {"name": "workspace", "persistentVolumeClaim": {"claimName": session.child_name}},
+            {"name": "config", "configMap": {"name": session.child_name}},
+            _secret_volume("runner-secrets", session.child_name, [RUNNER_TOKEN_KEY]),
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        ],
+    }
+    if mcp_keys:
+        pod_spec["volumes"].append(_secret_volume("mcp-secrets", session.child_name, mcp_keys))
+    if spec.runtime_class_name:
+        pod_spec["runtimeClassName"] = spec.runtime_class_name
+    if spec.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.node_selector)
+    if spec.tolerations:
+        pod_spec["tolerations"] = list(spec.tolerations)
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": session.metadata({naming.CONFIG_HASH_ANNOTATION: config_digest}), "spec": pod_spec}

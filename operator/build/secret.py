@@ -1,0 +1,19 @@
+"""The session Secret: the runner token and the MCP credentials, mounted at /var/run/agentbox/secrets."""
+
+import secrets
+from typing import Any
+
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.mcp import encode
+
+RUNNER_TOKEN_KEY = "runner-token"
+
+
+def new_runner_token() -> str:
+    return encode(secrets.token_urlsafe(32))
+
+
+def build_secret(session: Session, runner_token: str, credentials: dict[str, str]) -> dict[str, Any]:
+    """`runner_token` and `credentials` values are base64 already (as read from other Secrets)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": session.metadata(),
+            "data": {RUNNER_TOKEN_KEY: runner_token, **credentials}}
