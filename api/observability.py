@@ -59,6 +59,9 @@ class Metrics:
                                  buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.audit_writes = Counter("agentbox_api_audit_rows_total", "Audit rows written",
                                     ["outcome"], registry=self.registry)
+        self.oauth_callbacks_refused = Counter("agentbox_api_oauth_callbacks_refused_total",
+                                               "OAuth callbacks refused with no org known (not audited)",
+                                               ["reason"], registry=self.registry)
         self.prompt_injection_signals = Counter("agentbox_api_prompt_injection_signals_total",
                                                 "Prompt texts flagged by the injection heuristics",
                                                 registry=self.registry)

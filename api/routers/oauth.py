@@ -408,10 +408,16 @@ async def callback(request: Request, shared: Services = Depends(services),
     principal = await _optional_principal(request)
     recorder = _CallbackAudit(request)
     org = oauth.state_org(state)
+    # A missing, malformed or unknown state names no org we issued anything to, and the caller is anyone
+    # with a browser: it is not audited under the platform chain (org NULL), since rate limiting would only
+    # slow, not stop, strangers growing that chain. It is logged and counted
+    # (agentbox_api_oauth_callbacks_refused_total) instead; a caller whose token names an org gets a row
+    # in that org's chain.
     if state is None or org is None:
         if principal is not None and principal.org is not None:
             await recorder.write(db, recorder.event(principal.org, principal.sub, "denied", None,
                                                     "400: missing or malformed state"))
+        shared.metrics.oauth_callbacks_refused.labels("missing_state").inc()
         log.info("OAuth callback without a usable state", extra={"has_state": state is not None})
         return problem_response(request, 400, "Bad Request", "the state parameter is missing or malformed")
     digest = oauth.state_hash(state)
@@ -424,6 +430,7 @@ async def callback(request: Request, shared: Services = Depends(services),
             row = None
     if row is None:
         if known is None:
+            shared.metrics.oauth_callbacks_refused.labels("unknown_state").inc()
             log.info("OAuth callback with an unknown state", extra={"org": org})
             if principal is not None and principal.org is not None:
                 await recorder.write(db, recorder.event(principal.org, principal.sub, "denied", None,

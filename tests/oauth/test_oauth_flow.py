@@ -174,7 +174,8 @@ async def test_the_whole_flow_stores_tokens_encrypted_and_never_shows_them(datab
 
 
 async def test_bad_callbacks_get_400_and_never_reach_the_token_endpoint(database, superuser):
-    async with provider() as server, api_for(database) as (api, _):
+    platform_rows = await superuser.fetchval("SELECT count(*) FROM audit_logs WHERE org_id IS NULL")
+    async with provider() as server, api_for(database) as (api, shared):
         configuration_id = await new_configuration(superuser, server.resource)
         callback_url = await authorize(api, server, configuration_id)
         state = parse_qs(urlsplit(callback_url).query)["state"][0]
@@ -190,6 +191,14 @@ async def test_bad_callbacks_get_400_and_never_reach_the_token_endpoint(database
             response = await api.get(path, params=params)
             assert response.status_code == 400 and message in response.json()["detail"], response.text
         assert server.calls["token"] == 0
+        # Strangers' callbacks (no usable state, no token) are counted, not written to any chain.
+        def refused(reason: str) -> float | None:
+            return shared.metrics.registry.get_sample_value("agentbox_api_oauth_callbacks_refused_total",
+                                                            {"reason": reason})
+
+        assert (refused("missing_state"), refused("unknown_state")) == (1, 2)
+        after = await superuser.fetchval("SELECT count(*) FROM audit_logs WHERE org_id IS NULL")
+        assert after == platform_rows
 
         # Bound to the user: another user of the org relaying the callback with their token is refused.
         callback_url = await authorize(api, server, configuration_id)
