@@ -44,6 +44,7 @@ POD_SELECTOR = "app.kubernetes.io/managed-by=agentbox,agentbox.dev/session"
 SESSION_LABEL = "agentbox.dev/session"
 IN_POD_SECRETS = "/var/run/agentbox/secrets/"  # where the pod mounts the session's Secret
 POLL_SECONDS = 0.5
+STARTUP_GRACE_SECONDS = 15.0
 # Only what the runner needs from the caller; hop-by-hop headers stay behind.
 FORWARDED_HEADERS = ("authorization", "content-type", "accept", "last-event-id")
 
@@ -202,17 +203,28 @@ class Supervisor:
 def proxy_app(supervisor: Supervisor, http: httpx.AsyncClient) -> Starlette:
     async def forward(request: Request) -> Response:
         params = request.path_params
-        stand_in = supervisor.find(params["namespace"], params["session"])
-        if stand_in is None:
-            return JSONResponse({"detail": "no running pod stands in for this session"}, status_code=502)
         headers = {name: value for name, value in request.headers.items() if name in FORWARDED_HEADERS}
-        upstream = http.build_request(request.method, f"{stand_in.runner_url}/{params['path']}",
-                                      params=request.query_params, headers=headers,
-                                      content=await request.body())
-        try:
-            response = await http.send(upstream, stream=True)
-        except httpx.HTTPError as error:
-            return JSONResponse({"detail": f"the stand-in runner did not answer: {error!r}"}, status_code=502)
+        body = await request.body()
+        # A pod the operator just reported Running may still be starting here, as a real one would be
+        # until its readiness probe passes: wait for it rather than fail the first request.
+        deadline = asyncio.get_running_loop().time() + STARTUP_GRACE_SECONDS
+        while True:
+            stand_in = supervisor.find(params["namespace"], params["session"])
+            if stand_in is not None:
+                upstream = http.build_request(request.method, f"{stand_in.runner_url}/{params['path']}",
+                                              params=request.query_params, headers=headers, content=body)
+                try:
+                    response = await http.send(upstream, stream=True)
+                    break
+                except httpx.ConnectError as error:
+                    failure = f"the stand-in runner does not answer yet: {error!r}"
+                except httpx.HTTPError as error:
+                    return JSONResponse({"detail": f"the stand-in runner failed: {error!r}"}, status_code=502)
+            else:
+                failure = "no running pod stands in for this session"
+            if asyncio.get_running_loop().time() > deadline:
+                return JSONResponse({"detail": failure}, status_code=502)
+            await asyncio.sleep(0.2)
         kept = {name: value for name, value in response.headers.items()
                 if name in ("content-type", "cache-control", "www-authenticate")}
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=kept,

@@ -119,6 +119,7 @@ class Stack:
     hs256_secret: str
     kube: Kube
     processes: list[Process] = field(default_factory=list)
+    orgs: list[str] = field(default_factory=list)  # onboarded by the tests, removed after them
 
     def token(self, *, sub: str = "platform", org: str | None = None, role: str | None = None,
               service_role: bool = False, secret: str | None = None) -> str:

@@ -1,0 +1,265 @@
+"""The frontend's journey on the real cluster and database, with the operator and the API running.
+
+Every step goes through the API's HTTP surface as a frontend would; the cluster is only read to show
+what the steps did. The session's pod is stood in for by the real runner and gateway started locally
+(hack/session_runners.py), so a message takes the API's real path: token, Secret, runner, agent, tool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+import pytest_asyncio
+import uvicorn
+from fastmcp import FastMCP
+
+from e2e.stack import Stack, free_port, running_stack
+
+pytestmark = pytest.mark.e2e
+
+TENANT_PREFIX = "tenant-e2e"
+
+
+@contextlib.asynccontextmanager
+async def mcp_upstream() -> AsyncIterator[str]:
+    """A real MCP server (streamable HTTP) on 127.0.0.1; yields its URL."""
+    server = FastMCP("e2e-upstream")
+
+    @server.tool
+    def shout(text: str) -> str:
+        """Upper-case the text."""
+        return text.upper()
+
+    port = free_port()
+    uvicorn_server = uvicorn.Server(uvicorn.Config(server.http_app(), host="127.0.0.1", port=port,
+                                                   log_level="warning"))
+    task = asyncio.create_task(uvicorn_server.serve())
+    while not uvicorn_server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}/mcp"
+    finally:
+        uvicorn_server.should_exit = True
+        await task
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(kube, postgres, tmp_path_factory) -> AsyncIterator[Stack]:
+    async with running_stack(kube, postgres.app_dsn, tmp_path_factory.mktemp("e2e"), release="abx-e2e",
+                             system_namespace="abx-e2e-system", scope=f"{TENANT_PREFIX}*",
+                             tenant_prefix=TENANT_PREFIX) as running:
+        yield running
+    for org in running.orgs:  # the database goes with the module; the tenant namespaces go here
+        await kube.kubectl("delete", "namespace", f"tenant-{org}", "--ignore-not-found", "--wait=false")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api(stack) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as client:
+        yield client
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def upstream() -> AsyncIterator[str]:
+    async with mcp_upstream() as url:
+        yield url
+
+
+async def onboard(api: httpx.AsyncClient, stack: Stack) -> str:
+    org = f"e2e{secrets.token_hex(3)}"
+    created = await api.post("/api/v1/orgs", headers=stack.bearer(service_role=True),
+                             json={"id": org, "name": f"Org {org}"})
+    assert created.status_code == 201, created.text
+    assert created.json()["namespace"] == f"tenant-{org}"
+    stack.orgs.append(org)
+    return org
+
+
+async def eventually(probe: Callable[[], Any], what: str, stack: Stack, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = await probe()
+        if value:
+            return value
+        await asyncio.sleep(0.3)
+    raise AssertionError(f"{what}: not reached in {timeout}s; last value {value!r}\n{stack.logs()}")
+
+
+def condition(view: dict, kind: str) -> str | None:
+    return next((c["status"] for c in view["conditions"] if c["type"] == kind), None)
+
+
+async def session_view(api, headers, name) -> dict:
+    response = await api.get(f"/api/v1/sessions/{name}", headers=headers)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def until_ready(api, stack, headers, name) -> dict:
+    async def ready():
+        view = await session_view(api, headers, name)
+        return view if view["ready"] else None
+    # Generous: on a cluster shared with other suites the volume binder can lag by tens of seconds.
+    return await eventually(ready, f"session {name} Ready", stack, timeout=150)
+
+
+async def agent_replies(api, stack, headers, name, content: str) -> list[dict]:
+    """Send a message; return the conversation once the agent has answered it."""
+    sent = await api.post(f"/api/v1/sessions/{name}/message", headers=headers, json={"content": content})
+    assert sent.status_code == 200, sent.text
+
+    async def answered():
+        status = (await api.get(f"/api/v1/sessions/{name}/status", headers=headers)).json()
+        messages = (await api.get(f"/api/v1/sessions/{name}/messages", headers=headers)).json()["messages"]
+        asked = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"] == content]
+        replied = asked and any(m["role"] == "agent" for m in messages[asked[-1] + 1:])
+        return messages if replied and status["status"] == "stable" else None
+    return await eventually(answered, f"the agent's answer to {content!r}", stack, timeout=30)
+
+
+async def first_events(api, headers, name, count: int) -> list[str]:
+    """The names of the first `count` server-sent events of the session's stream."""
+    names: list[str] = []
+    async with api.stream("GET", f"/api/v1/sessions/{name}/events", headers=headers,
+                          timeout=httpx.Timeout(10, read=10)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for line in response.aiter_lines():
+            if line.startswith("event:"):
+                names.append(line.split(":", 1)[1].strip())
+                if len(names) >= count:
+                    break
+    return names
+
+
+async def test_the_frontend_journey(api, stack, upstream, kube):
+    org = await onboard(api, stack)
+    admin = stack.bearer(sub="ada@example.com", org=org, role="admin")
+
+    configured = await api.post("/api/v1/mcp/configurations", headers=admin, json={
+        "name": "tools", "transport": "streamable-http", "url": upstream,
+        "authType": "bearer", "bearerToken": "upstream-secret-token"})
+    assert configured.status_code == 201, configured.text
+    assert "upstream-secret-token" not in configured.text
+
+    created = await api.post("/api/v1/sessions", headers=admin, json={
+        "name": "s1", "agent": {"runtime": "scripted"}, "mcpServers": [{"name": "tools"}]})
+    assert created.status_code == 201, created.text
+    assert created.json()["ready"] is False
+
+    view = await until_ready(api, stack, admin, "s1")
+    assert view["phase"] == "Running" and condition(view, "MCPReady") == "True"
+
+    conversation = await agent_replies(api, stack, admin, "s1", "hello there")
+    assert conversation[-1] == {**conversation[-1], "role": "agent", "content": "echo: hello there"}
+    # The agent calls the upstream's tool through the session's gateway, with the stored credential.
+    conversation = await agent_replies(api, stack, admin, "s1", 'tool tools_shout {"text": "quiet"}')
+    assert any("QUIET" in json.dumps(m) for m in conversation), conversation
+    events = await first_events(api, admin, "s1", 2)
+    assert set(events) <= {"message_update", "status_change", "agent_error"} and events, events
+    status = await api.get("/api/v1/sessions/s1/status", headers=admin)
+    assert status.status_code == 200 and status.json()["status"] == "stable"
+
+    suspended = await api.post("/api/v1/sessions/s1/suspend", headers=admin)
+    assert suspended.status_code == 200 and suspended.json()["suspended"] is True
+
+    async def pod_gone():
+        view = await session_view(api, admin, "s1")
+        pods = await kube.kubectl("get", "pods", "-n", f"tenant-{org}", "-l", "agentbox.dev/session=s1",
+                                  "-o", "name")
+        return view["phase"] == "Suspended" and not pods.strip()
+    await eventually(pod_gone, "s1 suspended without a pod", stack)
+    assert await kube.kubectl("get", "pvc", "-n", f"tenant-{org}", "-l", "agentbox.dev/session=s1",
+                              "-o", "name")  # the workspace stays
+    refused = await api.post("/api/v1/sessions/s1/message", headers=admin, json={"content": "anyone?"})
+    assert refused.status_code == 409, refused.text
+
+    resumed = await api.post("/api/v1/sessions/s1/resume", headers=admin)
+    assert resumed.status_code == 200 and resumed.json()["suspended"] is False
+    await until_ready(api, stack, admin, "s1")
+    conversation = await agent_replies(api, stack, admin, "s1", "back again")
+    assert conversation[-1]["content"] == "echo: back again"
+
+    deleted = await api.delete("/api/v1/sessions/s1", headers=admin)
+    assert deleted.status_code == 204, deleted.text
+
+    async def gone():
+        return (await api.get("/api/v1/sessions/s1", headers=admin)).status_code == 404
+    await eventually(gone, "s1 deleted", stack)
+
+    audit = await api.get("/api/v1/audit", headers=admin, params={"limit": 100})
+    assert audit.status_code == 200, audit.text
+    actions = [entry["action"] for entry in reversed(audit.json()["items"])]
+    for step in ["mcp.configuration.create", "session.create", "session.message",
+                 "session.suspend", "session.resume", "session.delete"]:
+        assert step in actions, actions
+    # Every step succeeded except the message sent while suspended, which is there as refused.
+    unsuccessful = [(e["action"], e["outcome"]) for e in audit.json()["items"] if e["outcome"] != "success"]
+    assert [action for action, _ in unsuccessful] == ["session.message"], unsuccessful
+    assert "upstream-secret-token" not in audit.text
+    verified = await api.get("/api/v1/audit/verify", headers=admin)
+    assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
+    # Onboarding is the platform's act: it is in the platform's own log, whose chain verifies too.
+    platform = stack.bearer(service_role=True)
+    onboarded = await api.get("/api/v1/audit", headers=platform, params={"action": "org.create"})
+    assert any(entry["target"] == f"org/{org}" for entry in onboarded.json()["items"]), onboarded.text
+    verified = await api.get("/api/v1/audit/verify", headers=platform)
+    assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
+
+
+async def test_a_bad_token_is_refused_and_audited_nowhere_else(api, stack):
+    org = await onboard(api, stack)
+    forged = stack.bearer(sub="mallory", org=org, role="admin", secret="not-the-secret-" * 4)
+    for headers in ({}, forged, {"Authorization": "Bearer not-a-jwt"}):
+        response = await api.get("/api/v1/sessions", headers=headers)
+        assert response.status_code == 401, response.text
+        assert response.headers["content-type"].startswith("application/problem+json")
+    user = stack.bearer(sub="bob", org=org, role="user")
+    assert (await api.post("/api/v1/orgs", headers=user, json={"id": "e2ex", "name": "x"})).status_code == 403
+
+
+async def test_another_orgs_session_is_not_found(api, stack):
+    org_a, org_b = await onboard(api, stack), await onboard(api, stack)
+    alice = stack.bearer(sub="alice", org=org_a, role="admin")
+    mallory = stack.bearer(sub="mallory", org=org_b, role="admin")
+    created = await api.post("/api/v1/sessions", headers=alice, json={"name": "private",
+                                                                      "agent": {"runtime": "scripted"}})
+    assert created.status_code == 201, created.text
+    for method, path in [("GET", ""), ("GET", "/messages"), ("POST", "/suspend"), ("DELETE", "")]:
+        response = await api.request(method, f"/api/v1/sessions/private{path}", headers=mallory)
+        assert response.status_code == 404, (method, path, response.text)
+    response = await api.post("/api/v1/sessions/private/message", headers=mallory, json={"content": "hi"})
+    assert response.status_code == 404
+    assert (await api.get("/api/v1/sessions", headers=mallory)).json() == []
+    assert (await api.get("/api/v1/sessions/private", headers=alice)).status_code == 200
+
+
+async def test_a_broken_mcp_server_does_not_stop_the_session(api, stack):
+    org = await onboard(api, stack)
+    admin = stack.bearer(sub="ada", org=org, role="admin")
+    nowhere = f"http://127.0.0.1:{free_port()}/mcp"  # nothing listens there
+    configured = await api.post("/api/v1/mcp/configurations", headers=admin, json={
+        "name": "broken", "transport": "streamable-http", "url": nowhere})
+    assert configured.status_code == 201, configured.text
+    created = await api.post("/api/v1/sessions", headers=admin, json={
+        "name": "s2", "agent": {"runtime": "scripted"}, "mcpServers": [{"name": "broken"}]})
+    assert created.status_code == 201, created.text
+
+    async def started_without_mcp():
+        view = await session_view(api, admin, "s2")
+        return view if view["phase"] == "Running" and condition(view, "MCPReady") == "False" else None
+    view = await eventually(started_without_mcp, "s2 Running with MCPReady False", stack, timeout=150)
+    assert view["ready"] is True, view
+    conversation = await agent_replies(api, stack, admin, "s2", "still here?")
+    assert conversation[-1]["content"] == "echo: still here?"
