@@ -54,7 +54,15 @@ test: lint binaries ## everything: lint, import contracts, unit, integration on 
 	@$(PY) -m pytest $(PYTEST_ARGS)
 
 .PHONY: e2e
-e2e: venv binaries ## the end-to-end journeys alone
+e2e: venv binaries ## the end-to-end journeys and the chart's tests (CLUSTER=kind: images built and loaded, needs Docker)
+ifeq ($(CLUSTER),kind)
+	@if command -v docker >/dev/null 2>&1 && command -v kind >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
+	  docker build -q -t ghcr.io/agentbox-dev/agentbox:0.1.0 . && \
+	  docker build -q -f sandbox/images/Dockerfile -t ghcr.io/agentbox-dev/sandbox:0.1.0 . && \
+	  AGENTBOX_CLUSTER_NAME=agentbox-test hack/cluster.sh up >/dev/null && \
+	  kind load docker-image --name agentbox-test ghcr.io/agentbox-dev/agentbox:0.1.0 ghcr.io/agentbox-dev/sandbox:0.1.0; \
+	else echo "e2e: CLUSTER=kind needs Docker and kind; the tests will say they are skipped"; fi
+endif
 	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
 
 .PHONY: bench

@@ -16,7 +16,7 @@ import pytest_asyncio
 import yaml
 from e2e.stack import REPO, chart_identity, operator_process, tools_for
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart's tests too
 
 CHART = REPO / "charts" / "agentbox"
 REQUIRED = ["--set", "jwt.issuer=https://auth.example.test/auth/v1",
@@ -124,6 +124,11 @@ async def test_install_then_uninstall_keeps_only_what_the_user_chose(kube, names
     error = await helm_fails(kube, "install", f"{release}b", str(CHART), "--namespace", namespace, *values)
     assert f'namespace {namespace} already has agentbox release "{release}"' in error
     assert await namespaced_leftovers(kube, namespace) == installed
+
+    # A Secret the values name but the namespace lacks fails the upgrade, named, before anything changes.
+    error = await helm_fails(kube, "upgrade", release, str(CHART), "--namespace", namespace, *values,
+                             "--set", "database.existingSecret=no-such-secret")
+    assert 'database.existingSecret: Secret "no-such-secret" not found' in error
 
     # An upgrade keeps the generated encryption key (losing it loses every stored credential).
     key = await kube.kubectl("get", "secret", f"{release}-agentbox-encryption", "-n", namespace,
