@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -26,6 +28,9 @@ class Services:
     kube: Any = None
     verifier: Any = None
     runner: Any = None
+    # Watch-backed caches (agentbox.api.watch_cache) of AgentSessions and MCPServers; None: live reads.
+    sessions_cache: Any = None
+    mcp_servers_cache: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +107,8 @@ async def open_services(shared: Services, stack: AsyncExitStack) -> None:
         stack.push_async_callback(shared.kube.close)
     except Exception:
         logging.getLogger("agentbox.api").warning("no Kubernetes configuration; Kubernetes routes answer 503")
+    else:
+        await start_caches(shared, stack)
     http = httpx.AsyncClient(timeout=settings.runner_timeout_seconds)
     stack.push_async_callback(http.aclose)
     shared.runner = RunnerClient(http, url_override=settings.runner_url_override)
@@ -116,6 +123,24 @@ async def open_services(shared: Services, stack: AsyncExitStack) -> None:
         secret = settings.jwt_hs256_secret.get_secret_value() if settings.jwt_hs256_secret else None
         shared.verifier = TokenVerifier(issuer=settings.jwt_issuer, audience=settings.jwt_audience,
                                         leeway=settings.jwt_leeway_seconds, hs256_secret=secret, jwks=jwks)
+
+
+async def start_caches(shared: Services, stack: AsyncExitStack) -> None:
+    """Watch AgentSessions and MCPServers into caches until `stack` closes (reads fall back to the API
+    server until each has listed once)."""
+    from agentbox.api.watch_cache import WatchCache
+    from agentbox.crds import agentsession, mcpserver
+
+    async def stop(task: asyncio.Task[None]) -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    for attribute, kind in (("sessions_cache", agentsession), ("mcp_servers_cache", mcpserver)):
+        cache = WatchCache(shared.kube.custom, kind.GROUP, kind.VERSION, kind.PLURAL,
+                           request_timeout=shared.settings.kube_timeout_seconds)
+        setattr(shared, attribute, cache)
+        stack.push_async_callback(stop, asyncio.create_task(cache.run(), name=f"watch-{kind.PLURAL}"))
 
 
 def create_app(settings: Settings | None = None, *, services_override: Services | None = None) -> FastAPI:

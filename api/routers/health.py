@@ -55,6 +55,10 @@ async def readyz(shared: Services = Depends(services)) -> Readiness:
     kube_probe = shared.kube.ping if shared.kube is not None else None
     checks = dict(await asyncio.gather(_check("database", database_probe, timeout),
                                        _check("kubernetes", kube_probe, timeout)))
+    caches = {"sessions cache": shared.sessions_cache, "mcp servers cache": shared.mcp_servers_cache}
+    for name, cache in caches.items():
+        if cache is not None:  # ready after the first list; a later resync falls back to live reads instead
+            checks[name] = "ok" if cache.resyncs else "waiting for the first list"
     if any(result != "ok" for result in checks.values()):
         raise ProblemError(503, "Service Unavailable", "a dependency is not ready",
                            extensions={"checks": checks})

@@ -37,6 +37,7 @@ from agentbox.api.routers.common import (
 from agentbox.api.routers.models import ApiModel
 from agentbox.api.routers.prompts import compose_for
 from agentbox.api.runner_client import RunnerClient, RunnerUnavailable
+from agentbox.api.watch_cache import WatchCache
 from agentbox.crds.agentsession import (
     AgentSession,
     AgentSessionSpec,
@@ -127,14 +128,37 @@ def _visible(principal: Principal, session: dict[str, Any]) -> bool:
     return tenant.get("org") == principal.org and (principal.is_admin or tenant.get("user") == principal.sub)
 
 
+def _listed(principal: Principal, session: dict[str, Any]) -> bool:
+    """What GET /sessions shows: the label selector of a live list, then `_visible` (same from the cache)."""
+    labels = session["metadata"].get("labels") or {}
+    return (labels.get(ORG_LABEL) == principal.org and
+            (principal.is_admin or labels.get(USER_LABEL) == user_label(principal.sub)) and
+            _visible(principal, session))
+
+
+def _cache(shared: Services) -> WatchCache | None:
+    """The session cache when it holds a complete picture; None sends reads to the API server."""
+    cache = shared.sessions_cache
+    return cache if cache is not None and cache.synced else None
+
+
 async def _owned(client: Kube, shared: Services, principal: Principal, name: str) -> dict[str, Any]:
     """The session if the caller may see it; 404 alike for missing, another user's or another org's."""
+    namespace = _namespace(shared, principal)
+    cache = _cache(shared)
     try:
-        session = await client.get_session(_namespace(shared, principal), name)
+        session = cache.get(namespace, name) if cache else await client.get_session(namespace, name)
     except KubeError as exc:
         raise kube_problem(exc) from exc
     if session is None or not _visible(principal, session):
         raise not_found("session", name)
+    return session
+
+
+def _written(shared: Services, session: dict[str, Any]) -> dict[str, Any]:
+    """The API's own write, shown by the cache at once."""
+    if shared.sessions_cache is not None:
+        shared.sessions_cache.observe(session)
     return session
 
 
@@ -162,12 +186,14 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
             except ValidationError as exc:
                 raise ProblemError(422, "Unprocessable Content", "the session is not valid",
                                    errors=field_errors(exc.errors())) from exc
-            created = await client.create_session(
-                namespace, resource.model_dump(by_alias=True, exclude_none=True, mode="json"))
+            created = _written(shared, await client.create_session(
+                namespace, resource.model_dump(by_alias=True, exclude_none=True, mode="json")))
     except Exception:
         if created is not None:  # the audit row did not commit: take the resource back
             with contextlib.suppress(KubeError):
                 await client.delete_session(namespace, name)
+            if shared.sessions_cache is not None:
+                shared.sessions_cache.forget(namespace, name)
         raise
     return _view(created)
 
@@ -175,14 +201,19 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
 @router.get("", response_model=list[SessionView], responses=problem_responses(401, 403, 503))
 async def list_sessions(principal: Principal = Depends(tenant_member), shared: Services = Depends(services),
                         client: Kube = Depends(kube)) -> list[SessionView]:
-    selector = f"{ORG_LABEL}={principal.org}"
-    if not principal.is_admin:
-        selector += f",{USER_LABEL}={user_label(principal.sub)}"
-    try:
-        items = await client.list_sessions(_namespace(shared, principal), selector)
-    except KubeError as exc:
-        raise kube_problem(exc) from exc
-    return [_view(item) for item in items if _visible(principal, item)]
+    namespace = _namespace(shared, principal)
+    cache = _cache(shared)
+    if cache is not None:
+        items = sorted(cache.items(namespace), key=lambda item: item["metadata"]["name"])
+    else:
+        selector = f"{ORG_LABEL}={principal.org}"
+        if not principal.is_admin:
+            selector += f",{USER_LABEL}={user_label(principal.sub)}"
+        try:
+            items = await client.list_sessions(namespace, selector)
+        except KubeError as exc:
+            raise kube_problem(exc) from exc
+    return [_view(item) for item in items if _listed(principal, item)]
 
 
 @router.get("/{name}", response_model=SessionView, responses=problem_responses(401, 403, 404, 422, 503))
@@ -199,6 +230,8 @@ async def delete_session(name: SessionName, request: Request, principal: Princip
     await _owned(client, shared, principal, name)
     async with audited_transaction(request, principal):
         await client.delete_session(_namespace(shared, principal), name)
+    if shared.sessions_cache is not None:
+        shared.sessions_cache.forget(_namespace(shared, principal), name)
     return Response(status_code=204)
 
 
@@ -209,7 +242,7 @@ async def _set_suspend(request: Request, principal: Principal, shared: Services,
     async with audited_transaction(request, principal):
         patched = await client.patch_session(_namespace(shared, principal), name,
                                              {"spec": {"lifecycle": {"suspend": suspend}}})
-    return _view(patched)
+    return _view(_written(shared, patched))
 
 
 @router.post("/{name}/suspend", response_model=SessionView, name="session.suspend",
@@ -260,8 +293,8 @@ async def _touch(client: Kube, shared: Services, principal: Principal, name: str
     last_patched[(namespace, name)] = now
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
-        await client.patch_session(namespace, name,
-                                   {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: stamp}}})
+        _written(shared, await client.patch_session(
+            namespace, name, {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: stamp}}}))
     except KubeError:
         log.warning("could not record session activity", extra={"session": name})
 

@@ -1,9 +1,12 @@
-"""Orgs and sessions over HTTP against the real cluster and database; the runner a stand-in on 127.0.0.1."""
+"""Orgs and sessions over HTTP against the real cluster and database; the runner a stand-in on 127.0.0.1.
+Reads are served from the watch-backed caches here (the other cluster tests run without them: live reads)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import secrets
+from contextlib import AsyncExitStack
 
 import asyncpg
 import httpx
@@ -14,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from agentbox.api.app import Services, create_app
+from agentbox.api.app import Services, create_app, start_caches
 from agentbox.api.auth import TokenVerifier
 from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
@@ -93,7 +96,12 @@ async def setup(postgres, kube, runner):
                                                hs256_secret=HS256_SECRET),
                         runner=RunnerClient(http, url_override=runner.url))
     app = create_app(services_override=services)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api.test") as api:
+    async with AsyncExitStack() as caches, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api.test") as api:
+        await start_caches(services, caches)
+        async with asyncio.timeout(30):
+            await services.sessions_cache.wait_synced()
+            await services.mcp_servers_cache.wait_synced()
         yield api, cluster, superuser
     for org in (ORG_A, ORG_B):
         await cluster.delete_namespace(f"tenant-{org}")
@@ -131,6 +139,18 @@ async def _make_ready(cluster: ApiKube, namespace: str, name: str) -> None:
         data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
 
 
+
+async def eventually(check, seconds: float = 10.0) -> None:
+    """Until `check()` (a coroutine function) is true: out-of-band writes reach the cache by its watch."""
+    async with asyncio.timeout(seconds):
+        while not await check():
+            await asyncio.sleep(0.05)
+
+
+async def _is_ready(api: httpx.AsyncClient, name: str) -> bool:
+    return (await api.get(f"/api/v1/sessions/{name}", headers=USER_A)).json()["ready"]
+
+
 async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
     api, cluster, superuser = setup
     namespace = f"tenant-{ORG_A}"
@@ -144,6 +164,7 @@ async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
 
     assert (await api.get("/api/v1/sessions/s1/status", headers=USER_A)).status_code == 409
     await _make_ready(cluster, namespace, "s1")
+    await eventually(lambda: _is_ready(api, "s1"))
     status = await api.get("/api/v1/sessions/s1/status", headers=USER_A)
     assert status.status_code == 200 and status.json()["agent_type"] == "scripted"
     sent = await api.post("/api/v1/sessions/s1/message", headers=USER_A, json={"content": "hello"})
@@ -190,3 +211,46 @@ async def test_session_bodies_are_validated_without_side_effects(setup):
         assert response.status_code == 422, response.text
         assert any(error["field"].startswith(field) for error in response.json()["errors"])
     assert await cluster.list_sessions(f"tenant-{ORG_A}", "agentbox.dev/org") == []
+
+
+async def test_the_cache_follows_outside_writes_and_lists_exactly_what_a_live_read_would(setup):
+    api, cluster, _ = setup
+    services = api._transport.app.state.services
+    namespace = f"tenant-{ORG_A}"
+    made_by_hand = {"apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
+                    "metadata": {"name": "by-hand", "labels": {"agentbox.dev/org": ORG_A,
+                                                               "agentbox.dev/user": "bob"}},
+                    "spec": {"tenant": {"org": ORG_A, "user": "bob"}, "agent": {"runtime": "scripted"}}}
+    unlabelled = {**made_by_hand, "metadata": {"name": "unlabelled"}}
+    for body in (made_by_hand, unlabelled):
+        await cluster.custom.create_namespaced_custom_object("agentbox.dev", "v1alpha1", namespace,
+                                                             "agentsessions", body)
+    created = await api.post("/api/v1/sessions", headers=USER_A,
+                             json={"name": "alices", "agent": {"runtime": "scripted"}})
+    assert created.status_code == 201, created.text
+
+    async def names(headers) -> list[str]:
+        return [s["name"] for s in (await api.get("/api/v1/sessions", headers=headers)).json()]
+
+    await eventually(lambda: _has(names(ADMIN_A), "by-hand"))
+    cached = {who: await names(headers) for who, headers in
+              (("admin", ADMIN_A), ("alice", USER_A), ("bob", USER_A2), ("other org", ADMIN_B))}
+    cache, services.sessions_cache = services.sessions_cache, None
+    try:
+        live = {who: await names(headers) for who, headers in
+                (("admin", ADMIN_A), ("alice", USER_A), ("bob", USER_A2), ("other org", ADMIN_B))}
+    finally:
+        services.sessions_cache = cache
+    assert cached == live == {"admin": ["alices", "by-hand"], "alice": ["alices"], "bob": ["by-hand"],
+                              "other org": []}
+
+    await cluster.delete_session(namespace, "by-hand")
+    await eventually(lambda: _lacks(names(ADMIN_A), "by-hand"))
+
+
+async def _has(names, name: str) -> bool:
+    return name in await names
+
+
+async def _lacks(names, name: str) -> bool:
+    return name not in await names
