@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import chart_identity  # from hack/ (see __init__.py)
 import httpx
+import mint_token
 from fixtures.cluster import Kube, cache_dir, read_versions
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "hack"))
-import chart_identity  # noqa: E402  (hack/ holds the dev tooling the tests share)
-import mint_token  # noqa: E402
 
 ISSUER = "https://auth.agentbox.localhost/auth/v1"
 

@@ -1,0 +1,88 @@
+"""The dev and e2e tooling's pure parts (no cluster, no database): tokens, identities, pod stand-ins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jwt
+import pytest
+import session_runners
+from kubernetes_asyncio import client
+
+from e2e.stack import chart_identity, mint_token
+
+SECRET = "s" * 48
+
+
+def test_a_member_token_carries_org_and_role_in_app_metadata():
+    token = mint_token.mint(SECRET, issuer="https://i.test", audience="authenticated", sub="ada", org="demo",
+                            role="user", service_role=False, ttl_seconds=60)
+    claims = jwt.decode(token, SECRET, algorithms=["HS256"], audience="authenticated")
+    assert claims["app_metadata"] == {"org_id": "demo", "role": "user"}
+    assert claims["role"] == "authenticated" and claims["exp"] - claims["iat"] == 60
+    assert "user_metadata" not in claims
+
+
+def test_a_service_role_token_has_no_org():
+    claims = mint_token.claims(issuer="https://i.test", audience="authenticated", sub="p", org=None,
+                               role=None, service_role=True, ttl_seconds=60, now=1000)
+    assert claims == {"iss": "https://i.test", "aud": "authenticated", "sub": "p", "iat": 1000, "exp": 1060,
+                      "role": "service_role"}
+
+
+@pytest.mark.parametrize(("org", "role"), [(None, "admin"), ("demo", None), ("demo", "owner")])
+def test_a_member_token_needs_an_org_and_a_known_role(org, role):
+    with pytest.raises(ValueError, match="--org and --role"):
+        mint_token.claims(issuer="i", audience="a", sub="s", org=org, role=role, service_role=False,
+                          ttl_seconds=60)
+
+
+@pytest.mark.parametrize(("release", "operator"), [("agentbox", "agentbox-operator"),
+                                                   ("abx", "abx-agentbox-operator"),
+                                                   ("my-agentbox", "my-agentbox-operator")])
+def test_service_account_names_follow_the_charts_fullname(release, operator):
+    assert chart_identity.service_account_names(release)["operator"] == operator
+
+
+def test_a_token_kubeconfig_keeps_only_the_current_cluster():
+    admin = {"current-context": "b",
+             "contexts": [{"name": "a", "context": {"cluster": "one", "user": "x"}},
+                          {"name": "b", "context": {"cluster": "two", "user": "y"}}],
+             "clusters": [{"name": "one", "cluster": {"server": "https://1"}},
+                          {"name": "two", "cluster": {"server": "https://2",
+                                                      "certificate-authority-data": "Q0E="}}],
+             "users": [{"name": "y", "user": {"client-key-data": "secret"}}]}
+    config = chart_identity.token_kubeconfig(admin, "tok", "ns:sa")
+    assert config["clusters"] == [{"name": "two", "cluster": {"server": "https://2",
+                                                               "certificate-authority-data": "Q0E="}}]
+    assert config["users"] == [{"name": "ns:sa", "user": {"token": "tok"}}]
+    assert "client-key-data" not in str(config)
+
+
+def test_the_gateway_config_points_at_the_local_secret_copies():
+    rendered = '{"upstreams": [{"auth": {"tokenFile": "/var/run/agentbox/secrets/mcp-tools-token"}}]}'
+    local = session_runners.gateway_config_for(rendered, Path("/tmp/pod/secrets"))
+    assert '"/tmp/pod/secrets/mcp-tools-token"' in local
+
+
+def test_the_runner_environment_comes_from_the_runner_container():
+    pod = client.V1Pod(spec=client.V1PodSpec(containers=[
+        client.V1Container(name="gateway", command=["python", "-m", "agentbox.sandbox.gateway"],
+                           env=[client.V1EnvVar(name="AGENTBOX_GATEWAY_CONFIG", value="/etc/x")]),
+        client.V1Container(name="runner", command=["python", "-m", "agentbox.sandbox.runner"],
+                           env=[client.V1EnvVar(name="AGENTBOX_RUNTIME", value="scripted"),
+                                client.V1EnvVar(name="FROM_SECRET", value_from=client.V1EnvVarSource())])]))
+    assert session_runners.runner_env(pod) == {"AGENTBOX_RUNTIME": "scripted"}
+
+
+def test_pod_files_are_laid_out_like_the_mounts(tmp_path):
+    layout = session_runners.lay_out_pod_files(
+        tmp_path, {"runner-token": b"t0k", "mcp-tools-token": b"up"},
+        {"system-prompt.md": "be kind",
+         "gateway.json": '{"auth": {"tokenFile": "/var/run/agentbox/secrets/mcp-tools-token"}}'})
+    assert (layout.secrets / "runner-token").read_bytes() == b"t0k"
+    assert (layout.config / "system-prompt.md").read_text() == "be kind"
+    assert str(layout.secrets / "mcp-tools-token") in layout.gateway_config.read_text()
+    (layout.workspace / "kept").write_text("x")
+    again = session_runners.lay_out_pod_files(tmp_path, {"runner-token": b"new"}, {})
+    assert (again.workspace / "kept").exists() and not (again.secrets / "mcp-tools-token").exists()
