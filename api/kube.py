@@ -182,6 +182,11 @@ class Kube:
                 return None
             raise
 
+    async def list_mcp_servers(self, namespace: str) -> list[dict[str, Any]]:
+        result = await self._call(self.custom.list_namespaced_custom_object, mcpserver.GROUP,
+                                  mcpserver.VERSION, namespace, mcpserver.PLURAL)
+        return result.get("items", [])
+
     async def get_secret(self, namespace: str, name: str) -> client.V1Secret | None:
         try:
             return await self._call(self.core.read_namespaced_secret, name, namespace)

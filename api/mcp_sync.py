@@ -170,6 +170,32 @@ def labels(config: Configuration) -> dict[str, str]:
     return {ORG_LABEL: config.org_id, MCP_CONFIGURATION_LABEL: str(config.id)}
 
 
+NEEDS_REAUTH = "needs-reauth"
+OAUTH_ANNOTATION = "agentbox.dev/oauth"  # "needs-reauth" while the OAuth grant no longer holds
+
+
+def configuration_status(stored: str, stored_message: str | None, config_id: uuid.UUID,
+                         server: Mapping[str, Any] | None) -> tuple[str, str | None]:
+    """What the API answers as a configuration's status: needs-reauth (the database or the MCPServer's
+    annotation) first, else the operator's verdict on the current spec (ready, unreachable, invalid),
+    else pending (no MCPServer of ours yet, or not yet probed since the last change)."""
+    if stored == NEEDS_REAUTH:
+        return stored, stored_message
+    if server is None or not _ours(server["metadata"].get("labels"), config_id):
+        return "pending", None
+    status = server.get("status") or {}
+    reason = next((c.get("message") or None for c in status.get("conditions") or []
+                   if c.get("type") == "Ready"), None)
+    if (server["metadata"].get("annotations") or {}).get(OAUTH_ANNOTATION) == NEEDS_REAUTH:
+        authorized = next((c.get("message") for c in status.get("conditions") or []
+                           if c.get("type") == "Authorized"), None)
+        return NEEDS_REAUTH, authorized or "the OAuth grant needs re-authorisation"
+    observed, generation = status.get("observedGeneration"), server["metadata"].get("generation")
+    if observed is not None and generation is not None and observed < generation:
+        return "pending", "the operator has not probed the latest change yet"
+    return (status.get("phase") or "Pending").lower(), reason
+
+
 # Sealing: one ciphertext per credential column, bound to (org, table, row id, column, key id) --------
 
 def _where(config: Configuration, column: str) -> CipherContext:

@@ -171,8 +171,10 @@ _SUMMARY = ("SELECT id, org_id, name, description, transport, url, stdio_command
             "FROM mcp_configuration_summaries")
 
 
-def _view(row: asyncpg.Record) -> ConfigurationView:
+def _view(row: asyncpg.Record, server: dict[str, Any] | None = None) -> ConfigurationView:
+    """The configuration as answered; `server` (its MCPServer) supplies the status the operator found."""
     config = Configuration.from_row(row)
+    status, message = mcp_sync.configuration_status(row["status"], row["status_message"], config.id, server)
     return ConfigurationView(
         id=config.id, name=config.name, description=config.description, transport=config.transport,
         url=config.url, stdio=StdioCommand(command=config.stdio_command, args=config.stdio_args)
@@ -182,7 +184,7 @@ def _view(row: asyncpg.Record) -> ConfigurationView:
         timeout=f"{config.timeout_seconds}s",
         credentials=CredentialsSet(bearer_token=row["has_bearer_token"],
                                    secret_headers=row["has_secret_headers"], stdio_env=row["has_stdio_env"]),
-        status=row["status"], status_message=row["status_message"], created_by=row["created_by"],
+        status=status, status_message=message, created_by=row["created_by"],
         created_at=row["created_at"], updated_at=row["updated_at"], version=row["version"])
 
 
@@ -285,7 +287,8 @@ _UPDATE = """
 UPDATE mcp_configurations SET description = $2, transport = $3, url = $4, stdio_command = $5,
        stdio_args = $6::jsonb, auth_type = $7, bearer_token_enc = $8, secret_headers_enc = $9,
        stdio_env_enc = $10, headers = $11::jsonb, tools_allow = $12, tools_deny = $13, timeout_seconds = $14,
-       status = 'pending', status_message = NULL
+       status = CASE WHEN status = 'needs-reauth' THEN status ELSE 'pending' END,
+       status_message = CASE WHEN status = 'needs-reauth' THEN status_message END
  WHERE id = $1
 """
 
@@ -340,21 +343,44 @@ async def create_configuration(body: ConfigurationBody, request: Request,
     return _view(row)
 
 
+async def _servers(shared: Services, principal: Principal,
+                   name: str | None = None) -> dict[str, dict[str, Any]]:
+    """The org's MCPServers by name (only `name` when given): from the watch cache when it is synced, else
+    read live; {} when Kubernetes cannot say (the stored status is answered then)."""
+    namespace = _namespace(shared, principal)
+    cache = shared.mcp_servers_cache
+    if cache is not None and cache.synced:
+        found = [cache.get(namespace, name)] if name else cache.items(namespace)
+    elif shared.kube is not None:
+        try:
+            found = [await shared.kube.get_mcp_server(namespace, name)] if name \
+                else await shared.kube.list_mcp_servers(namespace)
+        except KubeError:
+            log.warning("could not read the MCPServers' status", extra={"namespace": namespace})
+            found = []
+    else:
+        found = []
+    return {server["metadata"]["name"]: server for server in found if server is not None}
+
+
 @router.get("/configurations", response_model=list[ConfigurationView],
             responses=problem_responses(401, 403, 503))
-async def list_configurations(request: Request,
-                              principal: Principal = Depends(tenant_member)) -> list[ConfigurationView]:
+async def list_configurations(request: Request, principal: Principal = Depends(tenant_member),
+                              shared: Services = Depends(services)) -> list[ConfigurationView]:
     async with audited_transaction(request, principal) as conn:
         rows = await conn.fetch(f"{_SUMMARY} ORDER BY name")
-    return [_view(row) for row in rows]
+    servers = await _servers(shared, principal) if rows else {}
+    return [_view(row, servers.get(row["name"])) for row in rows]
 
 
 @router.get("/configurations/{configuration_id}", response_model=ConfigurationView,
             responses=problem_responses(401, 403, 404, 422, 503))
 async def get_configuration(configuration_id: uuid.UUID, request: Request,
-                            principal: Principal = Depends(tenant_member)) -> ConfigurationView:
+                            principal: Principal = Depends(tenant_member),
+                            shared: Services = Depends(services)) -> ConfigurationView:
     async with audited_transaction(request, principal) as conn:
-        return _view(await _summary(conn, configuration_id))
+        row = await _summary(conn, configuration_id)
+    return _view(row, (await _servers(shared, principal, row["name"])).get(row["name"]))
 
 
 @router.put("/configurations/{configuration_id}", response_model=ConfigurationView,

@@ -55,7 +55,6 @@ from agentbox.crds import mcpserver
 
 log = logging.getLogger("agentbox.api.oauth")
 CALLBACK_PATH = "/api/v1/mcp/oauth/callback"
-NEEDS_REAUTH_ANNOTATION = "agentbox.dev/oauth"
 AUTHORIZED_CONDITION = "Authorized"
 REFRESHER = "agentbox:oauth-refresher"
 Scope = Annotated[str, Field(pattern=r"^[\x21\x23-\x5b\x5d-\x7e]{1,200}$")]  # RFC 6749 scope-token
@@ -169,10 +168,10 @@ async def mark_server_authorization(kube: Any, namespace: str, server_name: str,
     server = await _server(kube, namespace, server_name)
     if server is None:
         return
-    annotation = None if authorized else "needs-reauth"
+    annotation = None if authorized else mcp_sync.NEEDS_REAUTH
     await _kube_call(kube, kube.custom.patch_namespaced_custom_object, mcpserver.GROUP, mcpserver.VERSION,
                      namespace, mcpserver.PLURAL, server_name,
-                     {"metadata": {"annotations": {NEEDS_REAUTH_ANNOTATION: annotation}}},
+                     {"metadata": {"annotations": {mcp_sync.OAUTH_ANNOTATION: annotation}}},
                      _content_type="application/merge-patch+json")
     conditions = [c for c in (server.get("status") or {}).get("conditions") or []
                   if c.get("type") != AUTHORIZED_CONDITION]

@@ -348,3 +348,25 @@ async def test_connection_test_failures_are_problems_not_500s(setup):
     both = await api.post("/api/v1/mcp/test", headers=ADMIN_A,
                           json={"configurationId": str(uuid.uuid4()), "transport": "sse"})
     assert both.status_code == 422
+
+
+async def test_the_mcpservers_status_shows_in_the_configuration(setup):
+    api, cluster, _ = setup
+    created = await api.post(BASE, headers=ADMIN_A, json={**GITHUB, "name": "status-probe"})
+    assert created.status_code == 201 and created.json()["status"] == "pending", created.text
+    config_id = created.json()["id"]
+    namespace = f"tenant-{ORG_A}"
+    server = await cluster.get_mcp_server(namespace, "status-probe")
+    for phase, message in (("Unreachable", "connection refused"), ("Ready", "")):
+        await cluster.custom.patch_namespaced_custom_object_status(  # what the operator's probe writes
+            "agentbox.dev", "v1alpha1", namespace, "mcpservers", "status-probe",
+            {"status": {"phase": phase, "observedGeneration": server["metadata"]["generation"],
+                        "conditions": [
+                {"type": "Ready", "status": "True" if phase == "Ready" else "False", "reason": phase,
+                 "message": message, "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+            _content_type="application/merge-patch+json")
+        one = (await api.get(f"{BASE}/{config_id}", headers=USER_A)).json()
+        listed = next(item for item in (await api.get(BASE, headers=USER_A)).json()
+                      if item["id"] == config_id)
+        assert (one["status"], one["statusMessage"]) == (phase.lower(), message or None)
+        assert listed["status"] == one["status"]

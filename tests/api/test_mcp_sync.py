@@ -90,3 +90,25 @@ def test_no_key_ring_is_fine_without_credentials_and_refused_with_them():
     assert mcp_sync.unseal(None, STDIO, empty) == Credentials()
     with pytest.raises(ValueError, match="key ring"):
         mcp_sync.seal(None, HTTP, HTTP_CREDENTIALS)
+
+
+def _server(config_id, phase=None, generation=1, observed=1, annotations=None, conditions=()):
+    return {"metadata": {"labels": {"agentbox.dev/mcp-configuration": str(config_id)},
+                         "generation": generation, "annotations": annotations or {}},
+            "status": {"phase": phase, "observedGeneration": observed, "conditions": list(conditions)}}
+
+
+def test_the_status_answered_is_the_operators_verdict_on_the_current_spec():
+    status = mcp_sync.configuration_status
+    ready = {"type": "Ready", "status": "False", "message": "connection refused"}
+    assert status("pending", None, HTTP.id, None) == ("pending", None)
+    assert status("pending", None, HTTP.id, _server(HTTP.id, "Ready")) == ("ready", None)
+    assert status("pending", None, HTTP.id, _server(HTTP.id, "Unreachable", conditions=[ready])) == (
+        "unreachable", "connection refused")
+    assert status("pending", None, HTTP.id, _server(HTTP.id, "Invalid"))[0] == "invalid"
+    assert status("pending", None, HTTP.id, _server(HTTP.id, "Ready", generation=2))[0] == "pending"
+    assert status("pending", None, HTTP.id, _server(uuid.uuid4(), "Ready")) == ("pending", None)  # not ours
+    marked = _server(HTTP.id, "Ready", annotations={"agentbox.dev/oauth": "needs-reauth"})
+    assert status("pending", None, HTTP.id, marked)[0] == "needs-reauth"
+    stored = status("needs-reauth", "refused", HTTP.id, _server(HTTP.id, "Ready"))
+    assert stored == ("needs-reauth", "refused")
