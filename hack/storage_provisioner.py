@@ -28,6 +28,8 @@ PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 # A watch ends after this long; the loop then lists everything again, which also repairs missed events.
 RESYNC_SECONDS = 300
 RETRY_SECONDS = 1.0
+# Claims handled at once: each is a directory plus one API call, so latency, not CPU, limits the rate.
+CONCURRENCY = 16
 
 log = logging.getLogger("storage-provisioner")
 
@@ -138,12 +140,43 @@ class Provisioner:
         log.info("deleted released volume %s", name)
 
 
+class Workers:
+    """At most `limit` handlers in flight: a burst of claims is answered in parallel round trips instead
+    of one after another, and the watch stops reading while all slots are busy (bounded memory)."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = asyncio.Semaphore(limit)
+        self.running: set[asyncio.Task[None]] = set()
+        self.failure: BaseException | None = None
+
+    async def submit(self, handle: Callable[[dict[str, Any]], Awaitable[None]], item: dict[str, Any]) -> None:
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            raise failure  # the caller lists everything again, which retries what failed
+        await self.slots.acquire()
+        task = asyncio.create_task(self._run(handle, item))
+        self.running.add(task)
+        task.add_done_callback(self.running.discard)
+
+    async def _run(self, handle: Callable[[dict[str, Any]], Awaitable[None]], item: dict[str, Any]) -> None:
+        try:
+            await handle(item)
+        except Exception as error:
+            self.failure = error
+        finally:
+            self.slots.release()
+
+    async def drain(self) -> None:
+        await asyncio.gather(*self.running, return_exceptions=True)
+
+
 async def follow(
     list_call: Callable[..., Awaitable[Any]],
     handle: Callable[[dict[str, Any]], Awaitable[None]],
     serialize: Callable[[Any], dict[str, Any]],
     listed: asyncio.Event,
     kubeconfig: Path,
+    concurrency: int = CONCURRENCY,
 ) -> None:
     """List, handle every object, then watch from that list; start over on any error or timeout.
     Returns when the cluster is gone (its kubeconfig deleted), so no orphan outlives it.
@@ -151,11 +184,13 @@ async def follow(
     kubernetes_asyncio offers a watch but no informer; this loop is the small part of one we need.
     """
     kind = list_call.__name__
+    workers = Workers(concurrency)
     while True:
         try:
             listing = await list_call()
             for item in listing.items:
-                await handle(serialize(item))
+                await workers.submit(handle, serialize(item))
+            await workers.drain()
             listed.set()
             async with watch.Watch() as stream:
                 async for event in stream.stream(
@@ -164,10 +199,11 @@ async def follow(
                     timeout_seconds=RESYNC_SECONDS,
                 ):
                     if event["type"] in ("ADDED", "MODIFIED"):
-                        await handle(event["raw_object"])
+                        await workers.submit(handle, event["raw_object"])
         except asyncio.CancelledError:
             raise
         except Exception as error:
+            await workers.drain()
             if not await asyncio.to_thread(kubeconfig.exists):
                 log.info("kubeconfig %s is gone with its cluster: exiting", kubeconfig)
                 return

@@ -1,7 +1,6 @@
 """Prometheus metrics of the operator: reconcile counts, durations, errors, sessions by phase."""
 
 import time
-from collections import Counter as Tally
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -18,15 +17,15 @@ _phases: dict[tuple[str, str], str] = {}
 
 
 def record_phase(key: tuple[str, str], phase: str | None) -> None:
-    """Remember one session's phase (None: gone) and refresh the per-phase gauge."""
-    before = Tally(_phases.values())
-    if phase is None:
-        _phases.pop(key, None)
-    else:
+    """Remember one session's phase (None: gone) and move the per-phase gauge (O(1) per call)."""
+    before = _phases.pop(key, None) if phase is None else _phases.get(key)
+    if before == phase:
+        return
+    if before is not None:
+        SESSIONS.labels(phase=before).dec()
+    if phase is not None:
         _phases[key] = phase
-    after = Tally(_phases.values())
-    for name in set(before) | set(after):
-        SESSIONS.labels(phase=name).set(after.get(name, 0))
+        SESSIONS.labels(phase=phase).inc()
 
 
 @asynccontextmanager

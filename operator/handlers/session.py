@@ -33,6 +33,35 @@ CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "Netwo
 
 # One reconciliation per session at a time, whichever watch (session, pod, MCPServer) triggered it.
 _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
+# The newest version of every session seen on the watch or in our own write responses: reconciles start
+# from it instead of re-reading the session (one GET fewer per trigger).
+_latest: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def _version(body: dict[str, Any]) -> int:
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def remember(body: dict[str, Any]) -> None:
+    """Keep `body` unless a newer version of the same session is already known."""
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
+    known = _latest.get(key)
+    if known is None or known["metadata"].get("uid") != meta.get("uid") or _version(body) >= _version(known):
+        _latest[key] = body
+
+
+async def _current(kube: Kube, namespace: str, name: str, uid: str) -> dict[str, Any] | None:
+    """The session as last seen (read once when unknown); None when it is gone or was recreated."""
+    body = _latest.get((namespace, name))
+    if body is None:
+        body = await kube.get(agentsession.KIND, namespace, name)
+        if body is not None:
+            remember(body)
+    return body if body is not None and body["metadata"]["uid"] == uid else None
 
 
 class NameConflictError(kopf.TemporaryError):
@@ -61,18 +90,23 @@ def _created(body: dict[str, Any]) -> datetime:
 
 
 def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
-    """One Kubernetes Event per lifecycle step: each change of the Ready or MCPReady reason."""
+    """Kubernetes Events for the steps a user waits on: Ready turning True or failing, MCPReady failing or
+    recovering. "Pod starting" is already said by PodCreated, and every Event is one more API write."""
     def reasons(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
         return {c["type"]: (c.get("status"), c.get("reason")) for c in status.get("conditions") or []}
 
     old, new = reasons(before), reasons(after)
     conditions = {c["type"]: c for c in after["conditions"]}
     for kind in ("Ready", "MCPReady"):
-        if old.get(kind) != new.get(kind):
-            condition = conditions[kind]
-            post = kopf.info if condition["status"] == "True" or condition["reason"] in (
-                Reason.POD_STARTING, Reason.SUSPENDED_BY_USER) else kopf.warn
-            post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
+        if old.get(kind) == new.get(kind):
+            continue
+        condition = conditions[kind]
+        healthy = condition["status"] == "True"
+        if (kind == "Ready" and condition["reason"] == Reason.POD_STARTING) or (
+                kind == "MCPReady" and healthy and old.get(kind, ("Unknown",))[0] != "False"):
+            continue
+        post = kopf.info if healthy or condition["reason"] == Reason.SUSPENDED_BY_USER else kopf.warn
+        post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
 
 
 async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
@@ -81,8 +115,10 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]
     comparable = {key: value for key, value in status.items() if value is not None}
     if {key: value for key, value in previous.items() if key in comparable} != comparable or any(
             previous.get(key) is not None for key, value in status.items() if value is None):
-        await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"], {"status": status},
-                               sub="status")
+        written = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"],
+                                         {"status": status}, sub="status")
+        if written is not None:
+            remember(written)
         _announce(body, previous, status)
     metrics.record_phase((meta["namespace"], meta["name"]), status["phase"])
 
@@ -126,7 +162,9 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
             raise PodRejectedError(_api_message(error)) from error
         raise
     if created is not None:
-        kopf.info(body, reason="PodCreated", message=f"created sandbox pod {desired['metadata']['name']}")
+        kopf.info(body, reason="PodCreated",
+                  message=f"created sandbox pod {desired['metadata']['name']} (workspace, config and service "
+                          "applied)")
     return created
 
 
@@ -134,9 +172,9 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
     """Bring one session's children to the desired state and write its status. Returns the status."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     async with _locks[(namespace, name)], metrics.reconciling("agentsession"):
-        # Re-read under the lock: the triggering event may predate another trigger's status write.
-        fresh = await kube.get(agentsession.KIND, namespace, name)
-        if fresh is None or fresh["metadata"]["uid"] != body["metadata"]["uid"]:
+        # The newest version under the lock: the triggering event may predate another trigger's write.
+        fresh = await _current(kube, namespace, name, body["metadata"]["uid"])
+        if fresh is None:
             return body.get("status") or {}
         try:
             return await _reconcile(kube, settings, fresh)
@@ -184,8 +222,6 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                  build_session_policy(session, settings.api_namespace, settings.api_pod_labels)]
     applied = await asyncio.gather(*(kube.apply(manifest) for manifest in manifests))
     pvc = applied[2]
-    if ownership["ConfigMap"] is Ownership.ABSENT:
-        kopf.info(body, reason="ChildrenCreated", message=f"created workspace, config and service {child}")
 
     observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
     wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
@@ -215,11 +251,11 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
 async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) -> None:
     """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict.
 
-    `body` needs only the session's namespace, name and uid: it is re-read under the lock."""
+    `body` needs only the session's namespace, name and uid: the newest version is taken under the lock."""
     meta = body["metadata"]
     async with _locks[(meta["namespace"], meta["name"])], metrics.reconciling("agentsession-status"):
-        fresh = await kube.get(agentsession.KIND, meta["namespace"], meta["name"])
-        if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+        fresh = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
+        if fresh is None:
             return
         body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
@@ -278,15 +314,20 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def session_event(event: kopf.RawEvent, **_: Any) -> None:
+    """Runs before the change handlers of the same event, so they find this version remembered."""
+    body = event["object"]
+    meta = body["metadata"]
+    key = (meta["namespace"], meta["name"])
     if event["type"] == "DELETED":
-        meta = event["object"]["metadata"]
-        key = (meta["namespace"], meta["name"])
         metrics.record_phase(key, None)
         _locks.pop(key, None)
+        _latest.pop(key, None)
+    else:
+        remember(body)
 
 
 def _owner_session(pod: dict[str, Any]) -> dict[str, Any] | None:
-    """Enough of the owning session for reconcile/refresh, which re-read it under the lock anyway."""
+    """Enough of the owning session for reconcile/refresh, which take its newest version anyway."""
     for ref in pod["metadata"].get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == agentsession.KIND:
             return {"metadata": {"namespace": pod["metadata"]["namespace"], "name": ref["name"],

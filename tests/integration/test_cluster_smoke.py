@@ -134,6 +134,32 @@ def test_provisioner_deletes_only_its_own_released_volumes():
     assert not provisioner.volume_to_delete(retained)
 
 
+async def test_provisioner_handles_a_burst_in_parallel_but_bounded_and_surfaces_failures():
+    provisioner = load_provisioner()
+    workers = provisioner.Workers(limit=4)
+    in_flight, peak, release = 0, 0, asyncio.Event()
+
+    async def handle(item):
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await release.wait()
+        in_flight -= 1
+        if item["fail"]:
+            raise RuntimeError("apiserver said no")
+
+    submitting = asyncio.gather(*[workers.submit(handle, {"fail": False}) for _ in range(10)])
+    await asyncio.sleep(0.05)
+    assert peak == 4 and not submitting.done()  # the fifth waits for a free slot
+    release.set()
+    await submitting
+    await workers.submit(handle, {"fail": True})
+    await workers.drain()
+    assert peak == 4 and not workers.running
+    with pytest.raises(RuntimeError, match="apiserver said no"):  # the watch loop relists and retries
+        await workers.submit(handle, {"fail": False})
+
+
 # ------------------------------------------------------------------------------ the real cluster
 
 
