@@ -11,7 +11,8 @@
 # hack/chart_identity.py), so dev has exactly the permissions a real install has. Session pods are stood
 # in for by hack/session_runners.py (the real runner and gateway, started locally per Running pod).
 #
-# Environment: AGENTBOX_DEV_API_PORT (8000), AGENTBOX_DEV_OPERATOR_PORT (8081, liveness), AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE.
+# Environment: AGENTBOX_DEV_API_PORT (8000), AGENTBOX_DEV_OPERATOR_PORT (8081, liveness),
+#   AGENTBOX_DEV_RUNNERS_PORT (8002, session stand-ins), AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -27,6 +28,7 @@ py="$repo/.venv/bin/python"
 kubectl="$cache/bin/kubernetes-$K8S_VERSION/kubectl"
 helm="$cache/bin/helm-$HELM_VERSION/helm"
 api_port=${AGENTBOX_DEV_API_PORT:-8000}
+runners_port=${AGENTBOX_DEV_RUNNERS_PORT:-8002}
 api_url="http://127.0.0.1:$api_port"
 system_namespace=agentbox-system
 release=agentbox
@@ -152,25 +154,26 @@ up() {
     --namespace "$system_namespace" --release "$release" --out "$dev/identity" | sed 's/^/    /' >&2
 
   say "operator, session stand-ins and API (local processes)"
+  # Processes from an earlier run talk to the cluster they started with: a recreated one needs new ones.
+  local server; server=$(kube config view --minify -o jsonpath='{.clusters[0].cluster.server}')
+  if [ "$(cat "$dev/cluster-server" 2>/dev/null)" != "$server" ]; then
+    stop_process api "agentbox.api"
+    stop_process session-runners "session_runners.py"
+    stop_process operator "agentbox.operator"
+    echo "$server" >"$dev/cluster-server"
+  fi
   start_process operator "agentbox.operator" \
     KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_API_NAMESPACE="$system_namespace" AGENTBOX_METRICS_PORT=0 \
     -- "$py" -m agentbox.operator --peering agentbox --liveness "http://127.0.0.1:${AGENTBOX_DEV_OPERATOR_PORT:-8081}/healthz"
-  rm -f "$dev/runners.port.new"
-  if ! running session-runners "session_runners.py"; then rm -f "$dev/runners.port"; fi
+  # A fixed port: the running API keeps reaching the stand-ins when they alone are restarted.
   start_process session-runners "session_runners.py" \
-    -- "$py" "$here/session_runners.py" --kubeconfig "$kubeconfig" --state-dir "$dev/pods" \
-    --ready-file "$dev/runners.port"
-  local deadline=$((SECONDS + 30))
-  until [ -s "$dev/runners.port" ]; do
-    running session-runners "session_runners.py" || { tail -n 20 "$dev/logs/session-runners.log" >&2; die "the session stand-ins exited"; }
-    [ $SECONDS -lt $deadline ] || die "the session stand-ins did not start listening (log .dev/logs/session-runners.log)"
-    sleep 0.2
-  done
+    -- "$py" "$here/session_runners.py" --kubeconfig "$kubeconfig" --state-dir "$dev/pods" --port "$runners_port"
+  wait_http "http://127.0.0.1:$runners_port/healthz" 30 "the session stand-ins" "$dev/logs/session-runners.log"
   start_process api "agentbox.api" \
     KUBECONFIG="$dev/identity/api.kubeconfig" AGENTBOX_PORT="$api_port" AGENTBOX_DATABASE_URL="$app_dsn" \
     AGENTBOX_JWT_ISSUER="$issuer" AGENTBOX_JWT_HS256_SECRET="$(cat "$dev/jwt-secret")" \
     AGENTBOX_ENCRYPTION_KEYS="$(cat "$dev/encryption-keys")" \
-    AGENTBOX_RUNNER_URL_OVERRIDE="http://127.0.0.1:$(cat "$dev/runners.port")/{namespace}/{name}" \
+    AGENTBOX_RUNNER_URL_OVERRIDE="http://127.0.0.1:$runners_port/{namespace}/{name}" \
     -- "$py" -m agentbox.api
   wait_http "$api_url/readyz" 60 "the API" "$dev/logs/api.log"
   echo "    API ready at $api_url" >&2

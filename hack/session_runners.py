@@ -230,7 +230,11 @@ def proxy_app(supervisor: Supervisor, http: httpx.AsyncClient) -> Starlette:
         return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=kept,
                                  background=BackgroundTask(response.aclose))
 
-    return Starlette(routes=[Route("/{namespace}/{session}/{path:path}", forward,
+    async def healthz(_: Request) -> Response:
+        return JSONResponse({"status": "ok", "standIns": len(supervisor.stand_ins)})
+
+    return Starlette(routes=[Route("/healthz", healthz),
+                             Route("/{namespace}/{session}/{path:path}", forward,
                                    methods=["GET", "POST", "PUT", "DELETE"])])
 
 
