@@ -15,10 +15,12 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
+# -P keeps the working directory off sys.path: here `operator/` would shadow the standard library's
+# `operator` for any interpreter that has not imported it yet (the venv's site hook imports it first).
 $(VENV)/.installed: pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	@$(PY) -m pip install -q --upgrade pip
-	@$(PY) -m pip install -q -e '.[test]'
+	@test -x $(PY) || $(PYTHON) -P -m venv $(VENV)
+	@$(PY) -P -m pip install -q --upgrade pip
+	@$(PY) -P -m pip install -q -e '.[test]'
 	@touch $@
 
 .PHONY: venv
@@ -47,11 +49,11 @@ lint: venv ## ruff and the import-layering contracts
 
 .PHONY: unit
 unit: venv ## the fast layer alone: no cluster, no database
-	@$(PY) -m pytest -m "not cluster and not postgres and not e2e" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m "not cluster and not postgres and not e2e" $(PYTEST_ARGS)
 
 .PHONY: test
 test: lint binaries ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e
-	@$(PY) -m pytest $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: e2e
 e2e: venv binaries ## the end-to-end journeys and the chart's tests (CLUSTER=kind: images built and loaded, needs Docker)
@@ -63,7 +65,7 @@ ifeq ($(CLUSTER),kind)
 	  kind load docker-image --name agentbox-test ghcr.io/agentbox-dev/agentbox:0.1.0 ghcr.io/agentbox-dev/sandbox:0.1.0; \
 	else echo "e2e: CLUSTER=kind needs Docker and kind; the tests will say they are skipped"; fi
 endif
-	@$(PY) -m pytest -m e2e $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
 .PHONY: bench
 bench: venv binaries ## the benchmarks; JSON results in bench/results/
