@@ -208,8 +208,8 @@ async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(k
     session = {"apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
                "metadata": {"name": "s1", "namespace": tenant},
                "spec": {"tenant": {"org": org, "user": "ada@example.com"}, "agent": {"runtime": "scripted"}}}
-    try:
-        async with operator_process(identities["operator"], tenant, tmp_path / "operator.log") as operator:
+    async with operator_process(identities["operator"], tenant, tmp_path / "operator.log") as operator:
+        try:
             await kube.kubectl("apply", "-f", "-", input=json.dumps(session))
             await kube.kubectl("wait", "agentsession/s1", "-n", tenant, "--for=condition=Ready",
                                "--timeout=60s")
@@ -221,5 +221,6 @@ async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(k
             baseline = await kube.kubectl("get", "resourcequotas,limitranges,networkpolicies", "-n", tenant,
                                           "-o", "name")
             assert "resourcequota" in baseline and "limitrange" in baseline
-    finally:
-        await kube.kubectl("delete", "namespace", tenant, "--wait=false")
+        finally:  # while the operator runs, so that it releases its finalizers
+            await kube.kubectl("delete", "namespace", tenant, "--wait=false")
+            await kube.kubectl("wait", "--for=delete", f"namespace/{tenant}", "--timeout=120s")

@@ -59,8 +59,12 @@ async def stack(kube, postgres, tmp_path_factory) -> AsyncIterator[Stack]:
                              system_namespace="abx-e2e-system", scope=f"{TENANT_PREFIX}*",
                              tenant_prefix=TENANT_PREFIX) as running:
         yield running
-    for org in running.orgs:  # the database goes with the module; the tenant namespaces go here
-        await kube.kubectl("delete", "namespace", f"tenant-{org}", "--ignore-not-found", "--wait=false")
+        # The database goes with the module; the tenant namespaces go here, while the operator still
+        # runs to release its finalizers.
+        namespaces = [f"namespace/tenant-{org}" for org in running.orgs]
+        if namespaces:
+            await kube.kubectl("delete", *namespaces, "--ignore-not-found", "--wait=false")
+            await kube.kubectl("wait", "--for=delete", *namespaces, "--timeout=120s")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
