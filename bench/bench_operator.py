@@ -98,6 +98,11 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float)
     return created
 
 
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
 async def idle_usage(pid: int, seconds: float) -> dict[str, float]:
     process = psutil.Process(pid)
     cpu_before, wall_before = process.cpu_times(), time.perf_counter()
@@ -138,8 +143,10 @@ async def main() -> int:
             running = RunningWatch(api, namespace)
             names = [f"s-{index:04d}" for index in range(args.sessions)]
             log(f"creating {len(names)} sessions at {args.rate}/s in {namespace}")
+            cpu_before = cpu_seconds(operator.process.pid)
             created = await create_paced(ops, namespace, names, args.rate)
             await running.wait_for(names, seconds=300)
+            cpu_per_session = (cpu_seconds(operator.process.pid) - cpu_before) / len(names)
             latencies = [running.running_at[name] - created[name] for name in names]
             pod_latencies = [running.pod_at[name] - created[name] for name in names if name in running.pod_at]
 
@@ -162,6 +169,7 @@ async def main() -> int:
                                  "max": round(1000 * max(latencies))},
         "create_to_pod_created_ms": {"p50": round(1000 * percentile(pod_latencies, 0.50)),
                                      "p99": round(1000 * percentile(pod_latencies, 0.99))},
+        "operator_cpu_ms_per_session": round(1000 * cpu_per_session, 1),
         "held_running_sessions": args.hold,
         "idle": usage,
         "targets": {"p50_ms": 500, "p99_ms": 1500, "rss_mb": 250, "idle_cpu_percent": 2},

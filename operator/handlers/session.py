@@ -199,41 +199,58 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     session = Session(name, namespace, meta["uid"], spec)
     child = session.child_name
-    # Every child is read first: nothing is written until no name is held by someone else.
-    rendered, existing = await asyncio.gather(
-        _references(kube, namespace, spec),
-        asyncio.gather(*(kube.get(kind, namespace, child) for kind in CHILD_KINDS)))
-    found = dict(zip(CHILD_KINDS, existing, strict=True))
-    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in CHILD_KINDS}
-    conflicts = [Conflict(kind, child, "held by another owner") for kind in CHILD_KINDS
+    rendered = await _references(kube, namespace, spec)
+
+    def manifests(token: str) -> dict[str, dict[str, Any]]:
+        return dict(zip(CHILD_KINDS[:-1], [
+            build_configmap(session, rendered.config), build_secret(session, token, rendered.credentials),
+            build_pvc(session), build_service(session),
+            build_session_policy(session, settings.api_namespace, settings.api_pod_labels)], strict=True))
+
+    # A session never reconciled before: create each child outright (one call instead of a read plus an
+    # apply); only names already taken are read and classified below.
+    new_token = new_runner_token()
+    created: dict[str, dict[str, Any]] = {}
+    if not (body.get("status") or {}).get("observedGeneration"):
+        first = manifests(new_token)
+        results = await asyncio.gather(*(kube.create(manifest) for manifest in first.values()))
+        created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
+    to_read = [kind for kind in CHILD_KINDS if kind not in created]
+    found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
+                     strict=True))
+    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in to_read}
+    conflicts = [Conflict(kind, child, "held by another owner") for kind in to_read
                  if ownership[kind] is Ownership.FOREIGN]
     if conflicts:
+        # Nothing half-built stays behind: what this pass created goes again.
+        await asyncio.gather(*(kube.delete(kind, namespace, child, uid=obj["metadata"]["uid"])
+                               for kind, obj in created.items()))
         message = "; ".join(conflict.message for conflict in conflicts)
         status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
                         _now())
         await _write_status(kube, body, status)
         raise NameConflictError(message, delay=settings.conflict_retry_seconds)
 
-    old_secret = found["Secret"] if ownership["Secret"] is not Ownership.ABSENT else None
-    token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_runner_token()
-    configmap = build_configmap(session, rendered.config)
-    secret = build_secret(session, token, rendered.credentials)
-    manifests = [configmap, secret, build_pvc(session), build_service(session),
-                 build_session_policy(session, settings.api_namespace, settings.api_pod_labels)]
-    applied = await asyncio.gather(*(kube.apply(manifest) for manifest in manifests))
-    pvc = applied[2]
+    old_secret = found.get("Secret") if ownership.get("Secret") not in (None, Ownership.ABSENT) else None
+    token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_token
+    desired = manifests(token)
+    to_apply = [kind for kind in desired if kind not in created]
+    applied = await asyncio.gather(*(kube.apply(desired[kind]) for kind in to_apply))
+    results = {**created, **dict(zip(to_apply, applied, strict=True))}
+    configmap, secret, pvc = desired["ConfigMap"], desired["Secret"], results["PersistentVolumeClaim"]
 
     observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
     wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
-    pod = found["Pod"]
+    pod = found.get("Pod")
     if wants_pod:
-        desired = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
-                            config_digest=config_hash(configmap, secret),
-                            runner_resources=settings.runner_resources,
-                            gateway_resources=settings.gateway_resources,
-                            credential_keys=rendered.credentials)
+        desired_pod = build_pod(session, image=settings.sandbox_image,
+                                pull_policy=settings.image_pull_policy,
+                                config_digest=config_hash(configmap, secret),
+                                runner_resources=settings.runner_resources,
+                                gateway_resources=settings.gateway_resources,
+                                credential_keys=rendered.credentials)
         try:
-            pod = await _ensure_pod(kube, desired, pod, ownership["Pod"], body)
+            pod = await _ensure_pod(kube, desired_pod, pod, ownership["Pod"], body)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
@@ -348,5 +365,7 @@ async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
         return
     if event["type"] == "DELETED":
         await reconcile(kube, settings, body)
+    elif event["type"] == "ADDED" and not (pod.get("spec") or {}).get("nodeName"):
+        return  # a pod we just created: the reconcile that created it wrote the status it implies
     else:
         await refresh(kube, body, pod)
