@@ -12,6 +12,7 @@ class ConditionType(StrEnum):
     WORKSPACE_READY = "WorkspaceReady"
     MCP_READY = "MCPReady"
     SUSPENDED = "Suspended"
+    AUTHORIZED = "Authorized"  # MCPServer with OAuth: written by the API, kept by the operator
 
 
 class ConditionStatus(StrEnum):
@@ -75,3 +76,5 @@ class Reason(StrEnum):
     PROBE_FAILED = "ProbeFailed"
     STDIO_NOT_PROBED = "StdioNotProbed"
     PROBE_PENDING = "ProbePending"
+    # MCPServer Authorized
+    NEEDS_REAUTHORIZATION = "NeedsReauthorization"

@@ -32,6 +32,9 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     mcpserver.KIND: (f"/apis/{mcpserver.API_VERSION}", mcpserver.PLURAL, True),
 }
 OBJECT = {200: "object", 201: "object"}
+# Connections per client (ours and kopf's): measured no slower than 100 at 20 sessions/s, and each TLS
+# connection holds a 256 KiB buffer.
+CONNECTIONS = 16
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
@@ -106,11 +109,13 @@ class Kube:
 
     @classmethod
     async def connect(cls) -> "Kube":
+        configuration = kubernetes_asyncio.client.Configuration()
         try:
-            kubernetes_asyncio.config.load_incluster_config()
+            kubernetes_asyncio.config.load_incluster_config(client_configuration=configuration)
         except kubernetes_asyncio.config.ConfigException:
-            await kubernetes_asyncio.config.load_kube_config()
-        return cls(kubernetes_asyncio.client.ApiClient())
+            await kubernetes_asyncio.config.load_kube_config(client_configuration=configuration)
+        configuration.connection_pool_maxsize = CONNECTIONS
+        return cls(kubernetes_asyncio.client.ApiClient(configuration))
 
     async def close(self) -> None:
         await self.client.close()

@@ -50,16 +50,39 @@ async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec) -> tuple[list[
         return None, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
 
 
+OAUTH_ANNOTATION = "agentbox.dev/oauth"
+NEEDS_REAUTH = "needs-reauth"
+
+
+def _authorized(previous: dict[str, Any] | None, annotations: dict[str, str],
+                now: str) -> dict[str, Any] | None:
+    """The API's Authorized condition, kept across our writes; the needs-reauth annotation (which the API
+    sets first) makes it False even when the condition write lost a race with ours."""
+    if annotations.get(OAUTH_ANNOTATION) != NEEDS_REAUTH or (previous or {}).get("status") == "False":
+        return previous
+    return {"type": str(ConditionType.AUTHORIZED), "status": str(ConditionStatus.FALSE),
+            "reason": str(Reason.NEEDS_REAUTHORIZATION),
+            "message": "the OAuth grant no longer holds: authorise the server again",
+            "lastTransitionTime": now}
+
+
 def _status(phase: MCPServerPhase, reason: Reason, message: str, generation: int,
-            previous: dict[str, Any], tools: list[dict[str, str]] | None, probed: bool) -> dict[str, Any]:
+            previous: dict[str, Any], tools: list[dict[str, str]] | None, probed: bool,
+            annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    """The whole status; conditions the operator does not own (Authorized, ...) are carried over, since a
+    merge patch replaces the list."""
     now = format_time(datetime.now(UTC))
     ready = ConditionStatus.TRUE if phase == MCPServerPhase.READY else ConditionStatus.FALSE
+    kept = {c.get("type"): c for c in previous.get("conditions") or []
+            if c.get("type") != ConditionType.READY}
     before = next((c for c in previous.get("conditions") or [] if c.get("type") == ConditionType.READY), {})
     unchanged = before.get("status") == ready and before.get("lastTransitionTime")
     condition = {"type": str(ConditionType.READY), "status": str(ready), "reason": str(reason),
                  "message": message, "observedGeneration": generation,
                  "lastTransitionTime": before["lastTransitionTime"] if unchanged else now}
-    status: dict[str, Any] = {"phase": str(phase), "conditions": [condition],
+    authorized = _authorized(kept.pop(ConditionType.AUTHORIZED, None), annotations or {}, now)
+    others = [*kept.values(), *([authorized] if authorized else [])]
+    status: dict[str, Any] = {"phase": str(phase), "conditions": [condition, *others],
                               "observedGeneration": generation}
     if tools is not None:
         status.update(tools=tools, toolCount=len(tools))
@@ -73,17 +96,18 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
     meta = body["metadata"]
     namespace, generation = meta["namespace"], meta.get("generation", 0)
     previous = body.get("status") or {}
+    annotations = meta.get("annotations") or {}
     async with metrics.reconciling("mcpserver"):
         try:
             spec = MCPServerSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:
             status = _status(MCPServerPhase.INVALID, Reason.INVALID_SPEC, str(error)[:4096], generation,
-                             previous, [], probed=False)
+                             previous, [], probed=False, annotations=annotations)
         else:
             if spec.transport == "stdio":
                 status = _status(MCPServerPhase.READY, Reason.STDIO_NOT_PROBED,
                                  "stdio server: started by each session's gateway, not probed", generation,
-                                 previous, [], probed=False)
+                                 previous, [], probed=False, annotations=annotations)
             else:
                 tools, why = await _probe(kube, namespace, spec)
                 failures = 0 if tools is not None else getattr(memo, "failures", 0) + 1
@@ -92,9 +116,11 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
                          else min(PROBE_TICK_SECONDS * 2 ** (failures - 1), settings.mcp_backoff_max_seconds))
                 memo.next_probe = time.monotonic() + delay
                 status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
-                                  generation, previous, tools, probed=True) if tools is not None else
+                                  generation, previous, tools, probed=True, annotations=annotations)
+                      if tools is not None else
                           _status(MCPServerPhase.UNREACHABLE, Reason.PROBE_FAILED,
-                                  f"{why} (retry in {delay:.0f}s)", generation, previous, None, probed=True))
+                                  f"{why} (retry in {delay:.0f}s)", generation, previous, None, probed=True,
+                                  annotations=annotations))
         await kube.merge_patch(mcpserver.KIND, namespace, meta["name"], {"status": status}, sub="status")
         if previous.get("phase") != status["phase"]:
             post = kopf.info if status["phase"] == MCPServerPhase.READY else kopf.warn

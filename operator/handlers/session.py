@@ -46,8 +46,12 @@ def _version(body: dict[str, Any]) -> int:
 
 
 def remember(body: dict[str, Any]) -> None:
-    """Keep `body` unless a newer version of the same session is already known."""
+    """Keep `body` unless a newer version of the same session is already known (managedFields dropped:
+    the bulk of a body, never read)."""
     meta = body["metadata"]
+    if "managedFields" in meta:
+        meta = {key: value for key, value in meta.items() if key != "managedFields"}
+        body = {**body, "metadata": meta}
     key = (meta["namespace"], meta["name"])
     known = _latest.get(key)
     if known is None or known["metadata"].get("uid") != meta.get("uid") or _version(body) >= _version(known):
