@@ -33,7 +33,6 @@ class OperatorSettings(BaseSettings):
                                         "limits": {"cpu": "2", "memory": "2Gi"}}
     gateway_resources: dict[str, Any] = {"requests": {"cpu": "50m", "memory": "96Mi"},
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
-    expiry_check_seconds: float = 30.0
     mcp_probe_seconds: float = 60.0
     mcp_backoff_max_seconds: float = 600.0
     conflict_retry_seconds: float = 30.0

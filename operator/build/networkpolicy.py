@@ -18,7 +18,8 @@ def dns_egress() -> dict[str, Any]:
             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
 
 
-def build_session_policy(session: Session, api_namespace: str, api_pod_labels: dict[str, str]) -> dict[str, Any]:
+def build_session_policy(session: Session, api_namespace: str,
+                         api_pod_labels: dict[str, str]) -> dict[str, Any]:
     """Ingress only from the control-plane API; egress to DNS and public addresses only."""
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": session.metadata(),

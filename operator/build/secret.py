@@ -6,7 +6,7 @@ from typing import Any
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.mcp import encode
 
-RUNNER_TOKEN_KEY = "runner-token"
+RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a file name, not a password)
 
 
 def new_runner_token() -> str:

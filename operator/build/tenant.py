@@ -21,7 +21,8 @@ def pod_security_labels() -> dict[str, str]:
 
 def build_namespace_labels(name: str) -> dict[str, Any]:
     """The fields of the namespace the operator owns (applied server-side, nothing else touched)."""
-    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": pod_security_labels()}}
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": pod_security_labels()}}
 
 
 def _metadata(name: str, namespace: str) -> dict[str, Any]:

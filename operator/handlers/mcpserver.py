@@ -2,7 +2,6 @@
 and re-render the sessions that use a server whenever it changes."""
 
 import base64
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,11 +14,16 @@ from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
 from agentbox.operator import metrics, probe
 from agentbox.operator.handlers.session import reconcile
 from agentbox.operator.kube import Kube
+from agentbox.operator.later import Later
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
 
 GROUP, VERSION, PLURAL = mcpserver.GROUP, mcpserver.VERSION, mcpserver.PLURAL
-PROBE_TICK_SECONDS = 5.0
+PROBE_TICK_SECONDS = 5.0  # the first retry after a failed probe; doubles up to mcp_backoff_max_seconds
+# The newest version of every MCPServer (from the watch) and the next probe of each http/sse one: no kopf
+# timer, so no finalizer that would hang a namespace deleted while the operator is down.
+_servers: dict[tuple[str, str], dict[str, Any]] = {}
+_probes = Later()
 
 
 async def _secret_value(kube: Kube, namespace: str, selector: SecretKeySelector) -> str | None:
@@ -91,6 +95,17 @@ def _status(phase: MCPServerPhase, reason: Reason, message: str, generation: int
     return status
 
 
+def _schedule_probe(kube: Kube, key: tuple[str, str], delay: float, memo: Any,
+                    settings: OperatorSettings) -> None:
+    """Re-probe when due: every mcp_probe_seconds when healthy, exponential back-off when not."""
+    async def probe_again() -> None:
+        body = _servers.get(key)
+        if body is not None:
+            await check(kube, body, memo, settings)
+
+    _probes.schedule(key, delay, probe_again)
+
+
 async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorSettings) -> None:
     """Validate and (for http/sse) probe one MCPServer; write its status; schedule the next probe."""
     meta = body["metadata"]
@@ -98,6 +113,7 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
     previous = body.get("status") or {}
     annotations = meta.get("annotations") or {}
     async with metrics.reconciling("mcpserver"):
+        _probes.cancel((namespace, meta["name"]))  # rescheduled below when the server is probed
         try:
             spec = MCPServerSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:
@@ -114,7 +130,7 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
                 memo.failures = failures
                 delay = (settings.mcp_probe_seconds if tools is not None
                          else min(PROBE_TICK_SECONDS * 2 ** (failures - 1), settings.mcp_backoff_max_seconds))
-                memo.next_probe = time.monotonic() + delay
+                _schedule_probe(kube, (namespace, meta["name"]), delay, memo, settings)
                 status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
                                   generation, previous, tools, probed=True, annotations=annotations)
                       if tools is not None else
@@ -135,14 +151,6 @@ async def mcpserver_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await check(memo.kube, dict(body), memo, memo.settings)
 
 
-@kopf.timer(GROUP, VERSION, PLURAL, interval=PROBE_TICK_SECONDS,
-            when=lambda spec, **_: spec.get("transport") != "stdio")
-async def mcpserver_probe(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Re-probe when due: every mcp_probe_seconds when healthy, exponential back-off when not."""
-    if time.monotonic() >= getattr(memo, "next_probe", 0.0):
-        await check(memo.kube, dict(body), memo, memo.settings)
-
-
 @kopf.index(agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL)
 def sessions_by_mcpserver(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
     return {(namespace, ref["name"]): name for ref in spec.get("mcpServers") or []}
@@ -154,6 +162,12 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
     """Sessions re-render when a server they use changes spec, readiness, or disappears."""
     server = event["object"]
     meta = server["metadata"]
+    key = (meta["namespace"], meta["name"])
+    if event["type"] == "DELETED":
+        _servers.pop(key, None)
+        _probes.cancel(key)
+    else:
+        _servers[key] = server
     phase = (server.get("status") or {}).get("phase")
     fingerprint = (event["type"] == "DELETED", meta.get("generation"), phase)
     if getattr(memo, "fingerprint", None) == fingerprint:

@@ -3,6 +3,7 @@ derive status from what is observed. Safe to kill at any line: every step is an 
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -25,6 +26,7 @@ from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, build_secret, new_runner_token
 from agentbox.operator.build.service import build_service
 from agentbox.operator.kube import Conflict, Kube, Ownership, classify
+from agentbox.operator.later import Later
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time
 
@@ -36,6 +38,8 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 # The newest version of every session seen on the watch or in our own write responses: reconciles start
 # from it instead of re-reading the session (one GET fewer per trigger).
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
+# The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
+_expiries = Later()
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -77,6 +81,7 @@ class PodRejectedError(kopf.TemporaryError):
 
 
 API_RETRY_SECONDS = 5.0
+EXPIRY_SLACK_SECONDS = 0.5  # wake just after the deadline, not just before it
 
 def _api_message(error: ApiException) -> str:
     try:
@@ -125,6 +130,25 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]
             remember(written)
         _announce(body, previous, status)
     metrics.record_phase((meta["namespace"], meta["name"]), status["phase"])
+
+
+def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed, status: dict[str, Any],
+                     uid: str) -> None:
+    """Wake up when the session would expire (checked again then: activity may have moved it on)."""
+    key = (observed.namespace, observed.name)
+    deadline = next_deadline(dataclasses.replace(observed, previous=status))
+    if deadline is None or status["phase"] in (SessionPhase.EXPIRED, SessionPhase.TERMINATING):
+        _expiries.cancel(key)
+        return
+    owner = {"metadata": {"namespace": observed.namespace, "name": observed.name, "uid": uid}}
+
+    async def expire() -> None:
+        try:
+            await reconcile(kube, settings, owner)
+        except kopf.TemporaryError as error:
+            _expiries.schedule(key, error.delay or API_RETRY_SECONDS, expire)
+
+    _expiries.schedule(key, (deadline - _now()).total_seconds() + EXPIRY_SLACK_SECONDS, expire)
 
 
 def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Observed:
@@ -266,10 +290,12 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
+    _schedule_expiry(kube, settings, observed, status, meta["uid"])
     return status
 
 
-async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) -> None:
+async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
+                  pod: dict[str, Any] | None) -> None:
     """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict.
 
     `body` needs only the session's namespace, name and uid: the newest version is taken under the lock."""
@@ -285,7 +311,10 @@ async def refresh(kube: Kube, body: dict[str, Any], pod: dict[str, Any] | None) 
         # A scheduled pod's claim is bound (the scheduler waits for it): no need to read it.
         pvc = {"status": {"phase": "Bound"}} if scheduled else await kube.get(
             "PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
-        await _write_status(kube, body, derive(_observed(body, spec, pvc=pvc, pod=pod), _now()))
+        observed = _observed(body, spec, pvc=pvc, pod=pod)
+        status = derive(observed, _now())
+        await _write_status(kube, body, status)
+        _schedule_expiry(kube, settings, observed, status, meta["uid"])
 
 
 def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
@@ -298,26 +327,6 @@ def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
 async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     kube, settings = _memo(memo)
     await reconcile(kube, settings, dict(body))
-
-
-def _has_deadline(spec: kopf.Spec, **_: Any) -> bool:
-    lifecycle = spec.get("lifecycle") or {}
-    return bool(lifecycle.get("shutdownTime") or lifecycle.get("idleTimeout"))
-
-
-@kopf.timer(GROUP, VERSION, PLURAL, interval=OperatorSettings().expiry_check_seconds, when=_has_deadline)
-async def session_expiry(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Expire sessions whose shutdownTime passed or whose activity went stale."""
-    kube, settings = _memo(memo)
-    status = body.get("status") or {}
-    spec = AgentSessionSpec.model_validate(dict(body.get("spec") or {}))
-    observed = _observed(dict(body), spec)
-    deadline = next_deadline(observed)
-    activity = observed.annotations.get(naming.LAST_ACTIVITY_ANNOTATION)
-    stale_activity = activity is not None and activity != status.get("lastActivityTime")
-    expired_now = deadline is not None and _now() >= deadline
-    if (expired_now and status.get("phase") != SessionPhase.EXPIRED) or stale_activity:
-        await reconcile(kube, settings, dict(body))
 
 
 @kopf.on.delete(GROUP, VERSION, PLURAL,
@@ -343,6 +352,7 @@ async def session_event(event: kopf.RawEvent, **_: Any) -> None:
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
+        _expiries.cancel(key)
     else:
         remember(body)
 
@@ -372,4 +382,4 @@ async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
     elif event["type"] == "ADDED" and not (pod.get("spec") or {}).get("nodeName"):
         return  # a pod we just created: the reconcile that created it wrote the status it implies
     else:
-        await refresh(kube, body, pod)
+        await refresh(kube, settings, body, pod)

@@ -41,7 +41,6 @@ class OperatorProcess:
         env = {
             **os.environ,
             "KUBECONFIG": self.kubeconfig,
-            "AGENTBOX_EXPIRY_CHECK_SECONDS": "1",
             "AGENTBOX_CONFLICT_RETRY_SECONDS": "2",
             "AGENTBOX_METRICS_PORT": "0",
             **self.env,

@@ -203,7 +203,7 @@ async def _gone(ops, kind, namespace, name):
 
 
 async def test_shutdown_time_expires_the_session(operator, ops, tenant):
-    soon = (datetime.now(UTC) + timedelta(seconds=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    soon = (datetime.now(UTC) + timedelta(seconds=8)).strftime("%Y-%m-%dT%H:%M:%SZ")
     await ops.create(session_manifest("brief", tenant, lifecycle={"shutdownTime": soon}))
     await session_in_phase(ops, tenant, "brief", "Running")
     body = await session_in_phase(ops, tenant, "brief", "Expired", timeout=20)
@@ -356,3 +356,25 @@ async def test_a_pod_the_tenant_limits_refuse_is_reported(operator, ops, tenant)
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["reason"] == "PodRejected" and "forbidden" in ready["message"]
     assert (await children(ops, tenant, "greedy"))["Pod"] is None
+
+
+async def test_only_retained_workspaces_put_a_finalizer_on_anything(operator, ops, tenant):
+    """A namespace deleted while the operator is down must not hang in Terminating: nothing but a session
+    with retainOnDelete (whose claim must be cut loose first) carries the operator's finalizer."""
+    await ops.create(mcpserver_manifest("remote", tenant, transport="streamable-http", url="http://127.0.0.1:9/mcp"))
+    await ops.create(
+        session_manifest("timed", tenant, lifecycle={"idleTimeout": "1h"}, mcpServers=[{"name": "remote"}])
+    )
+    await ops.create(session_manifest("kept", tenant, workspace={"retainOnDelete": True}))
+    await session_in_phase(ops, tenant, "timed", "Running")
+    await session_in_phase(ops, tenant, "kept", "Running")
+    server = await eventually(lambda: _probed(ops, tenant, "remote"))
+    timed = await ops.get(agentsession.KIND, tenant, "timed")
+    assert not server["metadata"].get("finalizers") and not timed["metadata"].get("finalizers")
+    kept = await ops.get(agentsession.KIND, tenant, "kept")
+    assert kept["metadata"].get("finalizers") == ["operator.agentbox.dev/finalizer"]
+
+
+async def _probed(ops, namespace, name):
+    server = await ops.get(mcpserver.KIND, namespace, name)
+    return server if (server.get("status") or {}).get("lastProbeTime") else None
