@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import yaml
-from e2e.stack import REPO, chart_identity, operator_process, tools_for
+from e2e.stack import REPO, chart_identity, delete_tenant, operator_process, tools_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart's tests too
 
@@ -221,6 +221,5 @@ async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(k
             baseline = await kube.kubectl("get", "resourcequotas,limitranges,networkpolicies", "-n", tenant,
                                           "-o", "name")
             assert "resourcequota" in baseline and "limitrange" in baseline
-        finally:  # while the operator runs, so that it releases its finalizers
-            await kube.kubectl("delete", "namespace", tenant, "--wait=false")
-            await kube.kubectl("wait", "--for=delete", f"namespace/{tenant}", "--timeout=120s")
+        finally:
+            await delete_tenant(kube, tenant)

@@ -175,3 +175,11 @@ async def _runners_and_api(stack: Stack, kube: Kube, identities: dict[str, Path]
     finally:
         for process in reversed(stack.processes[1:]):  # the operator stops with its own block
             await process.stop()
+
+
+async def delete_tenant(kube: Kube, namespace: str) -> None:
+    """Delete a tenant namespace whose operator still runs: first the objects carrying its finalizers
+    (it releases them in seconds), then the namespace, left to the controller-manager."""
+    await kube.kubectl("delete", "agentsessions,mcpservers", "--all", "-n", namespace, "--ignore-not-found",
+                       "--timeout=90s")
+    await kube.kubectl("delete", "namespace", namespace, "--ignore-not-found", "--wait=false")

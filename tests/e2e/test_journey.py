@@ -21,7 +21,7 @@ import pytest_asyncio
 import uvicorn
 from fastmcp import FastMCP
 
-from e2e.stack import Stack, free_port, running_stack
+from e2e.stack import Stack, delete_tenant, free_port, running_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -59,12 +59,9 @@ async def stack(kube, postgres, tmp_path_factory) -> AsyncIterator[Stack]:
                              system_namespace="abx-e2e-system", scope=f"{TENANT_PREFIX}*",
                              tenant_prefix=TENANT_PREFIX) as running:
         yield running
-        # The database goes with the module; the tenant namespaces go here, while the operator still
-        # runs to release its finalizers.
-        namespaces = [f"namespace/tenant-{org}" for org in running.orgs]
-        if namespaces:
-            await kube.kubectl("delete", *namespaces, "--ignore-not-found", "--wait=false")
-            await kube.kubectl("wait", "--for=delete", *namespaces, "--timeout=120s")
+        # The database goes with the module; the tenant namespaces go here, while the operator runs.
+        for org in running.orgs:
+            await delete_tenant(kube, f"tenant-{org}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
