@@ -51,4 +51,6 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Only our own pods and tenant namespaces travel over the watch streams, not the whole cluster's.
     settings.watching.label_selectors["v1/pods"] = "app.kubernetes.io/managed-by=agentbox"
     settings.watching.label_selectors["v1/namespaces"] = "agentbox.dev/tenant"
+    # Credentials MCPServers reference, not the sessions' own Secrets (one per session, written by us).
+    settings.watching.label_selectors["v1/secrets"] = "!agentbox.dev/session"
     settings.execution.max_workers = 2  # every handler is async; the pool only serves kopf internals

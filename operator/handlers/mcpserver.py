@@ -2,6 +2,8 @@
 and re-render the sessions that use a server whenever it changes."""
 
 import base64
+import hashlib
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +14,7 @@ from agentbox.crds import agentsession, mcpserver
 from agentbox.crds.conditions import ConditionStatus, ConditionType, MCPServerPhase, Reason
 from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
 from agentbox.operator import metrics, probe
+from agentbox.operator.build import mcp
 from agentbox.operator.handlers.session import reconcile
 from agentbox.operator.kube import Kube
 from agentbox.operator.later import Later
@@ -24,6 +27,7 @@ PROBE_TICK_SECONDS = 5.0  # the first retry after a failed probe; doubles up to 
 # timer, so no finalizer that would hang a namespace deleted while the operator is down.
 _servers: dict[tuple[str, str], dict[str, Any]] = {}
 _probes = Later()
+_failures: dict[tuple[str, str], int] = {}  # consecutive failed probes, for the back-off
 
 
 async def _secret_value(kube: Kube, namespace: str, selector: SecretKeySelector) -> str | None:
@@ -95,18 +99,17 @@ def _status(phase: MCPServerPhase, reason: Reason, message: str, generation: int
     return status
 
 
-def _schedule_probe(kube: Kube, key: tuple[str, str], delay: float, memo: Any,
-                    settings: OperatorSettings) -> None:
+def _schedule_probe(kube: Kube, key: tuple[str, str], delay: float, settings: OperatorSettings) -> None:
     """Re-probe when due: every mcp_probe_seconds when healthy, exponential back-off when not."""
     async def probe_again() -> None:
         body = _servers.get(key)
         if body is not None:
-            await check(kube, body, memo, settings)
+            await check(kube, body, settings)
 
     _probes.schedule(key, delay, probe_again)
 
 
-async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorSettings) -> None:
+async def check(kube: Kube, body: dict[str, Any], settings: OperatorSettings) -> None:
     """Validate and (for http/sse) probe one MCPServer; write its status; schedule the next probe."""
     meta = body["metadata"]
     namespace, generation = meta["namespace"], meta.get("generation", 0)
@@ -126,11 +129,12 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
                                  previous, [], probed=False, annotations=annotations)
             else:
                 tools, why = await _probe(kube, namespace, spec)
-                failures = 0 if tools is not None else getattr(memo, "failures", 0) + 1
-                memo.failures = failures
+                key = (namespace, meta["name"])
+                failures = 0 if tools is not None else _failures.get(key, 0) + 1
+                _failures[key] = failures
                 delay = (settings.mcp_probe_seconds if tools is not None
                          else min(PROBE_TICK_SECONDS * 2 ** (failures - 1), settings.mcp_backoff_max_seconds))
-                _schedule_probe(kube, (namespace, meta["name"]), delay, memo, settings)
+                _schedule_probe(kube, key, delay, settings)
                 status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
                                   generation, previous, tools, probed=True, annotations=annotations)
                       if tools is not None else
@@ -148,7 +152,7 @@ async def check(kube: Kube, body: dict[str, Any], memo: Any, settings: OperatorS
 @kopf.on.create(GROUP, VERSION, PLURAL)
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
 async def mcpserver_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await check(memo.kube, dict(body), memo, memo.settings)
+    await check(memo.kube, dict(body), memo.settings)
 
 
 @kopf.index(agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL)
@@ -165,6 +169,7 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
     key = (meta["namespace"], meta["name"])
     if event["type"] == "DELETED":
         _servers.pop(key, None)
+        _failures.pop(key, None)
         _probes.cancel(key)
     else:
         _servers[key] = server
@@ -180,3 +185,35 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
         body = await memo.kube.get(agentsession.KIND, meta["namespace"], session_name)
         if body is not None:
             await reconcile(memo.kube, memo.settings, body)
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def mcpservers_by_secret(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
+    return {(namespace, secret): name for secret in mcp.referenced_secrets({name: {"spec": dict(spec)}})}
+
+
+def _digest(secret: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(secret.get("data") or {}, sort_keys=True).encode()).hexdigest()
+
+
+@kopf.on.event("", "v1", "secrets")
+async def secret_event(event: kopf.RawEvent, memo: kopf.Memo, mcpservers_by_secret: kopf.Index,
+                       sessions_by_mcpserver: kopf.Index, **_: Any) -> None:
+    """A changed credential rolls the pods that mount it and re-probes its servers at once, instead of
+    waiting for the next reconcile. The watch leaves out the sessions' own Secrets (settings)."""
+    secret = event["object"]
+    meta = secret["metadata"]
+    digest = None if event["type"] == "DELETED" else _digest(secret)
+    changed = getattr(memo, "digest", None) != digest
+    memo.digest = digest
+    if event["type"] is None or not changed:
+        return  # the initial listing (sessions reconcile on resume), or a metadata-only change
+    kube, settings = memo.kube, memo.settings
+    for server in mcpservers_by_secret.get((meta["namespace"], meta["name"]), []):
+        key = (meta["namespace"], server)
+        for session_name in sessions_by_mcpserver.get(key, []):
+            session = await kube.get(agentsession.KIND, meta["namespace"], session_name)
+            if session is not None:
+                await reconcile(kube, settings, session)
+        if key in _servers:
+            await check(kube, _servers[key], settings)

@@ -378,3 +378,24 @@ async def test_only_retained_workspaces_put_a_finalizer_on_anything(operator, op
 async def _probed(ops, namespace, name):
     server = await ops.get(mcpserver.KIND, namespace, name)
     return server if (server.get("status") or {}).get("lastProbeTime") else None
+
+
+async def test_a_changed_credential_rolls_the_pod_without_waiting_for_a_reconcile(operator, ops, tenant):
+    token = {"token": base64.b64encode(b"old").decode()}
+    await ops.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cred", "namespace": tenant},
+                      "data": token})
+    bearer = {"type": "bearer", "secretRef": {"name": "cred", "key": "token"}}
+    stdio = {"command": "tool"}
+    await ops.create(mcpserver_manifest("locked", tenant, transport="stdio", stdio=stdio, auth=bearer))
+    await ops.create(session_manifest("rotate", tenant, mcpServers=[{"name": "locked"}]))
+    await session_in_phase(ops, tenant, "rotate", "Running")
+    before = (await children(ops, tenant, "rotate"))["Pod"]
+    await ops.merge_patch("Secret", tenant, "cred", {"data": {"token": base64.b64encode(b"new").decode()}})
+
+    async def rolled():
+        found = await children(ops, tenant, "rotate")
+        pod, secret = found["Pod"], found["Secret"]
+        fresh = pod and pod["metadata"]["uid"] != before["metadata"]["uid"]
+        return fresh and base64.b64decode(secret["data"]["mcp-locked-token"]) == b"new"
+
+    await eventually(rolled, timeout=20)
