@@ -36,6 +36,16 @@ class SecretKeySelector(KubeModel):
     key: SecretKey = Field(description="Key within the Secret.")
 
 
+EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", min_length=1, max_length=256)]
+
+
+class SecretEnvVar(KubeModel):
+    """An environment variable of a stdio server whose value is a Secret key (an API key, a token)."""
+
+    name: EnvName = Field(description="Variable name, e.g. GITHUB_TOKEN.")
+    secret_key_ref: SecretKeySelector = Field(description="The Secret key (same namespace) with the value.")
+
+
 class Stdio(KubeModel):
     """A server started as a child process of the session's MCP gateway."""
 
@@ -44,7 +54,20 @@ class Stdio(KubeModel):
     args: list[Annotated[str, StringConstraints(max_length=4096)]] = Field(
         default_factory=list, max_length=64, description="Arguments.")
     env: dict[str, Annotated[str, StringConstraints(max_length=32768)]] = Field(
-        default_factory=dict, description="Environment of the process (no secrets: use auth or headers).")
+        default_factory=dict, description="Environment of the process, literal (no secrets: use envFrom).")
+    env_from: list[SecretEnvVar] = Field(
+        default_factory=list, max_length=64,
+        description="Environment variables read from Secrets; only the gateway container sees them.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> "Stdio":
+        names = [var.name for var in self.env_from]
+        if len(names) != len(set(names)):
+            raise ValueError("spec.stdio.envFrom names must be unique")
+        if clash := sorted({var.name for var in self.env_from} & set(self.env)):
+            raise ValueError(f"spec.stdio.envFrom and spec.stdio.env both set {', '.join(clash)}")
+        return self
 
 
 class Auth(KubeModel):
@@ -150,7 +173,7 @@ class MCPServerStatus(KubeModel):
 
     phase: MCPServerPhase | None = Field(None, description="Pending, Ready, Unreachable or Invalid.")
     conditions: list[Condition] = Field(
-        default_factory=list, description="Ready.",
+        default_factory=list, description="Ready; Authorized (OAuth servers, written by the API).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})
     tools: list[ToolInfo] = Field(default_factory=list, description="Tools discovered by the last probe.")
     tool_count: int | None = Field(None, description="Number of discovered tools.")

@@ -57,5 +57,11 @@ def credential_key(server: str, what: str) -> str:
     return f"mcp-{server}-{slug(what)}"
 
 
+def env_credential_key(server: str, variable: str) -> str:
+    """The Secret key of a stdio server's secret variable: the name kept as is (a valid key already), so
+    FOO_BAR and FOO__BAR stay apart."""
+    return f"mcp-{server}-env-{variable}"
+
+
 def endpoint(session_name: str, namespace: str) -> str:
     return f"http://{child_name(session_name)}.{namespace}.svc:{ENDPOINT_PORT}"

@@ -45,6 +45,8 @@ def referenced_secrets(servers: dict[str, dict[str, Any] | None]) -> set[str]:
         for header in spec.get("headers") or []:
             if ref := ((header.get("valueFrom") or {}).get("secretKeyRef")):
                 names.add(ref.get("name"))
+        for var in (spec.get("stdio") or {}).get("envFrom") or []:
+            names.add((var.get("secretKeyRef") or {}).get("name"))
     return {name for name in names if name}
 
 
@@ -91,6 +93,16 @@ def render(refs: list[MCPServerRef], servers: dict[str, dict[str, Any] | None],
         else:
             upstream["url"] = spec.url
         missing: list[str] = []
+        if spec.stdio is not None and spec.stdio.env_from:
+            env_files = {}
+            for var in spec.stdio.env_from:
+                key = naming.env_credential_key(ref.name, var.name)
+                value = _secret_value(var.secret_key_ref, secrets)
+                if value is None:
+                    missing.append(f"{var.secret_key_ref.name}/{var.secret_key_ref.key}")
+                credentials[key] = value or ""
+                env_files[var.name] = f"{SECRETS_DIR}/{key}"
+            upstream["envFiles"] = env_files
         auth: dict[str, Any] = {"type": spec.auth.type}
         if spec.auth.secret_ref is not None:
             key = naming.credential_key(ref.name, "token")

@@ -103,3 +103,17 @@ def test_whole_resource_round_trips():
     session = AgentSession.model_validate(body)
     assert session.status.phase == "Running"
     assert session.model_dump(by_alias=True, exclude_none=True)["metadata"]["uid"] == "123"
+
+
+def test_stdio_env_from_names_are_unique_and_do_not_shadow_env():
+    ref = {"name": "s", "key": "k"}
+    ok = MCPServerSpec.model_validate({"transport": "stdio", "stdio": {
+        "command": "x", "envFrom": [{"name": "TOKEN", "secretKeyRef": ref}]}})
+    assert ok.stdio.env_from[0].secret_key_ref.name == "s"
+    for stdio, field in [
+        ({"command": "x", "envFrom": [{"name": "A", "secretKeyRef": ref}] * 2}, "unique"),
+        ({"command": "x", "env": {"A": "1"}, "envFrom": [{"name": "A", "secretKeyRef": ref}]}, "both set A"),
+        ({"command": "x", "envFrom": [{"name": "BAD-NAME", "secretKeyRef": ref}]}, "name"),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            MCPServerSpec.model_validate({"transport": "stdio", "stdio": stdio})

@@ -305,3 +305,25 @@ def test_tenant_baseline():
     assert deny["egress"][0]["ports"][0]["port"] == 53
     limits = tenant.build_limit_range("tenant-acme")["spec"]["limits"]
     assert limits[0]["type"] == "Container" and "default" in limits[0]
+
+
+def test_stdio_secret_env_reaches_only_the_gateway_as_files():
+    spec = {"transport": "stdio", "stdio": {
+        "command": "npx", "env": {"MODE": "ro"},
+        "envFrom": [{"name": "GITHUB_TOKEN", "secretKeyRef": {"name": "gh", "key": "pat"}},
+                    {"name": "GITHUB__TOKEN", "secretKeyRef": {"name": "gh", "key": "other"}}]}}
+    servers = {"gh": server(spec)}
+    assert mcp.referenced_secrets(servers) == {"gh"}
+    rendered = mcp.render([MCPServerRef(name="gh")], servers, {"gh": {"pat": b64("P"), "other": b64("O")}})
+    (upstream,) = rendered.config["upstreams"]
+    assert upstream["env"] == {"MODE": "ro"}
+    assert upstream["envFiles"] == {"GITHUB_TOKEN": "/var/run/agentbox/secrets/mcp-gh-env-GITHUB_TOKEN",
+                                    "GITHUB__TOKEN": "/var/run/agentbox/secrets/mcp-gh-env-GITHUB__TOKEN"}
+    assert rendered.credentials == {"mcp-gh-env-GITHUB_TOKEN": b64("P"), "mcp-gh-env-GITHUB__TOKEN": b64("O")}
+    pod = build_pod(make_session(), image="i", pull_policy="IfNotPresent", config_digest="x",
+                    runner_resources={}, gateway_resources={}, credential_keys=rendered.credentials)
+    assert _secret_files(pod, pod["spec"]["initContainers"][0]) == set(rendered.credentials)
+    assert _secret_files(pod, pod["spec"]["containers"][0]) == {"runner-token"}
+    missing = mcp.render([MCPServerRef(name="gh")], servers, {"gh": {"pat": b64("P")}})
+    assert [problem.reason for problem in missing.problems] == [Reason.SECRET_NOT_FOUND]
+    assert "gh/other" in missing.problems[0].message

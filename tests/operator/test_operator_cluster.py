@@ -384,8 +384,9 @@ async def test_a_changed_credential_rolls_the_pod_without_waiting_for_a_reconcil
     token = {"token": base64.b64encode(b"old").decode()}
     await ops.create({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "cred", "namespace": tenant},
                       "data": token})
-    bearer = {"type": "bearer", "secretRef": {"name": "cred", "key": "token"}}
-    stdio = {"command": "tool"}
+    ref = {"name": "cred", "key": "token"}
+    bearer = {"type": "bearer", "secretRef": ref}
+    stdio = {"command": "tool", "envFrom": [{"name": "TOOL_TOKEN", "secretKeyRef": ref}]}
     await ops.create(mcpserver_manifest("locked", tenant, transport="stdio", stdio=stdio, auth=bearer))
     await ops.create(session_manifest("rotate", tenant, mcpServers=[{"name": "locked"}]))
     await session_in_phase(ops, tenant, "rotate", "Running")
@@ -396,6 +397,8 @@ async def test_a_changed_credential_rolls_the_pod_without_waiting_for_a_reconcil
         found = await children(ops, tenant, "rotate")
         pod, secret = found["Pod"], found["Secret"]
         fresh = pod and pod["metadata"]["uid"] != before["metadata"]["uid"]
-        return fresh and base64.b64decode(secret["data"]["mcp-locked-token"]) == b"new"
+        keys = ("mcp-locked-token", "mcp-locked-env-TOOL_TOKEN")
+        values = {base64.b64decode(secret["data"][key]) for key in keys}
+        return fresh and values == {b"new"}
 
     await eventually(rolled, timeout=20)
