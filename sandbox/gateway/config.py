@@ -79,6 +79,8 @@ class Upstream(_Model):
     command: str | None = None
     args: list[str] = []
     env: dict[str, str] = {}
+    # stdio only: variables whose values live in mounted Secret files, read at every (re)start.
+    env_files: dict[str, Path] = {}
     auth: Auth = Auth()
     headers: list[Header] = []
     tools: ToolFilter = ToolFilter()
@@ -91,12 +93,22 @@ class Upstream(_Model):
                 raise ValueError("transport stdio needs command")
             if self.url is not None:
                 raise ValueError("transport stdio takes no url")
+            clashing = sorted(set(self.env) & set(self.env_files))
+            if clashing:
+                raise ValueError(f"env and envFiles both set {clashing}")
         else:
+            if self.env or self.env_files:
+                raise ValueError(f"transport {self.transport} takes no env or envFiles")
             if not self.url or not self.url.startswith(("http://", "https://")):
                 raise ValueError(f"transport {self.transport} needs an http(s) url")
             if self.command is not None:
                 raise ValueError(f"transport {self.transport} takes no command")
         return self
+
+
+    def process_env(self) -> dict[str, str]:
+        """The stdio server's environment: plain values plus those read from their Secret files."""
+        return {**self.env, **{name: path.read_text().strip() for name, path in self.env_files.items()}}
 
 
 class Breaker(_Model):

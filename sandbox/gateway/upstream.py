@@ -38,7 +38,7 @@ def build_transport(spec: Upstream) -> ClientTransport:
     """The transport carries only this upstream's own credentials, never anything from the caller."""
     if spec.transport == "stdio":
         assert spec.command is not None
-        return StdioTransport(spec.command, list(spec.args), env=dict(spec.env) or None, keep_alive=True)
+        return StdioTransport(spec.command, list(spec.args), env=spec.process_env() or None, keep_alive=True)
     assert spec.url is not None
     headers = {header.name: header.resolve() for header in spec.headers}
     token = spec.auth.token()

@@ -23,6 +23,7 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gateway")
     (tmp / "mcp-gh-token").write_text(UPSTREAM_TOKEN + "\n")
     (tmp / "mcp-gh-header-x-api-key").write_text("key-from-file")
+    (tmp / "mcp-local-env-API_KEY").write_text("env-from-file\n")
     gh = http_upstream(tmp, "streamable-http", "gh", token=UPSTREAM_TOKEN).start()
     events = http_upstream(tmp, "sse", "events").start()
     config = {
@@ -35,7 +36,8 @@ def stack(tmp_path_factory):
             {"name": "events", "transport": "sse", "url": events.url, "timeoutSeconds": 1,
              "headers": [{"name": "X-Team", "value": "blue"}],
              "tools": {"allow": ["echo", "pid", "slow", "add"], "deny": ["add"]}},
-            stdio_upstream_spec("local"),
+            {**stdio_upstream_spec("local"), "env": {"MODE": "plain"},
+             "envFiles": {"API_KEY": str(tmp / "mcp-local-env-API_KEY")}},
         ],
     }
     gateway = gateway_process(tmp, config).start()
@@ -67,6 +69,11 @@ async def test_calls_reach_each_transport(stack):
     assert await call(stack, "gh_echo", text="hi") == "gh:hi"
     assert await call(stack, "events_echo", text="hi") == "events:hi"
     assert await call(stack, "local_add", a=2, b=3) == 5
+
+
+async def test_a_stdio_server_gets_its_env_and_the_values_of_its_env_files(stack):
+    assert await call(stack, "local_getenv", name="MODE") == "plain"
+    assert await call(stack, "local_getenv", name="API_KEY") == "env-from-file"
 
 
 async def test_denied_and_unknown_tools_are_refused(stack):

@@ -44,6 +44,9 @@ def test_a_full_config_parses_with_defaults():
       "headers": [{"name": "Authorization", "value": "v"}]}, "through auth"),
     ({"name": "a", "transport": "sse", "url": "http://x", "timeoutSeconds": 0}, "upstreams.0.timeoutSeconds"),
     ({"name": "a", "transport": "sse", "url": "http://x", "extra": 1}, "upstreams.0.extra"),
+    ({"name": "a", "transport": "sse", "url": "http://x", "envFiles": {"K": "/f"}}, "takes no env"),
+    ({"name": "a", "transport": "stdio", "command": "x", "env": {"K": "v"}, "envFiles": {"K": "/f"}},
+     "both set ['K']"),
 ])
 def test_bad_upstreams_are_refused_with_the_field_named(upstream, names):
     with pytest.raises(ConfigError, match=r"gateway\.json") as caught:

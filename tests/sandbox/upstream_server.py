@@ -35,6 +35,11 @@ def build_server(label: str) -> FastMCP:
         return os.getpid()
 
     @mcp.tool
+    def getenv(name: str) -> str:
+        """A variable of the server's environment (empty when unset)."""
+        return os.environ.get(name, "")
+
+    @mcp.tool
     async def slow(seconds: float) -> str:
         """Sleep, then answer."""
         await asyncio.sleep(seconds)
