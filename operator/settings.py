@@ -36,6 +36,8 @@ class OperatorSettings(BaseSettings):
     mcp_probe_seconds: float = 60.0
     mcp_backoff_max_seconds: float = 600.0
     conflict_retry_seconds: float = 30.0
+    secret_check_seconds: float = Field(5.0, description="How often Secrets that MCPServers reference are "
+                                                        "re-read; a change rolls the pods that use them")
 
 
 def configure_kopf(settings: kopf.OperatorSettings) -> None:
@@ -51,6 +53,4 @@ def configure_kopf(settings: kopf.OperatorSettings) -> None:
     # Only our own pods and tenant namespaces travel over the watch streams, not the whole cluster's.
     settings.watching.label_selectors["v1/pods"] = "app.kubernetes.io/managed-by=agentbox"
     settings.watching.label_selectors["v1/namespaces"] = "agentbox.dev/tenant"
-    # Credentials MCPServers reference, not the sessions' own Secrets (one per session, written by us).
-    settings.watching.label_selectors["v1/secrets"] = "!agentbox.dev/session"
     settings.execution.max_workers = 2  # every handler is async; the pool only serves kopf internals

@@ -23,6 +23,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     memo.settings = OperatorSettings()
     memo.kube = await Kube.connect()
     metrics.serve(memo.settings.metrics_host, memo.settings.metrics_port)
+    memo.credential_watch = asyncio.create_task(mcpserver.watch_credentials(memo.kube, memo.settings))
     if not settings.peering.standalone and settings.peering.clusterwide:
         await ensure_peering(memo.kube, settings.peering.name)
 
@@ -60,6 +61,9 @@ async def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.AiohttpS
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    watch = getattr(memo, "credential_watch", None)
+    if watch is not None:
+        watch.cancel()
     kube = getattr(memo, "kube", None)
     if kube is not None:
         await kube.close()

@@ -1,9 +1,11 @@
 """MCPServer: validate, probe http/sse servers for their tools, keep status current with back-off,
 and re-render the sessions that use a server whenever it changes."""
 
+import asyncio
 import base64
 import hashlib
 import json
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +24,7 @@ from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
 
 GROUP, VERSION, PLURAL = mcpserver.GROUP, mcpserver.VERSION, mcpserver.PLURAL
+log = logging.getLogger(__name__)
 PROBE_TICK_SECONDS = 5.0  # the first retry after a failed probe; doubles up to mcp_backoff_max_seconds
 # The newest version of every MCPServer (from the watch) and the next probe of each http/sse one: no kopf
 # timer, so no finalizer that would hang a namespace deleted while the operator is down.
@@ -187,33 +190,56 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
             await reconcile(memo.kube, memo.settings, body)
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-def mcpservers_by_secret(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
-    return {(namespace, secret): name for secret in mcp.referenced_secrets({name: {"spec": dict(spec)}})}
-
-
-def _digest(secret: dict[str, Any]) -> str:
+def _digest(secret: dict[str, Any] | None) -> str | None:
+    if secret is None:
+        return None
     return hashlib.sha256(json.dumps(secret.get("data") or {}, sort_keys=True).encode()).hexdigest()
 
 
-@kopf.on.event("", "v1", "secrets")
-async def secret_event(event: kopf.RawEvent, memo: kopf.Memo, mcpservers_by_secret: kopf.Index,
-                       sessions_by_mcpserver: kopf.Index, **_: Any) -> None:
-    """A changed credential rolls the pods that mount it and re-probes its servers at once, instead of
-    waiting for the next reconcile. The watch leaves out the sessions' own Secrets (settings)."""
-    secret = event["object"]
-    meta = secret["metadata"]
-    digest = None if event["type"] == "DELETED" else _digest(secret)
-    changed = getattr(memo, "digest", None) != digest
-    memo.digest = digest
-    if event["type"] is None or not changed:
-        return  # the initial listing (sessions reconcile on resume), or a metadata-only change
-    kube, settings = memo.kube, memo.settings
-    for server in mcpservers_by_secret.get((meta["namespace"], meta["name"]), []):
-        key = (meta["namespace"], server)
-        for session_name in sessions_by_mcpserver.get(key, []):
-            session = await kube.get(agentsession.KIND, meta["namespace"], session_name)
-            if session is not None:
-                await reconcile(kube, settings, session)
-        if key in _servers:
-            await check(kube, _servers[key], settings)
+def referenced_secrets() -> dict[tuple[str, str], list[str]]:
+    """(namespace, Secret) -> the MCPServers reading credentials from it."""
+    servers_by_secret: dict[tuple[str, str], list[str]] = {}
+    for (namespace, name), body in _servers.items():
+        for secret in mcp.referenced_secrets({name: body}):
+            servers_by_secret.setdefault((namespace, secret), []).append(name)
+    return servers_by_secret
+
+
+async def credentials_changed(kube: Kube, settings: OperatorSettings, namespace: str,
+                              servers: list[str]) -> None:
+    """Roll the pods of the sessions using these servers (their config hash covers the credentials) and
+    re-probe the servers."""
+    sessions = await kube.list(agentsession.KIND, namespace)
+    for session in sessions:
+        used = {ref.get("name") for ref in (session.get("spec") or {}).get("mcpServers") or []}
+        if used & set(servers):
+            await reconcile(kube, settings, session)
+    for server in servers:
+        if (namespace, server) in _servers:
+            await check(kube, _servers[(namespace, server)], settings)
+
+
+async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
+    """Re-read every Secret an MCPServer references each secret_check_seconds; act on changed data.
+
+    Polling with `get` rather than a Secret watch: a watch needs list/watch on every Secret of the
+    cluster, which the chart does not grant (least privilege); the referenced Secrets are few."""
+    digests: dict[tuple[str, str], str | None] = {}
+    limit = asyncio.Semaphore(8)
+
+    async def read(key: tuple[str, str]) -> str | None:
+        async with limit:
+            return _digest(await kube.get("Secret", *key))
+
+    while True:
+        await asyncio.sleep(settings.secret_check_seconds)
+        try:
+            wanted = referenced_secrets()
+            keys = list(wanted)
+            found = dict(zip(keys, await asyncio.gather(*(read(key) for key in keys)), strict=True))
+            for key, digest in found.items():
+                if key in digests and digests[key] != digest:
+                    await credentials_changed(kube, settings, key[0], wanted[key])
+            digests = found
+        except Exception:  # one failed pass must not end the loop: the next pass compares again
+            log.exception("checking referenced Secrets failed")
