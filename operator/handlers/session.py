@@ -196,6 +196,18 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
     return created
 
 
+async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, Any]) -> None:
+    meta = created["metadata"]
+    try:
+        await kube.delete(kind, meta["namespace"], meta["name"], uid=meta["uid"])
+    except ApiException as error:
+        if error.status != 403:
+            raise
+        # Owned by the session, so garbage collection still removes it with the session.
+        kopf.warn(body, reason="CleanupForbidden", message=f"may not delete {kind} {meta['name']}: "
+                                                            f"{_api_message(error)}")
+
+
 async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
     """Bring one session's children to the desired state and write its status. Returns the status."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
@@ -251,8 +263,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                  if ownership[kind] is Ownership.FOREIGN]
     if conflicts:
         # Nothing half-built stays behind: what this pass created goes again.
-        await asyncio.gather(*(kube.delete(kind, namespace, child, uid=obj["metadata"]["uid"])
-                               for kind, obj in created.items()))
+        await asyncio.gather(*(_undo(kube, body, kind, obj) for kind, obj in created.items()))
         message = "; ".join(conflict.message for conflict in conflicts)
         status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
                         _now())
