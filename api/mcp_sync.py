@@ -34,6 +34,7 @@ from agentbox.crds.mcpserver import (
     Header,
     HeaderSource,
     MCPServerSpec,
+    SecretEnvVar,
     SecretKeySelector,
     Stdio,
 )
@@ -150,7 +151,10 @@ def server_spec(config: Configuration, credentials: Credentials) -> MCPServerSpe
                 for name in sorted(credentials.secret_headers)]
     stdio = None
     if config.transport == "stdio":
-        stdio = Stdio(command=config.stdio_command or "", args=config.stdio_args)
+        env_from = [SecretEnvVar(name=name,
+                                 secret_key_ref=SecretKeySelector(name=config.name, key=env_key(name)))
+                    for name in sorted(credentials.stdio_env)]
+        stdio = Stdio(command=config.stdio_command or "", args=config.stdio_args, env_from=env_from)
     return MCPServerSpec(
         description=config.description, transport=config.transport, url=config.url, stdio=stdio,
         auth=Auth(type=config.auth_type, secret_ref=secret_ref), headers=headers,

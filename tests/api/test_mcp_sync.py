@@ -41,7 +41,9 @@ def test_the_spec_references_credentials_and_the_secret_holds_them():
 def test_stdio_environment_goes_to_the_secret_only():
     credentials = Credentials(stdio_env={"API_KEY": ENV_SECRET})
     spec = mcp_sync.check(STDIO, credentials).model_dump(by_alias=True, exclude_none=True, mode="json")
-    assert spec["stdio"] == {"command": "npx", "args": ["-y", "server-files"], "env": {}}
+    assert spec["stdio"] == {"command": "npx", "args": ["-y", "server-files"], "env": {},
+                             "envFrom": [{"name": "API_KEY", "secretKeyRef": {"name": STDIO.name,
+                                                                              "key": "env-API_KEY"}}]}
     assert ENV_SECRET not in json.dumps(spec)
     assert mcp_sync.secret_data(credentials) == {"env-API_KEY": ENV_SECRET}
 
