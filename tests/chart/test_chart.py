@@ -248,9 +248,6 @@ async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(o
     assert any(name.startswith("limitrange/") for name in operator_run.baseline), operator_run.baseline
 
 
-@pytest.mark.xfail(strict=True, reason="operator c412e93 watches Secrets cluster-wide (kopf.on.event on "
-                   "v1/secrets), which needs list/watch on every Secret; the chart keeps to least privilege "
-                   "(security brief: no listing secrets cluster-wide), so the watch is refused and retried")
 async def test_the_operator_is_refused_nothing_under_the_charts_account(operator_run):
     refused = [line for line in operator_run.log.splitlines() if "Forbidden" in line]
     assert not refused, refused[:3]
