@@ -59,9 +59,15 @@ async def stack(kube, postgres, tmp_path_factory) -> AsyncIterator[Stack]:
                              system_namespace="abx-e2e-system", scope=f"{TENANT_PREFIX}*",
                              tenant_prefix=TENANT_PREFIX) as running:
         yield running
-        # The database goes with the module; the tenant namespaces go here, while the operator runs.
-        for org in running.orgs:
-            await delete_tenant(kube, f"tenant-{org}")
+
+
+@pytest_asyncio.fixture(autouse=True, loop_scope="session")
+async def tenants_removed_after_each_test(stack, kube) -> AsyncIterator[None]:
+    """Each test's tenant namespaces go when it ends, while the operator runs (the database goes with
+    the module)."""
+    yield
+    while stack.orgs:
+        await delete_tenant(kube, f"tenant-{stack.orgs.pop()}")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -264,3 +270,18 @@ async def test_a_broken_mcp_server_does_not_stop_the_session(api, stack):
     assert view["ready"] is True, view
     conversation = await agent_replies(api, stack, admin, "s2", "still here?")
     assert conversation[-1]["content"] == "echo: still here?"
+
+
+@pytest.mark.xfail(strict=True, reason="operator 0106af8 bounds kopf's connection pool at 16, and with a "
+                   "namespace glob (-n) kopf holds one watch connection per resource per namespace "
+                   "(3 each): from the 5th tenant namespace on, watches starve and sessions are never seen")
+async def test_a_sixth_tenant_is_served_like_the_first(api, stack):
+    orgs = [await onboard(api, stack) for _ in range(6)]
+    admin = stack.bearer(sub="ada", org=orgs[-1], role="admin")
+    created = await api.post("/api/v1/sessions", headers=admin, json={"name": "s6",
+                                                                      "agent": {"runtime": "scripted"}})
+    assert created.status_code == 201, created.text
+
+    async def seen():
+        return (await session_view(api, admin, "s6"))["phase"] is not None
+    await eventually(seen, "s6 seen by the operator", stack, timeout=45)
