@@ -78,7 +78,8 @@ class UpstreamCallMiddleware(Middleware):
         upstream = self.gateway.upstream_for_tool(context.message.name)
         if upstream is None:
             return await call_next(context)  # FastMCP answers an unknown tool itself
-        return await upstream.call(lambda: call_next(context))
+        return await upstream.call(lambda: upstream.forward(context.message, context.fastmcp_context,
+                                                            lambda: call_next(context)))
 
 
 class Gateway:

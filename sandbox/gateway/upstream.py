@@ -12,11 +12,19 @@ from typing import TypeVar
 from fastmcp import Client
 from fastmcp.client.transports import ClientTransport, SSETransport, StdioTransport, StreamableHttpTransport
 from fastmcp.exceptions import DisabledError, NotFoundError, ToolError
+from fastmcp.server.context import Context
 from fastmcp.server.providers import Provider
 from fastmcp.server.providers.proxy import ProxyProvider
+from fastmcp.server.providers.proxy import _forwardable_request_meta as forwardable_request_meta
+from fastmcp.server.providers.proxy import _forwardable_server_meta as forwardable_server_meta
+from fastmcp.telemetry import inject_trace_context
 from fastmcp.tools import ToolResult
+from fastmcp.tools.base import InputRequiredToolResult, RawStructuredToolResult
+from fastmcp.utilities.json_schema import is_object_schema
 from mcp.shared.exceptions import MCPError
 from mcp.types import METHOD_NOT_FOUND
+from mcp_types import CallToolRequestParams, CallToolResult, InputRequiredResult
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agentbox.sandbox.gateway.breaker import CircuitBreaker
 from agentbox.sandbox.gateway.config import Breaker, Upstream
@@ -140,6 +148,36 @@ class UpstreamConnection:
             self.metrics.errors.labels(self.name, "tool").inc()
         self.breaker.record_success()
         return result
+
+    async def forward(self, request: CallToolRequestParams, context: Context | None,
+                      generic: Callable[[], Awaitable[ToolResult]]) -> ToolResult:
+        """One tool call straight to the upstream session, skipping FastMCP's generic proxy path (its
+        per-call client re-entry, span, schema walk and output revalidation). Anything beyond a plain
+        call (a denied or unknown tool, task-augmented or multi-round calls, a legacy-protocol upstream)
+        takes the generic path, so FastMCP keeps answering those exactly as before."""
+        tool = request.name.partition("_")[2]
+        plain = request.task is None and request.input_responses is None and request.request_state is None
+        found = await self.provider.get_tool(tool) if plain and self.spec.tools.permits(tool) else None
+        if found is None:
+            return await generic()
+        client = await self.client()
+        if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            return await generic()
+        meta = inject_trace_context(forwardable_request_meta(context)) or None
+        result = await client.session.call_tool(tool, request.arguments, meta=meta,
+                                                allow_input_required=True)
+        if isinstance(result, InputRequiredResult):
+            return InputRequiredToolResult(result)
+        assert isinstance(result, CallToolResult)
+        # Converted as FastMCP's ProxyTool does, so callers see the same result either way.
+        structured, reply_meta = result.structured_content, forwardable_server_meta(result.meta) or None
+        raw = not isinstance(structured, dict) or (
+            found.output_schema is not None and not is_object_schema(found.output_schema))
+        if "structured_content" in result.model_fields_set and raw:
+            return RawStructuredToolResult(content=result.content, structured_content=structured,
+                                           meta=reply_meta, is_error=result.is_error)
+        return ToolResult(content=result.content, structured_content=structured, meta=reply_meta,
+                          is_error=result.is_error)
 
     async def check(self) -> None:
         """Health pass: reconnect a dead session (a stdio server that exited is restarted here) or ping."""
