@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 
 .PHONY: help
 help: ## list the targets
-	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z_-]+:.*## /{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@awk 'BEGIN{FS=":.*## "} /^[a-zA-Z0-9_-]+:.*## /{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 # -P keeps the working directory off sys.path: here `operator/` would shadow the standard library's
 # `operator` for any interpreter that has not imported it yet (the venv's site hook imports it first).

@@ -51,9 +51,12 @@ def _credentials(settings: kopf.OperatorSettings,
 @kopf.on.login()
 async def login(settings: kopf.OperatorSettings, **kwargs: Any) -> kopf.AiohttpSession:
     """kopf's own credentials on a connection pool of bounded size: kopf's default pool is unbounded, and
-    every TLS connection holds a 256 KiB read buffer (a burst opened ~300 of them: 38 MB)."""
+    every TLS connection holds a 256 KiB read buffer (a burst opened ~300 of them: 38 MB). Served
+    namespace by namespace, kopf holds three watch connections per namespace for as long as it runs, so
+    no fixed bound fits: that mode keeps kopf's unbounded pool."""
     info, context = await asyncio.to_thread(_credentials, settings, **kwargs)  # reads files
-    connector = aiohttp.TCPConnector(limit=CONNECTIONS, ssl=context)
+    limit = CONNECTIONS if settings.peering.clusterwide else 0  # aiohttp: 0 means no limit
+    connector = aiohttp.TCPConnector(limit=limit, ssl=context)
     session = aiohttp.ClientSession(connector=connector, headers=info.as_http_headers())
     return kopf.AiohttpSession(server=info.server, default_namespace=info.default_namespace,
                                aiohttp_session=session)

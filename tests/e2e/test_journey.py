@@ -272,9 +272,8 @@ async def test_a_broken_mcp_server_does_not_stop_the_session(api, stack):
     assert conversation[-1]["content"] == "echo: still here?"
 
 
-@pytest.mark.xfail(strict=True, reason="operator 0106af8 bounds kopf's connection pool at 16, and with a "
-                   "namespace glob (-n) kopf holds one watch connection per resource per namespace "
-                   "(3 each): from the 5th tenant namespace on, watches starve and sessions are never seen")
+# Served namespace by namespace (-n), kopf holds three watch connections per namespace: a bounded
+# connection pool once starved every tenant after the fifth.
 async def test_a_sixth_tenant_is_served_like_the_first(api, stack):
     orgs = [await onboard(api, stack) for _ in range(6)]
     admin = stack.bearer(sub="ada", org=orgs[-1], role="admin")
