@@ -20,6 +20,9 @@ from fastmcp import Client
 
 from tests.sandbox.conftest import gateway_process, http_upstream, stdio_upstream_spec
 
+WARMUP = 20  # calls per round before timing starts
+ROUNDS = 3
+
 
 def percentile(samples: list[float], fraction: float) -> float:
     ordered = sorted(samples)
@@ -32,7 +35,12 @@ def summary(samples: list[float]) -> dict[str, float]:
             "mean_ms": round(statistics.fmean(samples) * 1000, 3)}
 
 
-async def timed_calls(url: str, tool: str, calls: int, warmup: int = 20) -> list[float]:
+def cpu_seconds(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+async def timed_calls(url: str, tool: str, calls: int, warmup: int = WARMUP) -> list[float]:
     async with Client(url) as client:
         for index in range(warmup):
             await client.call_tool(tool, {"text": f"w{index}"})
@@ -62,11 +70,17 @@ async def run(calls: int) -> dict:
             gateway.start()
             started.append(gateway)
             direct, through = [], []
-            # Interleave rounds so drift on a shared machine hits both sides alike.
-            for _ in range(3):
-                direct += await timed_calls(upstreams[0].url, "echo", calls // 3)
-                through += await timed_calls(gateway.url, "http0_echo", calls // 3)
             process = psutil.Process(gateway.proc.process.pid)
+            upstream_process = psutil.Process(upstreams[0].proc.process.pid)
+            direct_cpu = through_cpu = 0.0
+            # Interleave rounds so drift on a shared machine hits both sides alike.
+            for _ in range(ROUNDS):
+                before = cpu_seconds(upstream_process)
+                direct += await timed_calls(upstreams[0].url, "echo", calls // ROUNDS)
+                direct_cpu += cpu_seconds(upstream_process) - before
+                before = cpu_seconds(process)
+                through += await timed_calls(gateway.url, "http0_echo", calls // ROUNDS)
+                through_cpu += cpu_seconds(process) - before
             gateway_rss = process.memory_info().rss
             children_rss = sum(child.memory_info().rss for child in process.children(recursive=True))
             ratio = percentile(through, 0.5) / percentile(direct, 0.5)
@@ -76,6 +90,10 @@ async def run(calls: int) -> dict:
                 "direct": summary(direct),
                 "through_gateway": summary(through),
                 "ratio_p50": round(ratio, 3),
+                # Server CPU per call (warm-up included) is steadier than latency on a busy machine: the
+                # gateway's own cost beside that of the upstream server it fronts.
+                "upstream_cpu_ms_per_call": round(direct_cpu * 1000 / (len(direct) + ROUNDS * WARMUP), 3),
+                "gateway_cpu_ms_per_call": round(through_cpu * 1000 / (len(through) + ROUNDS * WARMUP), 3),
                 "target_ratio_p50": 2.0,
                 "meets_target": ratio <= 2.0,
                 "gateway_upstreams": len(config["upstreams"]),
