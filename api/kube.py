@@ -15,16 +15,15 @@ from typing import Any
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agentbox.crds import agentsession, mcpserver
+from agentbox.crds import agentsession, mcpserver, naming
+from agentbox.crds.naming import (
+    RUNNER_TOKEN_KEY,
+    SESSION_LABEL,
+    TENANT_LABEL,
+)
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "agentbox"}
-TENANT_LABEL = "agentbox.dev/tenant"
-ORG_LABEL = "agentbox.dev/org"
-USER_LABEL = "agentbox.dev/user"
-SESSION_LABEL = "agentbox.dev/session"
+MANAGED_BY = {naming.MANAGED_BY: naming.MANAGER}
 MCP_CONFIGURATION_LABEL = "agentbox.dev/mcp-configuration"
-LAST_ACTIVITY_ANNOTATION = "agentbox.dev/last-activity"
-RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (the key name inside the Secret)
 _LABEL_VALUE = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 
 
@@ -130,14 +129,14 @@ class Kube:
                                           agentsession.VERSION, namespace, agentsession.PLURAL, name)
 
     async def runner_token(self, namespace: str, session: str) -> str | None:
-        """The session's runner token, from the Secret the operator labelled with the session's name."""
-        secrets = await self._call(self.core.list_namespaced_secret, namespace,
-                                   label_selector=f"{SESSION_LABEL}={session}")
-        for secret in secrets.items:
-            encoded = (secret.data or {}).get(RUNNER_TOKEN_KEY)
-            if encoded:
-                return base64.b64decode(encoded).decode()
-        return None
+        """The session's runner token, read by the name the operator gives the session's Secret (a get,
+        not a list, so the API needs no right to list Secrets); only a Secret labelled for this session
+        counts."""
+        secret = await self.get_secret(namespace, naming.child_name(session))
+        if secret is None or (secret.metadata.labels or {}).get(SESSION_LABEL) != naming.label_value(session):
+            return None
+        encoded = (secret.data or {}).get(RUNNER_TOKEN_KEY)
+        return base64.b64decode(encoded).decode() if encoded else None
 
     # MCPServers and their Secrets --------------------------------------------------------------------
 

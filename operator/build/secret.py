@@ -3,10 +3,9 @@
 import secrets
 from typing import Any
 
+from agentbox.crds.naming import RUNNER_TOKEN_KEY
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.mcp import encode
-
-RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a file name, not a password)
 
 
 def new_runner_token() -> str:
