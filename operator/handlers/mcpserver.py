@@ -226,20 +226,27 @@ async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
     cluster, which the chart does not grant (least privilege); the referenced Secrets are few."""
     digests: dict[tuple[str, str], str | None] = {}
     limit = asyncio.Semaphore(8)
+    # A Secret first seen after the first pass may have changed since a session rendered it: treat it as
+    # changed (a reconcile rolls nothing when the rendered hash is the same). The first pass runs at
+    # once, before kopf has listed any MCPServer, so no change can slip in before the baseline.
+    started = False  # a first baseline was taken
 
     async def read(key: tuple[str, str]) -> str | None:
         async with limit:
             return _digest(await kube.get("Secret", *key))
 
+    first_pass = True
     while True:
-        await asyncio.sleep(settings.secret_check_seconds)
+        if not first_pass:
+            await asyncio.sleep(settings.secret_check_seconds)
+        first_pass = False
         try:
             wanted = referenced_secrets()
             keys = list(wanted)
             found = dict(zip(keys, await asyncio.gather(*(read(key) for key in keys)), strict=True))
             for key, digest in found.items():
-                if key in digests and digests[key] != digest:
+                if (key in digests and digests[key] != digest) or (started and key not in digests):
                     await credentials_changed(kube, settings, key[0], wanted[key])
-            digests = found
+            digests, started = found, True
         except Exception:  # one failed pass must not end the loop: the next pass compares again
             log.exception("checking referenced Secrets failed")
