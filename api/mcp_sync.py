@@ -27,7 +27,7 @@ import asyncpg
 from pydantic import ValidationError
 
 from agentbox.api.crypto import CipherContext, KeyRing
-from agentbox.api.kube import MCP_CONFIGURATION_LABEL, ORG_LABEL, Kube
+from agentbox.api.kube import MCP_CONFIGURATION_LABEL, Kube
 from agentbox.crds.fields import ToolFilter
 from agentbox.crds.mcpserver import (
     Auth,
@@ -38,6 +38,7 @@ from agentbox.crds.mcpserver import (
     SecretKeySelector,
     Stdio,
 )
+from agentbox.crds.naming import ORG_LABEL
 
 TABLE = "mcp_configurations"
 TOKENS_TABLE = "mcp_oauth_tokens"

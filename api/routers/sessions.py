@@ -15,16 +15,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from agentbox.api.app import Services, services
 from agentbox.api.auth import Principal, tenant_member
-from agentbox.api.kube import (
-    LAST_ACTIVITY_ANNOTATION,
-    MANAGED_BY,
-    ORG_LABEL,
-    USER_LABEL,
-    Kube,
-    KubeError,
-    tenant_namespace,
-    user_label,
-)
+from agentbox.api.kube import MANAGED_BY, Kube, KubeError, tenant_namespace, user_label
 from agentbox.api.problems import ProblemError, field_errors, not_found, problem_responses
 from agentbox.api.routers.common import (
     AuditedRoute,
@@ -49,6 +40,7 @@ from agentbox.crds.agentsession import (
     Workspace,
 )
 from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, USER_LABEL
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
