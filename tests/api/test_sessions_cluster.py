@@ -23,6 +23,7 @@ from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.runner_client import RunnerClient
 from agentbox.api.settings import Settings
+from agentbox.crds.naming import child_name
 
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
@@ -135,7 +136,7 @@ async def _make_ready(cluster: ApiKube, namespace: str, name: str) -> None:
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json")
     await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=f"{name}-secrets", labels={"agentbox.dev/session": name}),
+        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
         data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
 
 
