@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -24,7 +23,7 @@ from agentbox.api.app import Services
 from agentbox.api.auth import Principal, authenticate
 from agentbox.api.db import DatabaseUnavailable
 from agentbox.api.problems import ProblemError, problem_responses
-from agentbox.api.routers.common import audited_transaction, database
+from agentbox.api.routers.common import audited_transaction, background_task, database
 from agentbox.api.routers.models import ApiModel
 
 log = logging.getLogger("agentbox.api.audit")
@@ -46,16 +45,9 @@ async def keep_partitions(shared: Services) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     shared: Services = app.state.services
-    task = None
-    if shared.database is not None:
-        task = asyncio.create_task(keep_partitions(shared), name="audit-partitions")
-    try:
+    async with background_task("audit-partitions",
+                               keep_partitions(shared) if shared.database is not None else None):
         yield
-    finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
 
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], lifespan=_lifespan)

@@ -8,6 +8,8 @@ one `denied` or `failed` row in a transaction of its own. Either way: exactly on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -29,6 +31,20 @@ from agentbox.api.problems import ProblemError
 
 log = logging.getLogger("agentbox.api.audit")
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@asynccontextmanager
+async def background_task(name: str, work: Coroutine[Any, Any, None] | None) -> AsyncIterator[None]:
+    """Run `work` (when there is any) for as long as the block lasts, and cancel it on the way out: the
+    shape of a router lifespan that keeps something fresh in the background."""
+    task = asyncio.create_task(work, name=name) if work is not None else None
+    try:
+        yield
+    finally:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 @dataclass

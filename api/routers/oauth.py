@@ -15,7 +15,6 @@ Only the access token leaves the database, and only into the Secret the MCPServe
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import uuid
@@ -47,6 +46,7 @@ from agentbox.api.routers.common import (
     audit_details,
     audit_target,
     audited_transaction,
+    background_task,
     database,
     kube_problem,
 )
@@ -233,16 +233,11 @@ class RevokeView(ApiModel):
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     shared: Services = app.state.services
-    task = None
-    if shared.database is not None and shared.settings.encryption_keys:
-        task = asyncio.create_task(_refresh_loop(shared), name="oauth-refresher")
+    refreshing = shared.database is not None and bool(shared.settings.encryption_keys)
     try:
-        yield
+        async with background_task("oauth-refresher", _refresh_loop(shared) if refreshing else None):
+            yield
     finally:
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
         client = shared.extras.pop("oauth_http", None)
         if client is not None:
             await client.aclose()
