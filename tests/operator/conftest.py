@@ -1,12 +1,10 @@
 """Fixtures of the operator's cluster tests: the operator process and tenant namespaces."""
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
-from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import OperatorProcess
 
@@ -44,16 +42,7 @@ async def tenant(kube, ops) -> AsyncIterator[str]:
             },
         }
     )
-    async with kube.api_client() as api:
-        core = client.CoreV1Api(api)
-        for _ in range(100):
-            try:
-                await core.read_namespaced_service_account("default", name)
-                break
-            except ApiException as error:
-                if error.status != 404:
-                    raise
-                await asyncio.sleep(0.1)
+    await kube.wait_for_default_account(name)
     yield name
     with contextlib.suppress(ApiException):
         await ops.delete("Namespace", None, name)
