@@ -20,7 +20,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -39,6 +38,7 @@ from agentbox.api.db import Database
 from agentbox.api.migrate import migrate, provision
 from bench.bench_audit import TARGET_ROWS_PER_SECOND, insert_rows
 from bench.bench_gateway import summary
+from bench.postgres import throwaway_postgres
 
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = "https://auth.bench.test/auth/v1"
@@ -253,14 +253,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=50, help="requests per second in all (half /livez)")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="agentbox-bench-pg-"))
-    script = str(REPO / "hack" / "postgres.sh")
-    try:
-        started = subprocess.run([script, "up", str(directory)], capture_output=True, text=True, check=True,
-                                 timeout=600)
-        result = asyncio.run(run(args.rate, args.seconds, started.stdout.strip().splitlines()[-1]))
-    finally:
-        subprocess.run([script, "down", str(directory)], capture_output=True, timeout=120)
+    with throwaway_postgres() as dsn:
+        result = asyncio.run(run(args.rate, args.seconds, dsn))
     print(json.dumps(result, indent=2))
     return 0
 

@@ -12,17 +12,14 @@ import argparse
 import asyncio
 import json
 import secrets
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 from agentbox.api.audit import AuditEvent, record, verify_chain
 from agentbox.api.db import Database
 from agentbox.api.migrate import migrate, provision
+from bench.postgres import throwaway_postgres
 
-REPO = Path(__file__).resolve().parents[1]
 TARGET_ROWS_PER_SECOND = 2000
 
 
@@ -79,16 +76,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--writers", type=int, default=8)
     args = parser.parse_args()
-    directory = Path(tempfile.mkdtemp(prefix="agentbox-bench-pg-"))
-    script = str(REPO / "hack" / "postgres.sh")
-    try:
-        started = subprocess.run([script, "up", str(directory)], capture_output=True, text=True, check=True,
-                                 timeout=600)
-        dsn = started.stdout.strip().splitlines()[-1]
+    with throwaway_postgres() as dsn:
         server = {"postgres": "15", "fsync": "off", "synchronous_commit": "off", "host": "127.0.0.1"}
         result = asyncio.run(run(args.rows, args.writers, dsn, server))
-    finally:
-        subprocess.run([script, "down", str(directory)], capture_output=True, timeout=120)
     print(json.dumps(result, indent=2))
     return 0
 
