@@ -18,9 +18,9 @@ HS256_SECRET = "a-test-secret-that-is-at-least-32-bytes-long"
 
 
 @contextlib.asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
+async def serve(app: Any, lifespan: str = "off") -> AsyncIterator[str]:
     """Run an ASGI app under uvicorn on 127.0.0.1 (a free port) for the block; yields its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan=lifespan)
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     while not server.started:

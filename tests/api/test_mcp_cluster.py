@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import secrets
@@ -15,7 +14,6 @@ import uuid
 import asyncpg
 import httpx
 import pytest_asyncio
-import uvicorn
 from fastmcp import FastMCP
 from fastmcp.server.auth.providers.jwt import StaticTokenVerifier
 from kubernetes_asyncio import client
@@ -27,7 +25,7 @@ from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.settings import Settings
 
-from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256
+from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
 SUFFIX = secrets.token_hex(3)
 ORG_A, ORG_B, ORG_NO_NAMESPACE = f"mcpa{SUFFIX}", f"mcpb{SUFFIX}", f"mcpc{SUFFIX}"
@@ -47,23 +45,9 @@ ADMIN_A, USER_A = bearer("admin-a", ORG_A, "admin"), bearer("user-a", ORG_A)
 ADMIN_B, ADMIN_C = bearer("admin-b", ORG_B, "admin"), bearer("admin-c", ORG_NO_NAMESPACE, "admin")
 
 
-@contextlib.asynccontextmanager
-async def serve_mcp(server: FastMCP, transport: str = "http"):
-    """A FastMCP server under uvicorn on 127.0.0.1 (lifespan on: its session manager needs it)."""
-    config = uvicorn.Config(server.http_app(transport=transport), host="127.0.0.1", port=0,
-                            log_level="warning", lifespan="on")
-    runner = uvicorn.Server(config)
-    task = asyncio.create_task(runner.serve())
-    while not runner.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    port = runner.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        runner.should_exit = True
-        await task
+def serve_mcp(server: FastMCP, transport: str = "http"):
+    """A FastMCP server on 127.0.0.1 (lifespan on: its session manager needs it)."""
+    return serve(server.http_app(transport=transport), lifespan="on")
 
 
 def upstream(auth: StaticTokenVerifier | None = None) -> FastMCP:
