@@ -23,7 +23,9 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from agentbox.api import audit
+from agentbox.api.app import Services
 from agentbox.api.auth import InvalidToken, KeysUnavailable, Principal
+from agentbox.api.crypto import KeyConfigError, KeyRing
 from agentbox.api.db import Database, DatabaseUnavailable
 from agentbox.api.kube import KubeError
 from agentbox.api.observability import current_request_id
@@ -31,6 +33,19 @@ from agentbox.api.problems import ProblemError
 
 log = logging.getLogger("agentbox.api.audit")
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def key_ring(shared: Services) -> KeyRing:
+    """The app's credential key ring, parsed once; a 503 problem while the keys are unusable."""
+    ring = shared.extras.get("key_ring")
+    if ring is None:
+        try:
+            ring = shared.extras["key_ring"] = KeyRing.parse(shared.settings.encryption_keys)
+        except KeyConfigError as exc:
+            log.error("credential encryption is not usable: %s", exc)
+            raise ProblemError(503, "Service Unavailable",
+                               "credential encryption is not configured (AGENTBOX_ENCRYPTION_KEYS)") from exc
+    return ring
 
 
 @asynccontextmanager

@@ -28,7 +28,7 @@ from agentbox.api import egress, mcp_sync
 from agentbox.api.app import Services, services
 from agentbox.api.audit import scrub
 from agentbox.api.auth import Principal, org_admin, tenant_member
-from agentbox.api.crypto import DecryptionError, KeyConfigError, KeyRing
+from agentbox.api.crypto import DecryptionError
 from agentbox.api.db import DatabaseUnavailable
 from agentbox.api.kube import Kube, KubeError, tenant_namespace
 from agentbox.api.mcp_sync import Configuration, Credentials, InvalidConfiguration
@@ -39,6 +39,7 @@ from agentbox.api.routers.common import (
     audit_target,
     audited_transaction,
     database,
+    key_ring,
     kube,
     kube_problem,
 )
@@ -188,20 +189,8 @@ def _view(row: asyncpg.Record, server: dict[str, Any] | None = None) -> Configur
         created_at=row["created_at"], updated_at=row["updated_at"], version=row["version"])
 
 
-def _keys(shared: Services) -> KeyRing:
-    ring = shared.extras.get("key_ring")
-    if ring is None:
-        try:
-            ring = shared.extras["key_ring"] = KeyRing.parse(shared.settings.encryption_keys)
-        except KeyConfigError as exc:
-            log.error("credential encryption is not usable: %s", exc)
-            raise ProblemError(503, "Service Unavailable",
-                               "credential encryption is not configured (AGENTBOX_ENCRYPTION_KEYS)") from exc
-    return ring
-
-
 def _seal(shared: Services, config: Configuration, credentials: Credentials) -> dict[str, str | None]:
-    return mcp_sync.seal(None if credentials.empty else _keys(shared), config, credentials)
+    return mcp_sync.seal(None if credentials.empty else key_ring(shared), config, credentials)
 
 
 @contextlib.contextmanager
@@ -216,14 +205,14 @@ def _decrypting(config: Configuration) -> Iterator[None]:
 
 def _unseal(shared: Services, config: Configuration, row: asyncpg.Record) -> Credentials:
     with _decrypting(config):
-        return mcp_sync.unseal(_keys(shared) if mcp_sync.sealed_columns(row) else None, config, row)
+        return mcp_sync.unseal(key_ring(shared) if mcp_sync.sealed_columns(row) else None, config, row)
 
 
 async def _for_secret(shared: Services, conn: asyncpg.Connection, config: Configuration,
                       row: asyncpg.Record) -> Credentials:
     """What the configuration's Secret carries (mcp_sync.secret_credentials), errors as problems."""
     oauth_token_possible = config.auth_type == "oauth" and bool(shared.settings.encryption_keys)
-    keys = _keys(shared) if mcp_sync.sealed_columns(row) or oauth_token_possible else None
+    keys = key_ring(shared) if mcp_sync.sealed_columns(row) or oauth_token_possible else None
     with _decrypting(config):
         return await mcp_sync.secret_credentials(conn, keys, config, row)
 

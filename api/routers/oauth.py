@@ -35,7 +35,7 @@ from pydantic import Field
 from agentbox.api import audit, mcp_sync, oauth
 from agentbox.api.app import Services, services
 from agentbox.api.auth import InvalidToken, KeysUnavailable, Principal, org_admin, tenant_member
-from agentbox.api.crypto import CipherContext, KeyConfigError, KeyRing
+from agentbox.api.crypto import CipherContext, KeyRing
 from agentbox.api.db import Database, DatabaseUnavailable
 from agentbox.api.kube import KubeError, tenant_namespace
 from agentbox.api.mcp_sync import token_cipher
@@ -48,6 +48,7 @@ from agentbox.api.routers.common import (
     audited_transaction,
     background_task,
     database,
+    key_ring,
     kube_problem,
 )
 from agentbox.api.routers.models import ApiModel
@@ -62,14 +63,6 @@ Scope = Annotated[str, Field(pattern=r"^[\x21\x23-\x5b\x5d-\x7e]{1,200}$")]  # R
 
 # Shared per-app helpers ---------------------------------------------------------------------------------
 
-def _keys(shared: Services) -> KeyRing:
-    keys = shared.extras.get("key_ring")
-    if keys is None:
-        try:
-            keys = shared.extras["key_ring"] = KeyRing.parse(shared.settings.encryption_keys)
-        except KeyConfigError as exc:
-            raise ProblemError(503, "Service Unavailable", "credential encryption is not configured") from exc
-    return keys
 
 
 def _http(shared: Services) -> httpx.AsyncClient:
@@ -152,7 +145,7 @@ async def sync_secret(shared: Services, conn: asyncpg.Connection, org: str,
     if row is None:
         return False
     config = mcp_sync.Configuration.from_row(row)
-    credentials = await mcp_sync.secret_credentials(conn, _keys(shared), config, row)
+    credentials = await mcp_sync.secret_credentials(conn, key_ring(shared), config, row)
     namespace = tenant_namespace(org, shared.settings.tenant_namespace_prefix)
     try:
         await mcp_sync.apply_secret(shared.kube, namespace, config, credentials)
@@ -275,7 +268,7 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
                shared: Services = Depends(services)) -> InitView:
     org = principal.org or ""
     audit_target(request, f"mcp_configuration/{body.configuration_id}")
-    db, keys = database(request), _keys(shared)
+    db, keys = database(request), key_ring(shared)
     async with _db(db.tenant(org)) as conn:
         configuration = await _configuration(conn, body.configuration_id)
         stored = await conn.fetchrow("SELECT issuer, client_id, client_secret_enc, token_auth_method "
@@ -398,7 +391,7 @@ async def callback(request: Request, shared: Services = Depends(services),
                    error: Annotated[str | None, Query(max_length=200)] = None,
                    error_description: Annotated[str | None, Query(max_length=1000)] = None,
                    iss: Annotated[str | None, Query(max_length=2048)] = None) -> Response:
-    db, keys, http = database(request), _keys(shared), _http(shared)
+    db, keys, http = database(request), key_ring(shared), _http(shared)
     principal = await _optional_principal(request)
     recorder = _CallbackAudit(request)
     org = oauth.state_org(state)
@@ -487,7 +480,7 @@ async def _store_connection(shared: Services, recorder: _CallbackAudit, org: str
                             state: asyncpg.Record, client: oauth.Client, tokens: oauth.TokenSet,
                             target: str) -> None:
     """Tokens, configuration status, the Secret's copy and the success row: all or nothing."""
-    keys, db = _keys(shared), shared.database
+    keys, db = key_ring(shared), shared.database
     configuration_id = state["configuration_id"]
     now = _now()
 
@@ -556,7 +549,7 @@ async def refresh_connection(shared: Services, org: str, configuration_id: uuid.
     one lock; whoever finds the row changed while waiting takes that refresh as theirs. `store` opens
     the transaction that writes the new tokens (and its audit row). Raises OAuthError when the provider
     is down or answers an error other than invalid_grant, which marks the configuration needs-reauth."""
-    db, keys = shared.database, _keys(shared)
+    db, keys = shared.database, key_ring(shared)
     async with db.tenant(org) as conn:
         seen = await conn.fetchval("SELECT version FROM mcp_oauth_tokens WHERE configuration_id = $1",
                                    configuration_id)
@@ -679,7 +672,7 @@ async def revoke(body: ConnectionBody, request: Request, principal: Principal = 
     org = principal.org or ""
     configuration_id = body.configuration_id
     audit_target(request, f"mcp_configuration/{configuration_id}")
-    db, keys = database(request), _keys(shared)
+    db, keys = database(request), key_ring(shared)
     async with _db(db.tenant(org)) as conn:
         row = await conn.fetchrow(_CONNECTION, configuration_id)
     if row is None:
