@@ -57,7 +57,7 @@ def redact(value: Any, _depth: int = 0) -> Any:
     if _depth > _MAX_DEPTH:
         return REDACTED
     if isinstance(value, Mapping):
-        return {str(key): REDACTED if _SECRET_KEY.search(str(key)) else redact(item, _depth + 1)
+        return {scrub(str(key)): REDACTED if _SECRET_KEY.search(str(key)) else redact(item, _depth + 1)
                 for key, item in value.items()}
     if isinstance(value, list | tuple):
         return [redact(item, _depth + 1) for item in value]
@@ -69,8 +69,9 @@ def redact(value: Any, _depth: int = 0) -> Any:
 
 
 def scrub(text: str) -> str:
-    """`text` with secret-shaped substrings replaced."""
-    return _SECRET_VALUE.sub(REDACTED, text)
+    """`text` with secret-shaped substrings replaced, and NUL (which PostgreSQL's text and jsonb refuse,
+    failing the whole row) shown as U+FFFD."""
+    return _SECRET_VALUE.sub(REDACTED, text).replace("\x00", "\ufffd")
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,15 @@ async def record(where: asyncpg.Connection | Database, event: AuditEvent) -> Aud
 async def _append(conn: asyncpg.Connection, event: AuditEvent, *, own_transaction: bool) -> AuditRecord:
     row = await conn.fetchrow(
         _APPEND, own_transaction, event.org_id, event.actor_sub, event.actor_role, event.action,
-        scrub(event.target) if event.target else None, event.outcome,
-        scrub(event.reason)[:2000] if event.reason else None, _address_or_none(event.ip),
-        scrub(event.user_agent)[:1024] if event.user_agent else None, event.request_id,
+        _text(event.target), event.outcome, _text(event.reason, 2000), _address_or_none(event.ip),
+        _text(event.user_agent, 1024), event.request_id,
         json.dumps(redact(dict(event.details)), default=str),
     )
     return AuditRecord(id=row["id"], seq=row["seq"], created_at=row["created_at"], hash=row["hash"])
+
+
+def _text(value: str | None, limit: int | None = None) -> str | None:
+    return scrub(value)[:limit] if value else None
 
 
 def _address_or_none(ip: str | None) -> str | None:

@@ -12,6 +12,7 @@ import os
 import re
 from typing import Any
 
+import aiohttp
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -73,6 +74,8 @@ class Kube:
             return await method(*args, _request_timeout=self.timeout, **kwargs)
         except ApiException as exc:
             raise KubeError(exc.status or 502, exc.reason or "error") from exc
+        except (TimeoutError, aiohttp.ClientError) as exc:  # no answer at all: refused, reset, slow
+            raise KubeError(503, f"no answer: {type(exc).__name__}") from exc
 
     async def ping(self) -> None:
         await self._call(self.version.get_code)

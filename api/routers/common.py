@@ -203,6 +203,8 @@ def kube_problem(exc: KubeError) -> ProblemError:
         return ProblemError(409, "Conflict", exc.reason)
     if exc.status == 422:
         return ProblemError(422, "Unprocessable Content", f"Kubernetes rejected the object: {exc.reason}")
+    logging.getLogger("agentbox.api.kube").warning("Kubernetes failed the request",
+                                                   extra={"status": exc.status, "reason": exc.reason})
     return ProblemError(503, "Service Unavailable", "Kubernetes is unavailable; retry shortly",
                         headers={"Retry-After": "2"})
 

@@ -66,6 +66,19 @@ async def test_no_token_or_key_is_stored(app_db):
     assert "[REDACTED]" in stored
 
 
+async def test_client_text_with_nul_still_leaves_its_row(app_db):
+    # PostgreSQL's text and jsonb refuse U+0000; a request carrying one must not go unaudited.
+    written = await record(app_db, event("audit-a", outcome="failed", target="session/a\x00b",
+                                         reason="422: invalid request: body.\x00", user_agent="ua\x00",
+                                         details={"key\x00": "value\x00"}))
+    async with app_db.tenant("audit-a") as conn:
+        row = await conn.fetchrow("SELECT target, reason, user_agent, details::text AS details "
+                                  "FROM audit_logs WHERE id = $1", written.id)
+    assert dict(row) == {"target": "session/a\ufffdb", "reason": "422: invalid request: body.\ufffd",
+                         "user_agent": "ua\ufffd", "details": '{"key\ufffd": "value\ufffd"}'}
+    assert (await verify_chain(app_db, "audit-a")).ok
+
+
 async def test_a_tenant_cannot_write_or_read_another_orgs_audit(app_db):
     with pytest.raises(asyncpg.InsufficientPrivilegeError, match="row-level security"):
         async with app_db.tenant("audit-a") as conn:
