@@ -6,6 +6,11 @@
    peak RSS and CPU (share of one core) over that window.
 
     python -m bench.bench_operator [--sessions 200 --rate 20 --hold 1000 --hold-seconds 60]
+    python -m bench.bench_operator --sessions 100 --rate 20 --hold 0     # latency only
+
+`--baseline` runs no operator: the cluster's own floor at the same rate, the sandbox pod as the operator
+renders it created straight to the apiserver, create -> Running as kwok reports it; once bare, once with
+its workspace claim created beside it (so the storage path shows apart from the operator's own).
 
 The cluster is `hack/cluster.sh up` for $AGENTBOX_CLUSTER_NAME (default agentbox); the operator runs
 as a subprocess serving only the benchmark's namespace.
@@ -21,13 +26,20 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import psutil
 from kubernetes_asyncio import client, config, watch
 
 from agentbox.crds import agentsession
+from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.pod import build_pod
+from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.kube import Kube
+from agentbox.operator.settings import OperatorSettings
 from tests.operator.operator_harness import OperatorProcess, session_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,26 +63,31 @@ def cluster_kubeconfig() -> str:
 
 
 class RunningWatch:
-    """Remembers when each session of the namespace was first seen Running."""
+    """Remembers when each object of the namespace was first seen Running (sessions, or bare pods)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str):
-        self.api, self.namespace = api, namespace
+    def __init__(self, api: client.ApiClient, namespace: str, pods: bool = False):
+        self.api, self.namespace, self.pods = api, namespace, pods
         self.running_at: dict[str, float] = {}
         self.pod_at: dict[str, float] = {}  # the operator's own part: children and pod created
         self.task = asyncio.create_task(self._run())
 
+    def _list_call(self) -> tuple[Any, ...]:
+        if self.pods:
+            return (client.CoreV1Api(self.api).list_namespaced_pod, self.namespace)
+        return (client.CustomObjectsApi(self.api).list_namespaced_custom_object, agentsession.GROUP,
+                agentsession.VERSION, self.namespace, agentsession.PLURAL)
+
     async def _run(self) -> None:
-        custom = client.CustomObjectsApi(self.api)
+        list_call, *args = self._list_call()
         while True:
             stream = watch.Watch()
-            async with stream.stream(custom.list_namespaced_custom_object, agentsession.GROUP,
-                                     agentsession.VERSION, self.namespace, agentsession.PLURAL,
-                                     timeout_seconds=300) as events:
+            async with stream.stream(list_call, *args, timeout_seconds=300) as events:
                 async for event in events:
-                    body = event["object"]
-                    if (body.get("status") or {}).get("podName"):
+                    body = event["raw_object"]
+                    status = body.get("status") or {}
+                    if status.get("podName"):
                         self.pod_at.setdefault(body["metadata"]["name"], time.perf_counter())
-                    if (body.get("status") or {}).get("phase") == "Running":
+                    if status.get("phase") == "Running":
                         self.running_at.setdefault(body["metadata"]["name"], time.perf_counter())
 
     async def wait_for(self, names: list[str], seconds: float) -> None:
@@ -78,17 +95,20 @@ class RunningWatch:
         while any(name not in self.running_at for name in names):
             if time.monotonic() > deadline:
                 missing = [name for name in names if name not in self.running_at]
-                raise TimeoutError(f"{len(missing)} sessions never Running, e.g. {missing[:3]}")
+                raise TimeoutError(f"{len(missing)} never Running, e.g. {missing[:3]}")
             await asyncio.sleep(0.2)
 
 
-async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float) -> dict[str, float]:
-    """Create at a steady rate (each create in its own task so a slow call does not delay the next)."""
+async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
+                       manifests: Callable[[str], list[dict[str, Any]]] | None = None) -> dict[str, float]:
+    """Create at a steady rate (each create in its own task so a slow call does not delay the next).
+    `manifests(name)`: what to create for each name, all at once (default: one AgentSession)."""
     created: dict[str, float] = {}
 
     async def one(name: str) -> None:
         created[name] = time.perf_counter()
-        await ops.create(session_manifest(name, namespace, resources=TINY))
+        wanted = manifests(name) if manifests else [session_manifest(name, namespace, resources=TINY)]
+        await asyncio.gather(*(ops.create(manifest) for manifest in wanted))
 
     started, tasks = time.perf_counter(), []
     for index, name in enumerate(names):
@@ -98,9 +118,86 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float)
     return created
 
 
+def latency_ms(started: dict[str, float], reached: dict[str, float]) -> dict[str, int]:
+    values = [reached[name] - started[name] for name in started if name in reached]
+    return {"p50": round(1000 * percentile(values, 0.50)), "p95": round(1000 * percentile(values, 0.95)),
+            "p99": round(1000 * percentile(values, 0.99)), "max": round(1000 * max(values))}
+
+
+def sandbox_children(namespace: str, with_claim: bool) -> Callable[[str], list[dict[str, Any]]]:
+    """The pod (and claim) the operator would render for a benchmark session, without an owner: nothing
+    reconciles them, and garbage collection must not take them for orphans."""
+    settings = OperatorSettings(gateway_resources=TINY)
+
+    def render(name: str) -> list[dict[str, Any]]:
+        spec = AgentSessionSpec.model_validate(session_manifest(name, namespace, resources=TINY)["spec"])
+        session = Session(name, namespace, "baseline", spec)
+        pod = build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
+                        config_digest="baseline", runner_resources=settings.runner_resources,
+                        gateway_resources=settings.gateway_resources)
+        pod["metadata"]["name"] = name  # the watch reports pods by name
+        children = [build_pvc(session), pod] if with_claim else [pod]
+        if not with_claim:
+            pod["spec"]["volumes"] = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" not in v]
+            for container in [*pod["spec"]["initContainers"], *pod["spec"]["containers"]]:
+                container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "workspace"]
+        for child in children:
+            del child["metadata"]["ownerReferences"]
+        return children
+
+    return render
+
+
+async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: float) -> dict[str, Any]:
+    """The cluster's own create -> Running at the benchmark's rate, with no operator in the path."""
+    ops = Kube(api)
+    result: dict[str, Any] = {"benchmark": "operator-baseline", "sessions": sessions, "rate_per_second": rate}
+    for series, with_claim in (("pod", False), ("pod_with_claim", True)):
+        namespace = f"bench-base-{os.urandom(3).hex()}"
+        await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
+        try:
+            running = RunningWatch(api, namespace, pods=True)
+            names = [f"b-{index:04d}" for index in range(sessions)]
+            log(f"baseline {series}: {len(names)} pods at {rate}/s in {namespace}")
+            cpu = ClusterCpu(kubeconfig)
+            cpu.start()
+            created = await create_paced(ops, namespace, names, rate, sandbox_children(namespace, with_claim))
+            await running.wait_for(names, seconds=300)
+            result[f"{series}_cpu"] = cpu.stop()
+            running.task.cancel()
+            result[f"{series}_create_to_running_ms"] = latency_ms(created, running.running_at)
+        finally:
+            await ops.delete("Namespace", None, namespace)
+    return result
+
+
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
+
+
+class ClusterCpu:
+    """CPU seconds each cluster process (and the whole machine) spends between start() and stop(): shows
+    whether the apiserver, etcd or kwok, rather than the operator, is the bottleneck."""
+
+    def __init__(self, kubeconfig: str, extra: dict[str, int] | None = None):
+        cluster_dir = Path(kubeconfig).parent
+        pid_files = {path.stem: path for path in (cluster_dir / "pids").glob("*.pid")}
+        pid_files["storage-provisioner"] = cluster_dir / "storage-provisioner.pid"
+        self.pids = {name: int(path.read_text()) for name, path in pid_files.items() if path.exists()}
+        self.pids.update(extra or {})
+
+    def start(self) -> None:
+        self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.machine_before, self.wall_before = psutil.cpu_times(), time.perf_counter()
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.wall_before
+        machine = psutil.cpu_times()
+        idle = (machine.idle - self.machine_before.idle) / wall / psutil.cpu_count()
+        return {"window_seconds": round(wall, 1), "machine_busy_percent": round(100 * (1 - idle)),
+                "cores_used": {name: round((cpu_seconds(pid) - self.before[name]) / wall, 2)
+                               for name, pid in self.pids.items()}}
 
 
 async def idle_usage(pid: int, seconds: float) -> dict[str, float]:
@@ -123,11 +220,17 @@ async def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--hold", type=int, default=1000)
     parser.add_argument("--hold-seconds", type=float, default=60.0)
+    parser.add_argument("--baseline", action="store_true",
+                        help="no operator: bare sandbox pods (and pods with claims) at the same rate")
     args = parser.parse_args()
 
     kubeconfig = cluster_kubeconfig()
     configuration = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    if args.baseline:
+        async with client.ApiClient(configuration=configuration) as api:
+            print(json.dumps(await baseline(api, kubeconfig, args.sessions, args.rate), indent=2))
+        return 0
     namespace = f"bench-op-{os.urandom(3).hex()}"
     workdir = tempfile.mkdtemp(prefix="bench-operator-")
     operator = OperatorProcess(kubeconfig, f"{workdir}/operator.log", scope=namespace,
@@ -144,11 +247,14 @@ async def main() -> int:
             names = [f"s-{index:04d}" for index in range(args.sessions)]
             log(f"creating {len(names)} sessions at {args.rate}/s in {namespace}")
             cpu_before = cpu_seconds(operator.process.pid)
+            cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid})
+            cpu.start()
             created = await create_paced(ops, namespace, names, args.rate)
             await running.wait_for(names, seconds=300)
+            load = cpu.stop()
             cpu_per_session = (cpu_seconds(operator.process.pid) - cpu_before) / len(names)
-            latencies = [running.running_at[name] - created[name] for name in names]
-            pod_latencies = [running.pod_at[name] - created[name] for name in names if name in running.pod_at]
+            latencies = latency_ms(created, running.running_at)
+            pod_latencies = latency_ms(created, running.pod_at)
 
             more = [f"s-{index:04d}" for index in range(args.sessions, args.hold)]
             log(f"creating {len(more)} more, then holding {args.hold} Running for {args.hold_seconds:.0f}s")
@@ -163,13 +269,10 @@ async def main() -> int:
     result = {
         "benchmark": "operator",
         "sessions": args.sessions, "rate_per_second": args.rate,
-        "create_to_running_ms": {"p50": round(1000 * percentile(latencies, 0.50)),
-                                 "p95": round(1000 * percentile(latencies, 0.95)),
-                                 "p99": round(1000 * percentile(latencies, 0.99)),
-                                 "max": round(1000 * max(latencies))},
-        "create_to_pod_created_ms": {"p50": round(1000 * percentile(pod_latencies, 0.50)),
-                                     "p99": round(1000 * percentile(pod_latencies, 0.99))},
+        "create_to_running_ms": latencies,
+        "create_to_pod_created_ms": pod_latencies,
         "operator_cpu_ms_per_session": round(1000 * cpu_per_session, 1),
+        "cpu_while_creating": load,
         "held_running_sessions": args.hold,
         "idle": usage,
         "targets": {"p50_ms": 500, "p99_ms": 1500, "rss_mb": 250, "idle_cpu_percent": 2},
