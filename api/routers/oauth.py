@@ -308,14 +308,14 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
         await conn.execute(
             "INSERT INTO oauth_states (state_hash, org_id, user_id, configuration_id, issuer, resource, "
             "redirect_uri, code_verifier_enc, expires_at, client_id, client_secret_enc, token_auth_method, "
-            "token_endpoint, revocation_endpoint, scope) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "token_endpoint, revocation_endpoint, scope, iss_required) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
             digest, org, principal.sub, configuration.id, metadata.issuer, discovery.resource, redirect_uri,
             keys.encrypt(verifier, _state_cipher(org, digest, "code_verifier_enc")), expires_at,
             client.client_id,
             _seal(keys, client.client_secret, _state_cipher(org, digest, "client_secret_enc")),
             client.auth_method, metadata.token_endpoint, metadata.revocation_endpoint,
-            " ".join(scopes) or None)
+            " ".join(scopes) or None, metadata.authorization_response_iss_parameter_supported)
     url = oauth.authorization_url(
         metadata.authorization_endpoint, client_id=client.client_id, redirect_uri=redirect_uri, state=state,
         challenge=oauth.code_challenge(verifier),
@@ -439,8 +439,13 @@ async def callback(request: Request, shared: Services = Depends(services),
 
     if principal is not None and (principal.org != org or principal.sub != user):
         return await refuse(400, "the state was issued to another user")
+    # RFC 9207: iss, when sent, must name the issuer the flow started with; an issuer that promised it
+    # always sends it, so its absence means the response may come from a mix-up.
     if iss is not None and iss != row["issuer"]:
         return await refuse(400, "the authorization response came from another issuer (iss mismatch)")
+    if iss is None and row["iss_required"]:
+        return await refuse(400, "the authorization response lacks iss, which its issuer promises "
+                                 "(RFC 9207)")
     configuration_id = str(row["configuration_id"])
     if error is not None:
         reason = f"the provider answered {error}" + (f": {error_description}" if error_description else "")

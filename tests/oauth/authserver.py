@@ -33,6 +33,7 @@ class Behaviour:
     rotate_refresh_tokens: bool = True
     access_token_lifetime: int = 3600
     token_delay: float = 0.0
+    iss_parameter: bool = True  # RFC 9207: promised in the metadata and sent with every redirect
 
 
 @dataclass
@@ -106,7 +107,7 @@ class AuthServer:
             "authorization_endpoint": f"{self.issuer}/authorize", "token_endpoint": f"{self.issuer}/token",
             "revocation_endpoint": f"{self.issuer}/revoke", "response_types_supported": ["code"],
             "token_endpoint_auth_methods_supported": ["client_secret_basic", "none"],
-            "authorization_response_iss_parameter_supported": True}
+            "authorization_response_iss_parameter_supported": self.behaviour.iss_parameter}
         if self.behaviour.registration:
             document["registration_endpoint"] = f"{self.issuer}/register"
         if self.behaviour.pkce_methods is not None:
@@ -137,7 +138,7 @@ class AuthServer:
                              "redirect_uris": body["redirect_uris"]}, status_code=201)
 
     async def authorize(self, request: Request) -> Response:
-        """Consents at once (the user said yes) and redirects back with a code, state and iss."""
+        """Consents at once (the user said yes) and redirects back with a code, state and (RFC 9207) iss."""
         self.calls["authorize"] += 1
         query = request.query_params
         client = self.clients.get(query.get("client_id", ""))
@@ -150,7 +151,9 @@ class AuthServer:
         self.codes[code] = {"client_id": query["client_id"], "challenge": query["code_challenge"],
                             "redirect_uri": query["redirect_uri"], "resource": query.get("resource"),
                             "scope": query.get("scope")}
-        back = {"code": code, "state": query.get("state", ""), "iss": self.issuer}
+        back = {"code": code, "state": query.get("state", "")}
+        if self.behaviour.iss_parameter:
+            back["iss"] = self.issuer
         return RedirectResponse(f"{query['redirect_uri']}?{urlencode(back)}", status_code=302)
 
     def _client(self, request: Request, form: dict[str, str]) -> str | None:

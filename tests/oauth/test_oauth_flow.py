@@ -10,10 +10,11 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 import asyncpg
 import httpx
+import pytest
 import pytest_asyncio
 
 from agentbox.api import oauth
@@ -222,6 +223,43 @@ async def test_bad_callbacks_get_400_and_never_reach_the_token_endpoint(database
         assert [r["reason"] for r in rows[-3:]] == [
             "400: the authorization response came from another issuer (iss mismatch)",
             "400: the state was issued to another user", "400: the state was expired"]
+
+
+def without_iss(callback_url: str) -> str:
+    parts = urlsplit(callback_url)
+    query = {name: values for name, values in parse_qs(parts.query).items() if name != "iss"}
+    return parts._replace(query=urlencode(query, doseq=True)).geturl()
+
+
+async def test_a_callback_without_iss_is_refused_when_the_issuer_promised_it(database, superuser):
+    async with provider() as server, api_for(database) as (api, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        callback_url = await authorize(api, server, configuration_id)
+        state = parse_qs(urlsplit(callback_url).query)["state"][0]
+        assert await superuser.fetchval("SELECT iss_required FROM oauth_states WHERE state_hash = $1",
+                                        oauth.state_hash(state)) is True
+        response = await api.get(without_iss(callback_url))
+        assert response.status_code == 400 and "lacks iss" in response.json()["detail"], response.text
+        assert server.calls["token"] == 0
+        assert await superuser.fetchval("SELECT count(*) FROM mcp_oauth_tokens WHERE configuration_id = $1",
+                                        configuration_id) == 0
+        last = (await audit_rows(superuser))[-1]
+        assert (last["action"], last["outcome"], last["actor_sub"]) == ("mcp.oauth.callback", "denied",
+                                                                        "admin-1")
+        assert "RFC 9207" in last["reason"]
+        # The promise is part of a pending state and as immutable as the rest of it.
+        pending = parse_qs(urlsplit(await authorize(api, server, configuration_id)).query)["state"][0]
+        with pytest.raises(asyncpg.CheckViolationError, match="immutable"):
+            await superuser.execute("UPDATE oauth_states SET iss_required = false WHERE state_hash = $1",
+                                    oauth.state_hash(pending))
+
+    # An issuer that never promised iss: its absence is fine.
+    async with provider(Behaviour(iss_parameter=False)) as server, api_for(database) as (api, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        callback_url = await authorize(api, server, configuration_id)
+        assert "iss" not in parse_qs(urlsplit(callback_url).query)
+        callback = await api.get(callback_url)
+        assert callback.status_code == 303 and "oauth=connected" in callback.headers["location"]
 
 
 async def test_provider_error_and_provider_down_end_cleanly(database, superuser):
