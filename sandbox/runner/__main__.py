@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import uvicorn
 
 from agentbox.sandbox.logs import configure_logging
 from agentbox.sandbox.runner.bridge import AgentBridge
-from agentbox.sandbox.runner.commands import CommandError, agent_command
+from agentbox.sandbox.runner.commands import AgentLaunch, CommandError, agent_command
 from agentbox.sandbox.runner.conversation import Conversation
 from agentbox.sandbox.runner.settings import RunnerSettings
 
@@ -36,14 +38,22 @@ def main() -> None:
     except FileNotFoundError:
         system_prompt = ""
         log.warning("no system prompt at %s", settings.system_prompt_file)
-    try:
-        argv, env = agent_command(settings, os.environ)
-    except CommandError as error:
-        sys.exit(str(error))
+    # Files the agent reads besides its workspace (Gemini's context file); gone when the runner exits.
+    with tempfile.TemporaryDirectory(prefix="agentbox-runner-") as private_dir:
+        try:
+            launch = agent_command(settings, os.environ, system_prompt=system_prompt,
+                                   private_dir=Path(private_dir))
+        except CommandError as error:
+            sys.exit(str(error))
+        launch.write_files()
+        serve(settings, token, system_prompt, launch)
+
+
+def serve(settings: RunnerSettings, token: str, system_prompt: str, launch: AgentLaunch) -> None:
     from agentbox.sandbox.runner.app import create_app  # after settings are known to be usable
 
     conversation = Conversation(settings.runtime)
-    bridge = AgentBridge(conversation, argv=argv, env=env, workspace=settings.workspace,
+    bridge = AgentBridge(conversation, argv=launch.argv, env=launch.env, workspace=settings.workspace,
                          gateway_url=settings.gateway_url, system_prompt=system_prompt,
                          permission_policy=settings.permission_policy,
                          restart_max_seconds=settings.agent_restart_max_seconds,

@@ -163,6 +163,7 @@ class AgentBridge:
                         mcp_servers=[HttpMcpServer(type="http", name="agentbox", url=self.gateway_url,
                                                    headers=[])],
                         # ACP has no system prompt field; adapters read _meta (claude-agent-acp's key).
+                        # Gemini and Codex get theirs at launch instead (commands.agent_command).
                         systemPrompt={"append": self.system_prompt},
                     )
                 self._conn, self._session_id = conn, session.session_id

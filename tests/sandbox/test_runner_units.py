@@ -4,6 +4,8 @@ conversation's messages and event fan-out."""
 from __future__ import annotations
 
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 from acp.schema import PermissionOption
@@ -22,19 +24,65 @@ from agentbox.sandbox.runner.workspace import WorkspaceError, confine
     ("codex", "o9", ["codex-acp", "-c", "model=o9"], {}),
     ("scripted", None, [sys.executable, "-m", "agentbox.sandbox.scripted_agent"], {}),
 ])
-def test_each_runtime_has_its_acp_command(runtime, model, argv, env):
+def test_each_runtime_has_its_acp_command(runtime, model, argv, env, tmp_path):
     settings = RunnerSettings(runtime=runtime, agent_model=model)
-    command, environment = agent_command(settings, {"PATH": "/bin", "AGENTBOX_RUNNER_TOKEN_FILE": "/secret"})
-    assert command == argv
-    assert env.items() <= environment.items() and environment["PATH"] == "/bin"
-    assert "AGENTBOX_RUNNER_TOKEN_FILE" not in environment
+    launch = agent_command(settings, {"PATH": "/bin", "AGENTBOX_RUNNER_TOKEN_FILE": "/secret"},
+                           private_dir=tmp_path)
+    assert launch.argv == argv
+    assert env.items() <= launch.env.items() and launch.env["PATH"] == "/bin"
+    assert "AGENTBOX_RUNNER_TOKEN_FILE" not in launch.env
+    assert launch.files == {}, "no system prompt, nothing to write"
 
 
-def test_custom_needs_a_command_and_a_command_overrides_any_runtime(monkeypatch):
+def test_custom_needs_a_command_and_a_command_overrides_any_runtime(monkeypatch, tmp_path):
     with pytest.raises(CommandError, match="AGENTBOX_AGENT_COMMAND"):
-        agent_command(RunnerSettings(runtime="custom"), {})
+        agent_command(RunnerSettings(runtime="custom"), {}, private_dir=tmp_path)
     monkeypatch.setenv("AGENTBOX_AGENT_COMMAND", '["my-agent", "--acp"]')
-    assert agent_command(RunnerSettings(runtime="gemini"), {})[0] == ["my-agent", "--acp"]
+    launch = agent_command(RunnerSettings(runtime="gemini"), {}, private_dir=tmp_path)
+    assert launch.argv == ["my-agent", "--acp"]
+
+
+PROMPT = 'Be careful.\n\tQuote " backslash \\ DEL \x7f bell \x07 snow \u2603 face \U0001F600'
+
+
+@pytest.mark.parametrize("runtime", ["claude-code", "scripted", "custom"])
+def test_acp_meta_runtimes_get_no_prompt_on_their_command_line(runtime, tmp_path, monkeypatch):
+    if runtime == "custom":
+        monkeypatch.setenv("AGENTBOX_AGENT_COMMAND", '["my-agent"]')
+    plain = agent_command(RunnerSettings(runtime=runtime), {"PATH": "/bin"}, private_dir=tmp_path)
+    launch = agent_command(RunnerSettings(runtime=runtime), {"PATH": "/bin"}, system_prompt=PROMPT,
+                           private_dir=tmp_path)
+    assert launch == plain, "these read it from ACP _meta.systemPrompt, which the bridge sends"
+
+
+def test_gemini_reads_the_prompt_as_its_global_context_file_outside_the_workspace(tmp_path):
+    private = tmp_path / "private"
+    launch = agent_command(RunnerSettings(runtime="gemini", workspace=tmp_path / "workspace"),
+                           {"PATH": "/bin", "HOME": "/home/u"}, system_prompt=PROMPT, private_dir=private)
+    assert launch.argv == ["gemini", "--experimental-acp"]
+    assert launch.env["GEMINI_CLI_HOME"] == str(private / "gemini")
+    assert "GEMINI_SYSTEM_MD" not in launch.env, "that would replace Gemini's own instructions"
+    context = Path(launch.env["GEMINI_CLI_HOME"]) / ".gemini" / "GEMINI.md"
+    assert launch.files == {context: PROMPT}
+    launch.write_files()
+    assert context.read_text() == PROMPT
+    assert not (tmp_path / "workspace").exists()
+
+
+def test_codex_reads_the_prompt_as_developer_instructions_in_toml(tmp_path):
+    launch = agent_command(RunnerSettings(runtime="codex", agent_model="o9"), {}, system_prompt=PROMPT,
+                           private_dir=tmp_path)
+    assert launch.argv[:4] == ["codex-acp", "-c", "model=o9", "-c"]
+    assert tomllib.loads(launch.argv[4]) == {"developer_instructions": PROMPT}
+    assert launch.files == {}
+
+
+def test_a_prompt_too_long_for_codex_s_command_line_is_refused_by_name(tmp_path):
+    codex = RunnerSettings(runtime="codex")
+    with pytest.raises(CommandError, match=r"AGENTBOX_SYSTEM_PROMPT_FILE: 196608 bytes .* Codex"):
+        agent_command(codex, {}, system_prompt="\u2603" * 65536, private_dir=tmp_path)
+    assert agent_command(codex, {}, system_prompt="x" * 65536, private_dir=tmp_path)  # the CRD allows 65536
+
 
 
 def options(*kinds: str) -> list[PermissionOption]:
