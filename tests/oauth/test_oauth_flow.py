@@ -269,7 +269,7 @@ async def test_provider_error_and_provider_down_end_cleanly(database, superuser)
             callback_url = await authorize(api, server, configuration_id)
             state = parse_qs(urlsplit(callback_url).query)["state"][0]
             denied = await api.get("/api/v1/mcp/oauth/callback",
-                                   params={"state": state, "error": "access_denied",
+                                   params={"state": state, "iss": server.issuer, "error": "access_denied",
                                            "error_description": "the user said no"})
             assert denied.status_code == 303
             assert parse_qs(urlsplit(denied.headers["location"]).query)["error"] == ["access_denied"]
