@@ -48,7 +48,9 @@ versions_stamp="$cluster_dir/agentbox-versions"
 provisioner_pid="$cluster_dir/storage-provisioner.pid"
 provisioner_log="$cluster_dir/logs/storage-provisioner.log"
 volumes_dir="$cluster_dir/volumes"
-wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION"
+# kwok's PortForward resource lets a local process stand in for a pod's port (hack/session_runners.py).
+kwok_crds=PortForward
+wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds"
 
 require_kwok_binaries() {
   local missing=()
@@ -97,6 +99,7 @@ YAML
       --kube-controller-manager-binary "$kube_bin/kube-controller-manager" \
       --kube-scheduler-binary "$kube_bin/kube-scheduler" \
       --kwok-controller-binary "$bin_root/kwok-$KWOK_VERSION/kwok" \
+      --enable-crds "$kwok_crds" \
       --wait 120s >"$create_log" 2>&1; then
     tail -n 15 "$create_log" >&2
     delete_kwok_cluster
@@ -205,7 +208,7 @@ kwok_up() {
   require_kwok_binaries
   mkdir -p "$KWOK_WORKDIR"
   if [ -d "$cluster_dir" ] && [ "$(cat "$versions_stamp" 2>/dev/null)" != "$wanted_versions" ]; then
-    say "cluster '$name' was made by other binaries or never finished; recreating it"
+    say "cluster '$name' was made by other binaries or options, or never finished; recreating it"
     delete_kwok_cluster
   fi
   if [ -f "$cluster_dir/kwok.yaml" ]; then
