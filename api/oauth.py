@@ -22,8 +22,9 @@ import ipaddress
 import json
 import re
 import secrets
+import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -511,11 +512,39 @@ def _provider_error(payload: dict[str, Any], fallback: str) -> ProviderError:
     return ProviderError("invalid_response", fallback)
 
 
-# Refresh timing and serialisation -----------------------------------------------------------------------
+# Refresh timing and serialisation, rate limits ---------------------------------------------------------
 
 def refresh_due(expires_at: datetime | None, now: datetime, window: timedelta) -> bool:
     """True when the token expires within `window` (a token without expiry never is)."""
     return expires_at is not None and expires_at - now <= window
+
+
+class TokenBucket:
+    """Up to `per_minute` grants a minute, in bursts of as many; refusals are counted, and each grant
+    reports how many were refused since the previous one (so a sampled audit trail still says how much
+    it left out)."""
+
+    # Hand-written: pyrate-limiter, the maintained option, runs a leak thread and keeps a timestamp per
+    # grant, where this needs two floats and a counter.
+    def __init__(self, per_minute: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = self.tokens = per_minute
+        self.per_second = per_minute / 60
+        self.clock = clock
+        self.updated = clock()
+        self.suppressed = 0
+
+    def take(self) -> int | None:
+        """None when no token is left (the refusal is counted), else the count refused since the last
+        grant, which starts again at zero."""
+        now = self.clock()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.per_second)
+        self.updated = now
+        if self.tokens < 1:
+            self.suppressed += 1
+            return None
+        self.tokens -= 1
+        suppressed, self.suppressed = self.suppressed, 0
+        return suppressed
 
 
 class KeyedLocks:

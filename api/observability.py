@@ -60,7 +60,8 @@ class Metrics:
         self.audit_writes = Counter("agentbox_api_audit_rows_total", "Audit rows written",
                                     ["outcome"], registry=self.registry)
         self.oauth_callbacks_refused = Counter("agentbox_api_oauth_callbacks_refused_total",
-                                               "OAuth callbacks refused with no org known (not audited)",
+                                               "OAuth callbacks refused for a missing, malformed or unknown "
+                                               "state (all counted; audited up to a rate)",
                                                ["reason"], registry=self.registry)
         self.prompt_injection_signals = Counter("agentbox_api_prompt_injection_signals_total",
                                                 "Prompt texts flagged by the injection heuristics",

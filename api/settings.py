@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -38,9 +38,11 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     tenant_namespace_prefix: str = "tenant-"
-    # Where to reach a session's runner when the API runs outside the cluster: a URL template with
-    # {name} and {namespace}, used instead of status.endpoint (for example http://127.0.0.1:3284).
-    runner_url_override: str | None = None
+    # How the API reaches a session's runner: `service` (in the cluster: the session's Service) or
+    # `port-forward` (outside it: the pod's port through the Kubernetes API, as kubectl port-forward does).
+    runner_transport: Literal["service", "port-forward"] = "service"
+    # A port-forward listener with no connection for this long is closed.
+    runner_forward_idle_seconds: float = Field(default=300, gt=0)
     runner_timeout_seconds: float = Field(default=30, gt=0)
     kube_timeout_seconds: float = Field(default=10, gt=0)
     readiness_timeout_seconds: float = Field(default=2, gt=0)
@@ -60,6 +62,11 @@ class Settings(BaseSettings):
     # Tokens expiring within the window are refreshed; the background pass runs every interval.
     oauth_refresh_window_seconds: float = Field(default=300, ge=0)
     oauth_refresh_interval_seconds: float = Field(default=60, gt=0)
+    # Refreshes of one connection serialise across replicas; a waiter gives up (409) after this long.
+    oauth_refresh_lock_timeout_seconds: float = Field(default=15, gt=0, le=60)
+    # Callbacks that name no org (missing, malformed or unknown state) are audited in the platform chain
+    # up to this many rows a minute per replica; the next row counts the ones left out.
+    oauth_stranger_callback_audit_per_minute: float = Field(default=60, ge=1)
 
     # How often the audit table's coming monthly partitions are ensured (also once at start-up).
     audit_partition_interval_seconds: float = Field(default=86_400, gt=0)

@@ -342,11 +342,12 @@ class _CallbackAudit:
         self.request = request
         self.written = False
 
-    def event(self, org: str, actor: str | None, outcome: audit.Outcome, target: str | None,
+    def event(self, org: str | None, actor: str | None, outcome: audit.Outcome, target: str | None,
               reason: str | None, **details: Any) -> audit.AuditEvent:
         request = self.request
         return audit.AuditEvent(
-            org_id=org, action="mcp.oauth.callback", outcome=outcome, actor_sub=actor, actor_role="user",
+            org_id=org, action="mcp.oauth.callback", outcome=outcome, actor_sub=actor,
+            actor_role="user" if actor is not None else None,
             target=target, reason=reason, ip=request.client.host if request.client else None,
             user_agent=request.headers.get("user-agent"), request_id=current_request_id(), details=details)
 
@@ -356,6 +357,29 @@ class _CallbackAudit:
             self.written = True
         except (DatabaseUnavailable, asyncpg.PostgresError):
             log.exception("could not write the callback's audit row")
+
+
+async def _refuse_stranger(shared: Services, recorder: _CallbackAudit, principal: Principal | None,
+                           metric_reason: str, why: str, **details: Any) -> None:
+    """Audit a callback whose state names no org we issued anything to. A caller whose token names an
+    org gets a row in that org's chain. Anyone else (the sender may be anyone with a browser) gets one in
+    the platform chain, rationed per replica so a flood cannot grow that chain without limit: rows left
+    out are counted in the next one written, and agentbox_api_oauth_callbacks_refused_total counts all."""
+    shared.metrics.oauth_callbacks_refused.labels(metric_reason).inc()
+    log.info("OAuth callback refused: %s", why, extra={"reason": metric_reason})
+    db = shared.database
+    if principal is not None and principal.org is not None:
+        await recorder.write(db, recorder.event(principal.org, principal.sub, "denied", None, f"400: {why}",
+                                                **details))
+        return
+    rows = shared.extras.get("oauth_stranger_callback_audit")
+    if rows is None:
+        rows = shared.extras["oauth_stranger_callback_audit"] = oauth.TokenBucket(
+            shared.settings.oauth_stranger_callback_audit_per_minute)
+    suppressed = rows.take()
+    if suppressed is not None:
+        await recorder.write(db, recorder.event(None, principal.sub if principal else None, "denied", None,
+                                                f"400: {why}", suppressed=suppressed, **details))
 
 
 async def _optional_principal(request: Request) -> Principal | None:
@@ -395,18 +419,10 @@ async def callback(request: Request, shared: Services = Depends(services),
     principal = await _optional_principal(request)
     recorder = _CallbackAudit(request)
     org = oauth.state_org(state)
-    # A missing, malformed or unknown state names no org we issued anything to, and the caller is anyone
-    # with a browser: it is not audited under the platform chain (org NULL), since rate limiting would only
-    # slow, not stop, strangers growing that chain. It is logged and counted
-    # (agentbox_api_oauth_callbacks_refused_total) instead; a caller whose token names an org gets a row
-    # in that org's chain.
     if state is None or org is None:
-        if principal is not None and principal.org is not None:
-            await recorder.write(db, recorder.event(principal.org, principal.sub, "denied", None,
-                                                    "400: missing or malformed state"))
-        shared.metrics.oauth_callbacks_refused.labels("missing_state").inc()
-        log.info("OAuth callback without a usable state", extra={"has_state": state is not None})
-        return problem_response(request, 400, "Bad Request", "the state parameter is missing or malformed")
+        why = "the state parameter is " + ("missing" if state is None else "malformed")
+        await _refuse_stranger(shared, recorder, principal, "missing_state", why)
+        return problem_response(request, 400, "Bad Request", why)
     digest = oauth.state_hash(state)
     known = None
     async with _db(db.tenant(org)) as conn:
@@ -417,11 +433,8 @@ async def callback(request: Request, shared: Services = Depends(services),
             row = None
     if row is None:
         if known is None:
-            shared.metrics.oauth_callbacks_refused.labels("unknown_state").inc()
-            log.info("OAuth callback with an unknown state", extra={"org": org})
-            if principal is not None and principal.org is not None:
-                await recorder.write(db, recorder.event(principal.org, principal.sub, "denied", None,
-                                                        "400: unknown state"))
+            await _refuse_stranger(shared, recorder, principal, "unknown_state", "the state is unknown",
+                                   claimed_org=org)
             return problem_response(request, 400, "Bad Request", "the state is unknown")
         why = "already used" if known["consumed_at"] is not None else "expired"
         await recorder.write(db, recorder.event(org, known["user_id"], "denied",

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -17,7 +19,7 @@ import httpx
 import pytest
 import pytest_asyncio
 
-from agentbox.api import oauth
+from agentbox.api import audit, oauth
 from agentbox.api.app import Services, create_app
 from agentbox.api.auth import TokenVerifier
 from agentbox.api.crypto import CipherContext, KeyRing, generate_key_entry
@@ -91,6 +93,21 @@ async def audit_rows(superuser, org: str = ORG) -> list[asyncpg.Record]:
     return await superuser.fetch("SELECT action, outcome, actor_sub, target, reason, "
                                  "details::text AS details FROM audit_logs WHERE org_id = $1 ORDER BY seq",
                                  org)
+
+
+async def platform_head(superuser) -> int:
+    return await superuser.fetchval("SELECT coalesce(max(seq), 0) FROM audit_logs WHERE org_id IS NULL")
+
+
+async def platform_rows(superuser, after_seq: int) -> list[asyncpg.Record]:
+    return await superuser.fetch("SELECT org_id, action, outcome, reason, host(ip) AS ip, user_agent, "
+                                 "details::text AS details FROM audit_logs "
+                                 "WHERE org_id IS NULL AND seq > $1 ORDER BY seq", after_seq)
+
+
+def refused(shared: Services, reason: str) -> float | None:
+    return shared.metrics.registry.get_sample_value("agentbox_api_oauth_callbacks_refused_total",
+                                                    {"reason": reason})
 
 
 async def authorize(api: httpx.AsyncClient, server: AuthServer, configuration_id: uuid.UUID) -> str:
@@ -175,7 +192,7 @@ async def test_the_whole_flow_stores_tokens_encrypted_and_never_shows_them(datab
 
 
 async def test_bad_callbacks_get_400_and_never_reach_the_token_endpoint(database, superuser):
-    platform_rows = await superuser.fetchval("SELECT count(*) FROM audit_logs WHERE org_id IS NULL")
+    platform_rows_before = await platform_head(superuser)
     async with provider() as server, api_for(database) as (api, shared):
         configuration_id = await new_configuration(superuser, server.resource)
         callback_url = await authorize(api, server, configuration_id)
@@ -192,14 +209,14 @@ async def test_bad_callbacks_get_400_and_never_reach_the_token_endpoint(database
             response = await api.get(path, params=params)
             assert response.status_code == 400 and message in response.json()["detail"], response.text
         assert server.calls["token"] == 0
-        # Strangers' callbacks (no usable state, no token) are counted, not written to any chain.
-        def refused(reason: str) -> float | None:
-            return shared.metrics.registry.get_sample_value("agentbox_api_oauth_callbacks_refused_total",
-                                                            {"reason": reason})
-
-        assert (refused("missing_state"), refused("unknown_state")) == (1, 2)
-        after = await superuser.fetchval("SELECT count(*) FROM audit_logs WHERE org_id IS NULL")
-        assert after == platform_rows
+        # Strangers' callbacks (no usable state, no token) are counted and audited in the platform chain.
+        assert (refused(shared, "missing_state"), refused(shared, "unknown_state")) == (1, 2)
+        rows = await platform_rows(superuser, platform_rows_before)
+        assert [r["reason"] for r in rows] == ["400: the state parameter is missing",
+                                               "400: the state is unknown", "400: the state is unknown"]
+        assert {(r["action"], r["outcome"], r["ip"]) for r in rows} == {
+            ("mcp.oauth.callback", "denied", "127.0.0.1")}
+        assert [json.loads(r["details"]).get("claimed_org") for r in rows] == [None, "globex", "acme"]
 
         # Bound to the user: another user of the org relaying the callback with their token is refused.
         callback_url = await authorize(api, server, configuration_id)
@@ -260,6 +277,30 @@ async def test_a_callback_without_iss_is_refused_when_the_issuer_promised_it(dat
         assert "iss" not in parse_qs(urlsplit(callback_url).query)
         callback = await api.get(callback_url)
         assert callback.status_code == 303 and "oauth=connected" in callback.headers["location"]
+
+
+async def test_strangers_callbacks_reach_the_platform_chain_at_a_bounded_rate(database, superuser):
+    path = "/api/v1/mcp/oauth/callback"
+    before = await platform_head(superuser)
+    async with api_for(database, oauth_stranger_callback_audit_per_minute=2) as (api, shared):
+        for _ in range(5):
+            response = await api.get(path, params={"state": "not-ours", "code": "x"},
+                                     headers={"User-Agent": "flood/1.0"})
+            assert response.status_code == 400 and "malformed" in response.json()["detail"]
+        assert refused(shared, "missing_state") == 5  # the metric counts every one
+        rows = await platform_rows(superuser, before)
+        assert [(r["reason"], r["user_agent"], r["org_id"]) for r in rows] == [
+            ("400: the state parameter is malformed", "flood/1.0", None)] * 2
+        assert [json.loads(r["details"])["suppressed"] for r in rows] == [0, 0]
+        # A minute later the bucket has refilled: the next row tells how many were left out.
+        ration = shared.extras["oauth_stranger_callback_audit"]
+        ration.clock = lambda: time.monotonic() + 60
+        response = await api.get(path, params={"state": "acme." + "A" * 43})
+        assert response.status_code == 400 and "unknown" in response.json()["detail"]
+        last = (await platform_rows(superuser, before))[-1]
+        assert last["reason"] == "400: the state is unknown"
+        assert json.loads(last["details"]) == {"suppressed": 3, "claimed_org": "acme"}
+    assert (await audit.verify_chain(database, None)).ok
 
 
 async def test_provider_error_and_provider_down_end_cleanly(database, superuser):

@@ -160,3 +160,13 @@ async def test_discovery_of_a_server_that_is_down():
     async with httpx.AsyncClient() as http:
         with pytest.raises(oauth.ProviderUnavailable):
             await oauth.discover(http, f"{base}/mcp", [])
+
+
+def test_token_bucket_grants_a_minutes_worth_then_counts_what_it_refuses():
+    now = [0.0]
+    bucket = oauth.TokenBucket(3, clock=lambda: now[0])
+    assert [bucket.take() for _ in range(5)] == [0, 0, 0, None, None]
+    now[0] += 20  # a third of a minute: one token back
+    assert [bucket.take(), bucket.take()] == [2, None]
+    now[0] += 3600  # refills to the burst size, no further
+    assert [bucket.take() for _ in range(4)] == [1, 0, 0, None]
