@@ -96,6 +96,7 @@ async def open_services(shared: Services, stack: AsyncExitStack) -> None:
     from agentbox.api.auth import JwksCache, TokenVerifier
     from agentbox.api.db import Database
     from agentbox.api.kube import Kube
+    from agentbox.api.portforward import PortForwarder
     from agentbox.api.runner_client import RunnerClient
 
     settings = shared.settings
@@ -111,7 +112,13 @@ async def open_services(shared: Services, stack: AsyncExitStack) -> None:
         await start_caches(shared, stack)
     http = httpx.AsyncClient(timeout=settings.runner_timeout_seconds)
     stack.push_async_callback(http.aclose)
-    shared.runner = RunnerClient(http, url_override=settings.runner_url_override)
+    forwarder = None
+    if settings.runner_transport == "port-forward" and shared.kube is not None:
+        forwarder = PortForwarder(shared.kube.api.configuration,
+                                  idle_seconds=settings.runner_forward_idle_seconds,
+                                  connect_timeout=settings.kube_timeout_seconds)
+        stack.push_async_callback(forwarder.close)
+    shared.runner = RunnerClient(http, forwarder=forwarder)
     if settings.jwt_issuer:
         jwks = None
         if settings.jwt_jwks_url:

@@ -1,15 +1,20 @@
 """Talks to a session's agent runner (the agentapi-style surface on port 3284) with its runner token.
 
-Where the runner is: `AGENTBOX_RUNNER_URL_OVERRIDE` (a template with {name} and {namespace}, for an API
-running outside the cluster or tests), else the session's `status.endpoint` (in-cluster Service DNS).
+How the runner is reached (AGENTBOX_RUNNER_TRANSPORT): `service`, the session's `status.endpoint`
+(in-cluster Service DNS); `port-forward`, the endpoint's port on the session's pod (`status.podName`)
+through the Kubernetes API, for an API running outside the cluster (agentbox.api.portforward).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+
+from agentbox.api.portforward import PortForwarder
+from agentbox.api.problems import ProblemError
 
 # An event stream stays open while the agent is idle: no read timeout, the rest bounded.
 _STREAM_TIMEOUT = httpx.Timeout(10.0, read=None)
@@ -19,17 +24,34 @@ class RunnerUnavailable(Exception):
     """The runner did not answer, or answered with a server error."""
 
 
+def _pod_unreachable(exc: httpx.TransportError) -> ProblemError:
+    return ProblemError(503, "Service Unavailable", "the session's pod is not reachable through the "
+                        f"Kubernetes API yet ({type(exc).__name__}); retry shortly",
+                        headers={"Retry-After": "2"})
+
+
 class RunnerClient:
-    def __init__(self, http: httpx.AsyncClient, *, url_override: str | None = None) -> None:
+    def __init__(self, http: httpx.AsyncClient, *, forwarder: PortForwarder | None = None) -> None:
         self._http = http
-        self._override = url_override
+        self._forwarder = forwarder
 
     def base_url(self, session: dict[str, Any]) -> str | None:
-        metadata = session["metadata"]
-        if self._override:
-            return self._override.format(name=metadata["name"], namespace=metadata["namespace"]).rstrip("/")
-        endpoint = (session.get("status") or {}).get("endpoint")
-        return endpoint.rstrip("/") if endpoint else None
+        status = session.get("status") or {}
+        endpoint = status.get("endpoint")
+        if not endpoint:
+            return None
+        if self._forwarder is None:
+            return endpoint.rstrip("/")
+        pod = status.get("podName")
+        if not pod:
+            return None
+        return self._forwarder.local_url(session["metadata"]["namespace"], pod, urlsplit(endpoint).port or 80)
+
+    def _failed(self, exc: httpx.HTTPError) -> Exception:
+        # Through a port-forward the local listener always answers: a broken connection is the pod's side.
+        if self._forwarder is not None and isinstance(exc, httpx.TransportError):
+            return _pod_unreachable(exc)
+        return RunnerUnavailable(f"the session's runner did not answer ({type(exc).__name__})")
 
     async def call(self, base_url: str, token: str, method: str, path: str,
                    json: Any = None) -> httpx.Response:
@@ -37,7 +59,7 @@ class RunnerClient:
             response = await self._http.request(method, f"{base_url}{path}", json=json,
                                                 headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
-            raise RunnerUnavailable(f"the session's runner did not answer ({type(exc).__name__})") from exc
+            raise self._failed(exc) from exc
         if response.status_code >= 500 or response.status_code in (401, 403):
             # A 401/403 from the runner means our token is stale: the caller's fault it is not.
             raise RunnerUnavailable(f"the session's runner answered {response.status_code}")
@@ -52,7 +74,7 @@ class RunnerClient:
         try:
             response = await self._http.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise RunnerUnavailable(f"the session's runner did not answer ({type(exc).__name__})") from exc
+            raise self._failed(exc) from exc
         if response.status_code != 200:
             await response.aclose()
             raise RunnerUnavailable(f"the session's runner answered {response.status_code}")

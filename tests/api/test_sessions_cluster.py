@@ -1,4 +1,5 @@
-"""Orgs and sessions over HTTP against the real cluster and database; the runner a stand-in on 127.0.0.1.
+"""Orgs and sessions over HTTP against the real cluster and database; the runner a stand-in on 127.0.0.1,
+reached as the session's status.endpoint (the `service` transport).
 Reads are served from the watch-backed caches here (the other cluster tests run without them: live reads)."""
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ async def setup(postgres, kube, runner):
     services = Services(settings=Settings(), database=database, kube=cluster,
                         verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
                                                hs256_secret=HS256_SECRET),
-                        runner=RunnerClient(http, url_override=runner.url))
+                        runner=RunnerClient(http))
     app = create_app(services_override=services)
     async with AsyncExitStack() as caches, \
             httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://api.test") as api:
@@ -127,11 +128,11 @@ async def test_orgs_get_their_namespace_and_only_the_platform_makes_them(setup):
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "body.id"
 
 
-async def _make_ready(cluster: ApiKube, namespace: str, name: str) -> None:
+async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str) -> None:
     """What the operator would do: a Ready condition and the runner-token Secret."""
     await cluster.custom.patch_namespaced_custom_object_status(
         "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
-        {"status": {"phase": "Running", "endpoint": "http://unused:3284", "conditions": [
+        {"status": {"phase": "Running", "endpoint": endpoint, "conditions": [
             {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json")
@@ -164,7 +165,7 @@ async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
     assert resource["spec"]["tenant"] == {"org": ORG_A, "user": "alice@example.com"}
 
     assert (await api.get("/api/v1/sessions/s1/status", headers=USER_A)).status_code == 409
-    await _make_ready(cluster, namespace, "s1")
+    await _make_ready(cluster, namespace, "s1", runner.url)
     await eventually(lambda: _is_ready(api, "s1"))
     status = await api.get("/api/v1/sessions/s1/status", headers=USER_A)
     assert status.status_code == 200 and status.json()["agent_type"] == "scripted"
