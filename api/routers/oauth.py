@@ -563,19 +563,21 @@ SELECT t.configuration_id, t.issuer, t.resource, t.client_id, t.client_secret_en
 async def refresh_connection(shared: Services, org: str, configuration_id: uuid.UUID, *, force: bool,
                              store: Callable[[], AbstractAsyncContextManager[asyncpg.Connection]]
                              ) -> RefreshOutcome:
-    """Refresh one connection's tokens when due (or forced). Callers for the same connection queue on
-    one lock; whoever finds the row changed while waiting takes that refresh as theirs. `store` opens
-    the transaction that writes the new tokens (and its audit row). Raises OAuthError when the provider
-    is down or answers an error other than invalid_grant, which marks the configuration needs-reauth."""
+    """Refresh one connection's tokens when due (or forced). Callers for the same connection take turns,
+    across replicas too (_refresh_turn); whoever finds the row changed while waiting takes that refresh
+    as theirs. `store` opens the transaction that writes the new tokens (and its audit row). Raises
+    OAuthError when the provider is down or answers an error other than invalid_grant, which marks the
+    configuration needs-reauth; ProblemError 409 when the turn does not come in time."""
     db, keys = shared.database, key_ring(shared)
     async with db.tenant(org) as conn:
         seen = await conn.fetchval("SELECT version FROM mcp_oauth_tokens WHERE configuration_id = $1",
                                    configuration_id)
     if seen is None:
         return RefreshOutcome(None)
-    async with _locks(shared).hold(f"{org}/{configuration_id}"):
-        async with db.tenant(org) as conn:
-            row = await conn.fetchrow(_CONNECTION, configuration_id)
+    # The in-process lock first: a replica's waiters queue here, not each on a pooled connection.
+    async with _locks(shared).hold(f"{org}/{configuration_id}"), _refresh_turn(shared, org,
+                                                                               configuration_id) as turn:
+        row = await turn.fetchrow(_CONNECTION, configuration_id)
         if row is None or row["version"] != seen:
             return RefreshOutcome(row)
         window = timedelta(seconds=shared.settings.oauth_refresh_window_seconds)
@@ -608,15 +610,40 @@ async def refresh_connection(shared: Services, org: str, configuration_id: uuid.
                 tokens.scope, tokens.expires_at(now), seen)
             if updated is None:
                 raise ProblemError(409, "Conflict", "the connection changed during the refresh; retry")
-        async with db.tenant(org) as conn:
-            row = await conn.fetchrow(_CONNECTION, configuration_id)
-            try:
-                await sync_secret(shared, conn, org, configuration_id)
-            except KubeError:
-                # The database holds the new tokens; the Secret catches up at the next refresh or sync.
-                log.warning("could not copy the refreshed token into the Secret",
-                            extra={"configuration": row["name"]})
+        # Read committed: the turn's next statement sees the tokens just stored.
+        row = await turn.fetchrow(_CONNECTION, configuration_id)
+        try:
+            await sync_secret(shared, turn, org, configuration_id)
+        except KubeError:
+            # The database holds the new tokens; the Secret catches up at the next refresh or sync.
+            log.warning("could not copy the refreshed token into the Secret",
+                        extra={"configuration": row["name"]})
     return RefreshOutcome(row, refreshed=True)
+
+
+# 'OAUR': the advisory-lock class of OAuth refreshes (0004's audit chains use 'AUDT').
+_REFRESH_LOCK_CLASS = 0x4F415552
+
+
+@asynccontextmanager
+async def _refresh_turn(shared: Services, org: str,
+                        configuration_id: uuid.UUID) -> AsyncIterator[asyncpg.Connection]:
+    """A tenant transaction holding this connection's refresh lock, which every replica shares: a
+    transaction-level advisory lock, so it ends with the transaction and never stays on a pooled
+    connection. Waits at most oauth_refresh_lock_timeout_seconds, then a 409 to retry."""
+    wait = shared.settings.oauth_refresh_lock_timeout_seconds
+    # 32 of the UUID's random bits: a collision only makes two connections take turns.
+    key = int.from_bytes(configuration_id.bytes[:4], "big", signed=True)
+    async with shared.database.tenant(org) as conn:
+        await conn.execute("SELECT set_config('lock_timeout', $1, true)", f"{round(wait * 1000)}ms")
+        try:
+            # The statement timeout must outlast the lock's, or asyncpg would cancel it as an outage.
+            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _REFRESH_LOCK_CLASS, key,
+                               timeout=wait + 5)
+        except asyncpg.LockNotAvailableError as exc:
+            raise ProblemError(409, "Conflict", "another refresh of this connection is still running; "
+                                                "retry shortly", headers={"Retry-After": "2"}) from exc
+        yield conn
 
 
 async def _mark_needs_reauth(shared: Services, org: str, row: asyncpg.Record, why: str) -> RefreshOutcome:

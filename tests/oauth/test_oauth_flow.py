@@ -59,6 +59,14 @@ async def database(postgres):
     await db.close()
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def other_replica_database(postgres):
+    """A second API replica's pool on the same database."""
+    db = Database(postgres.app_dsn)
+    yield db
+    await db.close()
+
+
 @contextlib.asynccontextmanager
 async def api_for(database: Database, **settings) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
     shared = Services(
@@ -381,6 +389,54 @@ async def test_ten_concurrent_refreshes_of_an_expired_token_make_one_token_call(
         assert old_refresh not in server.refresh_tokens and new_refresh in server.refresh_tokens
         assert len(await audit_rows(superuser)) - audit_before == 10
         assert all(old_access not in r.text and new_access not in r.text for r in responses)
+
+
+def refresh_request(api: httpx.AsyncClient, configuration_id: uuid.UUID, force: bool = False):
+    return api.post("/api/v1/mcp/oauth/refresh", headers=USER,
+                    json={"configurationId": str(configuration_id), "force": force})
+
+
+async def test_two_replicas_refreshing_at_once_make_one_token_call(database, other_replica_database,
+                                                                   superuser):
+    # Each replica has its own Services, so its own in-process locks: only the database serialises them.
+    async with provider(Behaviour(token_delay=0.2)) as server, api_for(database) as (first, _), \
+            api_for(other_replica_database) as (second, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        await connect(first, server, configuration_id)
+        await superuser.execute("UPDATE mcp_oauth_tokens SET expires_at = now() - interval '1 minute' "
+                                "WHERE configuration_id = $1", configuration_id)
+        before = server.calls["refresh"]
+        responses = await asyncio.gather(*[refresh_request(replica, configuration_id)
+                                           for replica in [first, second] * 5])
+        assert [r.status_code for r in responses] == [200] * 10, [r.text for r in responses]
+        assert server.calls["refresh"] - before == 1
+        assert sum(r.json()["refreshed"] for r in responses) == 1
+        assert await superuser.fetchval("SELECT status FROM mcp_configurations WHERE id = $1",
+                                        configuration_id) != "needs-reauth"
+        access, refresh = await stored_tokens(superuser, configuration_id)
+        assert access in server.access_tokens and refresh in server.refresh_tokens
+
+
+async def test_a_refresh_waits_for_another_replicas_turn_only_so_long(database, other_replica_database,
+                                                                      superuser):
+    async with provider(Behaviour(token_delay=1.5)) as server, api_for(database) as (first, _), \
+            api_for(other_replica_database, oauth_refresh_lock_timeout_seconds=0.3) as (second, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        await connect(first, server, configuration_id)
+        calls = server.calls["refresh"]
+        token_calls = server.calls["token"]  # counted on arrival; "refresh" once answered
+        slow = asyncio.create_task(refresh_request(first, configuration_id, force=True))
+        while server.calls["token"] == token_calls:  # the first replica holds the turn, in the token call
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        waited = await refresh_request(second, configuration_id, force=True)
+        elapsed = time.monotonic() - started
+        assert waited.status_code == 409 and "still running" in waited.json()["detail"], waited.text
+        assert waited.headers["retry-after"] == "2" and elapsed < 1.2
+        assert (await slow).status_code == 200 and server.calls["refresh"] == calls + 1
+        last = (await audit_rows(superuser))[-2:]
+        assert {(r["action"], r["outcome"]) for r in last} == {("mcp.oauth.refresh", "failed"),
+                                                               ("mcp.oauth.refresh", "success")}
 
 
 async def test_invalid_grant_marks_the_configuration_needs_reauth(database, superuser):
