@@ -26,6 +26,8 @@ CHART = REPO / "charts" / "agentbox"
 RBAC_TEMPLATES = ("templates/operator-rbac.yaml", "templates/api-rbac.yaml")
 # Values the chart requires before it renders at all; RBAC does not depend on them.
 PLACEHOLDER_VALUES = ("jwt.issuer=https://issuer.invalid", "database.url=postgresql://unused@localhost/unused")
+# A local API is outside the cluster: it reaches session runners by port-forward, with the RBAC for it.
+LOCAL_PROCESS_VALUES = ("api.runnerTransport=port-forward",)
 
 
 class ToolError(RuntimeError):
@@ -63,7 +65,7 @@ async def render_rbac(tools: Tools, release: str, namespace: str) -> str:
     argv: list[str | Path] = [tools.helm, "template", release, CHART, "--namespace", namespace]
     for template in RBAC_TEMPLATES:
         argv += ["--show-only", template]
-    for value in PLACEHOLDER_VALUES:
+    for value in PLACEHOLDER_VALUES + LOCAL_PROCESS_VALUES:
         argv += ["--set", value]
     return await tools.run(*argv)
 

@@ -69,6 +69,22 @@ async def test_template_renders_restricted_pods_and_rbac_without_wildcards(kube)
     for role in (o for o in objects if o["kind"] in ("ClusterRole", "Role")):
         for rule in role["rules"]:
             assert "*" not in rule["verbs"] + rule["resources"] + rule.get("apiGroups", []), role["metadata"]
+            assert not any(resource.startswith("pods/") for resource in rule["resources"]), rule
+
+
+async def test_only_an_api_outside_the_cluster_may_port_forward(kube):
+    def api_objects(rendered: str) -> tuple[list[dict], list[dict]]:
+        api = {o["kind"]: o for o in documents(rendered) if o["metadata"]["name"] == "abx-agentbox-api"}
+        container = api["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+        return api["ClusterRole"]["rules"], container["env"]
+
+    in_cluster_rules, in_cluster_env = api_objects(await helm(kube, "template", "abx", str(CHART), *REQUIRED))
+    assert {"name": "AGENTBOX_RUNNER_TRANSPORT", "value": "service"} in in_cluster_env
+    outside_rules, outside_env = api_objects(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                                        "--set", "api.runnerTransport=port-forward"))
+    assert {"name": "AGENTBOX_RUNNER_TRANSPORT", "value": "port-forward"} in outside_env
+    assert [rule for rule in outside_rules if rule not in in_cluster_rules] == [
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]}]
 
 
 @pytest.mark.parametrize(("values", "named"), [
@@ -81,6 +97,7 @@ async def test_template_renders_restricted_pods_and_rbac_without_wildcards(kube)
     (["--set", "serviceMonitor.interval=often"], "at '/serviceMonitor/interval'"),
     (["--set", "operatr.replicas=2"], "'operatr' not allowed"),
     (["--set-json", "api.port=\"8000\""], "at '/api/port'"),
+    (["--set", "api.runnerTransport=ssh"], "at '/api/runnerTransport'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
@@ -187,6 +204,10 @@ async def can(kube, account: str, *check: str) -> bool:
     (API_ACCOUNT, ["patch", "agentsessions.agentbox.dev", "--subresource=status", "-n", "default"]),
     (API_ACCOUNT, ["create", "rolebindings", "-n", "default"]),
     (API_ACCOUNT, ["get", "nodes"]),
+    # The chart's identities are those of processes outside the cluster (port-forward): that much, no more.
+    (API_ACCOUNT, ["get", "pods", "-n", "tenant-x"]),
+    (API_ACCOUNT, ["create", "pods", "--subresource=exec", "-n", "tenant-x"]),
+    (API_ACCOUNT, ["create", "pods", "--subresource=attach", "-n", "tenant-x"]),
 ])
 async def test_the_chart_grants_no_more_than_needed(kube, chart_identities, account, check):
     assert not await can(kube, account, *check)
@@ -197,6 +218,7 @@ async def test_the_accounts_can_do_their_daily_work(kube, chart_identities):
     assert await can(kube, OPERATOR_ACCOUNT, "patch", "agentsessions.agentbox.dev", "--subresource=status",
                      "-n", "tenant-x")
     assert await can(kube, API_ACCOUNT, "create", "agentsessions.agentbox.dev", "-n", "tenant-x")
+    assert await can(kube, API_ACCOUNT, "create", "pods", "--subresource=portforward", "-n", "tenant-x")
 
 
 @dataclass(frozen=True)
