@@ -359,8 +359,8 @@ class _CallbackAudit:
             log.exception("could not write the callback's audit row")
 
 
-async def _refuse_stranger(shared: Services, recorder: _CallbackAudit, principal: Principal | None,
-                           metric_reason: str, why: str, **details: Any) -> None:
+async def _refuse_unusable_state(shared: Services, recorder: _CallbackAudit, principal: Principal | None,
+                                 metric_reason: str, why: str, **details: Any) -> None:
     """Audit a callback whose state names no org we issued anything to. A caller whose token names an
     org gets a row in that org's chain. Anyone else (the sender may be anyone with a browser) gets one in
     the platform chain, rationed per replica so a flood cannot grow that chain without limit: rows left
@@ -421,7 +421,7 @@ async def callback(request: Request, shared: Services = Depends(services),
     org = oauth.state_org(state)
     if state is None or org is None:
         why = "the state parameter is " + ("missing" if state is None else "malformed")
-        await _refuse_stranger(shared, recorder, principal, "missing_state", why)
+        await _refuse_unusable_state(shared, recorder, principal, "missing_state", why)
         return problem_response(request, 400, "Bad Request", why)
     digest = oauth.state_hash(state)
     known = None
@@ -433,8 +433,8 @@ async def callback(request: Request, shared: Services = Depends(services),
             row = None
     if row is None:
         if known is None:
-            await _refuse_stranger(shared, recorder, principal, "unknown_state", "the state is unknown",
-                                   claimed_org=org)
+            await _refuse_unusable_state(shared, recorder, principal, "unknown_state",
+                                         "the state is unknown", claimed_org=org)
             return problem_response(request, 400, "Bad Request", "the state is unknown")
         why = "already used" if known["consumed_at"] is not None else "expired"
         await recorder.write(db, recorder.event(org, known["user_id"], "denied",
@@ -574,9 +574,9 @@ async def refresh_connection(shared: Services, org: str, configuration_id: uuid.
                                    configuration_id)
     if seen is None:
         return RefreshOutcome(None)
-    # The in-process lock first: a replica's waiters queue here, not each on a pooled connection.
-    async with _locks(shared).hold(f"{org}/{configuration_id}"), _refresh_turn(shared, org,
-                                                                               configuration_id) as turn:
+    # The in-process lock first: a replica's waiters queue on it, not each on a pooled connection.
+    async with (_locks(shared).hold(f"{org}/{configuration_id}"),
+                _refresh_turn(shared, org, configuration_id) as turn):
         row = await turn.fetchrow(_CONNECTION, configuration_id)
         if row is None or row["version"] != seen:
             return RefreshOutcome(row)
