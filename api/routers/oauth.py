@@ -3,7 +3,8 @@
 - POST /init (org admin): discover, pick a client, store a single-use state, answer the authorization URL.
 - GET /callback (the browser, back from the provider): consume the state, exchange the code, store the
   tokens encrypted, copy the access token into the MCPServer's Secret, send the browser to the frontend.
-- POST /refresh (org member): refresh when due (or forced), one token call per connection at a time.
+- POST /refresh (org member): refresh when due (or forced), one token call per connection at a time,
+  across replicas too (a PostgreSQL advisory lock).
 - POST /revoke (org admin): RFC 7009 at the provider, then the stored tokens and the Secret's copy go.
 - GET /connections/{configuration_id}: the connection's state, never a token.
 A background task refreshes every connection whose token expires within the refresh window.
