@@ -195,7 +195,9 @@ class Gateway:
     async def serve(self, host: str | None = None, port: int | None = None) -> None:
         await self.reload()
         listen = self.config.listen if self.config else GatewayConfig().listen
-        app = self.mcp.http_app(path="/mcp")
+        # JSON bodies: the MCP library then answers in the request's own task, with no per-request task
+        # group and event stream; the agent's calls lose only mid-call progress notifications.
+        app = self.mcp.http_app(path="/mcp", json_response=True)
         server = uvicorn.Server(uvicorn.Config(app, host=host or listen.host, port=port or listen.port,
                                                log_config=None, access_log=False, lifespan="on"))
         watchers = [asyncio.create_task(self._watch_config()), asyncio.create_task(self._watch_health())]

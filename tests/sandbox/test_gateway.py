@@ -71,6 +71,27 @@ async def test_calls_reach_each_transport(stack):
     assert await call(stack, "local_add", a=2, b=3) == 5
 
 
+async def test_handshake_era_clients_get_plain_json_answers(stack):
+    """The agents' SDKs open a classic initialize session; the gateway answers them with JSON bodies."""
+    async with gateway_client(stack, mode="legacy") as client:
+        assert client.protocol_version == "2025-11-25"
+        assert (await client.call_tool("gh_echo", {"text": "old"})).data == "gh:old"
+    headers = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
+    url = stack["gateway"].url
+    async with httpx.AsyncClient(headers=headers, timeout=10) as http:
+        hello = {"protocolVersion": "2025-11-25", "capabilities": {},
+                 "clientInfo": {"name": "t", "version": "1"}}
+        opened = await http.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                            "params": hello})
+        headers = {"Mcp-Session-Id": opened.headers["mcp-session-id"], "Mcp-Protocol-Version": "2025-11-25"}
+        await http.post(url, json={"jsonrpc": "2.0", "method": "notifications/initialized"}, headers=headers)
+        answer = await http.post(url, headers=headers, json={
+            "jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "local_add",
+                                                                      "arguments": {"a": 1, "b": 2}}})
+    assert answer.headers["content-type"].startswith("application/json")
+    assert answer.json()["result"]["structuredContent"] == {"result": 3}
+
+
 async def test_a_stdio_server_gets_its_env_and_the_values_of_its_env_files(stack):
     assert await call(stack, "local_getenv", name="MODE") == "plain"
     assert await call(stack, "local_getenv", name="API_KEY") == "env-from-file"
