@@ -84,7 +84,7 @@ async def test_only_an_api_outside_the_cluster_may_port_forward(kube):
                                                         "--set", "api.runnerTransport=port-forward"))
     assert {"name": "AGENTBOX_RUNNER_TRANSPORT", "value": "port-forward"} in outside_env
     assert [rule for rule in outside_rules if rule not in in_cluster_rules] == [
-        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]}]
+        {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]
 
 
 @pytest.mark.parametrize(("values", "named"), [
@@ -218,7 +218,8 @@ async def test_the_accounts_can_do_their_daily_work(kube, chart_identities):
     assert await can(kube, OPERATOR_ACCOUNT, "patch", "agentsessions.agentbox.dev", "--subresource=status",
                      "-n", "tenant-x")
     assert await can(kube, API_ACCOUNT, "create", "agentsessions.agentbox.dev", "-n", "tenant-x")
-    assert await can(kube, API_ACCOUNT, "create", "pods", "--subresource=portforward", "-n", "tenant-x")
+    for verb in ("get", "create"):  # a websocket port-forward needs both
+        assert await can(kube, API_ACCOUNT, verb, "pods", "--subresource=portforward", "-n", "tenant-x")
 
 
 @dataclass(frozen=True)
