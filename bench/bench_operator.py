@@ -6,7 +6,8 @@
    peak RSS and CPU (share of one core) over that window.
 
     python -m bench.bench_operator [--sessions 200 --rate 20 --hold 1000 --hold-seconds 60]
-    python -m bench.bench_operator --sessions 100 --rate 20 --hold 0     # latency only
+    python -m bench.bench_operator --sessions 100 --rate 20 --hold 0 --hold-seconds 0   # latency only
+    python -m bench.bench_operator ... --profile /tmp/operator.prof   # where the operator's CPU goes
 
 `--baseline` runs no operator: the cluster's own floor at the same rate, the sandbox pod as the operator
 renders it created straight to the apiserver, create -> Running as kwok reports it; once bare, once with
@@ -220,6 +221,7 @@ async def main() -> int:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--hold", type=int, default=1000)
     parser.add_argument("--hold-seconds", type=float, default=60.0)
+    parser.add_argument("--profile", metavar="PATH", help="cProfile the operator into PATH (pstats format)")
     parser.add_argument("--baseline", action="store_true",
                         help="no operator: bare sandbox pods (and pods with claims) at the same rate")
     args = parser.parse_args()
@@ -234,8 +236,8 @@ async def main() -> int:
     namespace = f"bench-op-{os.urandom(3).hex()}"
     workdir = tempfile.mkdtemp(prefix="bench-operator-")
     operator = OperatorProcess(kubeconfig, f"{workdir}/operator.log", scope=namespace,
-                               env={"AGENTBOX_LOG_LEVEL": "warning",
-                                    "AGENTBOX_GATEWAY_RESOURCES": json.dumps(TINY)})
+                               env={"AGENTBOX_LOG_LEVEL": os.environ.get("AGENTBOX_LOG_LEVEL", "warning"),
+                                    "AGENTBOX_GATEWAY_RESOURCES": json.dumps(TINY)}, profile=args.profile)
     async with client.ApiClient(configuration=configuration) as api:
         ops = Kube(api)
         await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})

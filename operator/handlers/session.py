@@ -170,6 +170,28 @@ async def _references(kube: Kube, namespace: str, spec: AgentSessionSpec) -> mcp
     return mcp.render(spec.mcp_servers, servers, data)
 
 
+async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
+    """Create the pod; None when its name is taken. A refusal (quota, admission) is a PodRejectedError."""
+    try:
+        created = await kube.create(desired)
+    except ApiException as error:
+        if error.status in (403, 422):
+            raise PodRejectedError(_api_message(error)) from error
+        raise
+    if created is not None:
+        kopf.event(body, type="Normal", reason="PodCreated",
+                   message=f"created sandbox pod {desired['metadata']['name']}")
+    return created
+
+
+async def _first_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
+    """The pod in the same round as the other children: a refusal here is left to the pass's own pod step,
+    which tries again and reports it on the session."""
+    with contextlib.suppress(PodRejectedError):
+        return await _create_pod(kube, desired, body)
+    return None
+
+
 async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, Any] | None,
                       ownership: Ownership, body: dict[str, Any]) -> dict[str, Any] | None:
     """Pods are immutable: create when absent, replace when the rendered config changed."""
@@ -181,19 +203,10 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
         if existing["metadata"].get("deletionTimestamp") is None:
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
-            kopf.info(body, reason="PodReplaced", message="configuration changed: replacing the sandbox pod")
+            kopf.event(body, type="Normal", reason="PodReplaced",
+                       message="configuration changed: replacing the sandbox pod")
         return None  # its DELETED event brings us back to create the new one
-    try:
-        created = await kube.create(desired)
-    except ApiException as error:
-        if error.status in (403, 422):
-            raise PodRejectedError(_api_message(error)) from error
-        raise
-    if created is not None:
-        kopf.info(body, reason="PodCreated",
-                  message=f"created sandbox pod {desired['metadata']['name']} (workspace, config and service "
-                          "applied)")
-    return created
+    return await _create_pod(kube, desired, body)
 
 
 async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, Any]) -> None:
@@ -247,13 +260,26 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
             build_pvc(session), build_service(session),
             build_session_policy(session, settings.api_namespace, settings.api_pod_labels)], strict=True))
 
-    # A session never reconciled before: create each child outright (one call instead of a read plus an
-    # apply); only names already taken are read and classified below.
+    def pod_for(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        return build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
+                         config_digest=config_hash(children["ConfigMap"], children["Secret"]),
+                         runner_resources=settings.runner_resources,
+                         gateway_resources=settings.gateway_resources, credential_keys=rendered.credentials)
+
+    wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
+                     or meta.get("deletionTimestamp"))
+    # A session never reconciled before: create each child outright, the pod in the same round (one call
+    # each instead of a read plus an apply, and the pod does not wait for its siblings: the scheduler
+    # waits for the claim); only names already taken are read and classified below.
     new_token = new_runner_token()
     created: dict[str, dict[str, Any]] = {}
     if not (body.get("status") or {}).get("observedGeneration"):
         first = manifests(new_token)
-        results = await asyncio.gather(*(kube.create(manifest) for manifest in first.values()))
+        creates = [kube.create(manifest) for manifest in first.values()]
+        if wants_pod:
+            first["Pod"] = pod_for(first)
+            creates.append(_first_pod(kube, first["Pod"], body))
+        results = await asyncio.gather(*creates)
         created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
     to_read = [kind for kind in CHILD_KINDS if kind not in created]
     found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
@@ -275,21 +301,14 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     desired = manifests(token)
     to_apply = [kind for kind in desired if kind not in created]
     applied = await asyncio.gather(*(kube.apply(desired[kind]) for kind in to_apply))
-    results = {**created, **dict(zip(to_apply, applied, strict=True))}
-    configmap, secret, pvc = desired["ConfigMap"], desired["Secret"], results["PersistentVolumeClaim"]
+    pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
-    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc)
-    wants_pod = not (spec.lifecycle.suspend or expiry(observed, _now()) or observed.deleting)
-    pod = found.get("Pod")
+    pod = created.get("Pod") or found.get("Pod")
     if wants_pod:
-        desired_pod = build_pod(session, image=settings.sandbox_image,
-                                pull_policy=settings.image_pull_policy,
-                                config_digest=config_hash(configmap, secret),
-                                runner_resources=settings.runner_resources,
-                                gateway_resources=settings.gateway_resources,
-                                credential_keys=rendered.credentials)
         try:
-            pod = await _ensure_pod(kube, desired_pod, pod, ownership["Pod"], body)
+            # A pod made in the first round is checked like any other: its Secret may have been there
+            # already with another runner token, and then the pod is replaced.
+            pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
                                  blocked=(Reason.POD_REJECTED, str(rejection)))

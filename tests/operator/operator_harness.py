@@ -29,8 +29,11 @@ def free_port() -> int:
 class OperatorProcess:
     """`python -m agentbox.operator` as a child process that tests may kill and restart."""
 
-    def __init__(self, kubeconfig: str, log_path: str, scope: str = SCOPE, env: dict[str, str] | None = None):
+    def __init__(self, kubeconfig: str, log_path: str, scope: str = SCOPE, env: dict[str, str] | None = None,
+                 profile: str | None = None):
+        """`profile`: a path for cProfile's statistics of the operator (written when it stops)."""
         self.kubeconfig = kubeconfig
+        self.profile = profile
         self.log_path = log_path
         self.scope = scope
         self.env = env or {}
@@ -49,6 +52,7 @@ class OperatorProcess:
         self.process = subprocess.Popen(
             [
                 sys.executable,
+                *(["-m", "cProfile", "-o", self.profile] if self.profile else []),
                 "-m",
                 "agentbox.operator",
                 "--standalone",

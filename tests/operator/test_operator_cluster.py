@@ -13,7 +13,8 @@ from agentbox.crds import agentsession, mcpserver
 from agentbox.crds.agentsession import AgentSessionSpec
 from agentbox.operator import naming
 from agentbox.operator.build.common import Session
-from agentbox.operator.build.pod import build_pod
+from agentbox.operator.build.pod import build_pod, config_hash
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 
 pytestmark = pytest.mark.cluster
 CHILDREN = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
@@ -302,6 +303,29 @@ async def test_a_foreign_object_is_never_overwritten(operator, ops, tenant):
     assert found["Pod"] is None and found["Secret"] is None  # nothing half-built
     await ops.delete("ConfigMap", tenant, child)
     await session_in_phase(ops, tenant, "clash", "Running", timeout=40)
+
+
+async def test_the_first_pod_follows_a_secret_left_by_an_earlier_pass(operator, ops, tenant):
+    """The first pass makes the pod in the same round as its siblings, so before it knows whether the
+    Secret (and its runner token) was already there: when it was, the token stays and the pod matches it."""
+    child = naming.child_name("kept")
+    earlier = base64.b64encode(b"token-of-an-earlier-pass").decode()
+    labels = naming.session_labels("kept", tenant.removeprefix("t-"))
+    await ops.create({"apiVersion": "v1", "kind": "Secret", "data": {RUNNER_TOKEN_KEY: earlier},
+                      "metadata": {"name": child, "namespace": tenant, "labels": labels}})
+    await ops.create(session_manifest("kept", tenant))
+
+    async def pod_matches_its_config():
+        found = await children(ops, tenant, "kept")
+        pod = found["Pod"]
+        if pod is None or pod["metadata"].get("deletionTimestamp"):
+            return None
+        digest = pod["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
+        return digest == config_hash(found["ConfigMap"], found["Secret"]) and found
+
+    found = await eventually(pod_matches_its_config)
+    assert found["Secret"]["data"][RUNNER_TOKEN_KEY] == earlier
+    await session_in_phase(ops, tenant, "kept", "Running")
 
 
 @pytest.mark.parametrize(
