@@ -1,15 +1,16 @@
 """Local stand-ins for session pods on a cluster whose nodes run no containers (kwok).
 
-    python hack/session_runners.py --kubeconfig ADMIN --state-dir DIR [--port 0] [--namespace-prefix tenant-]
+    python hack/session_runners.py --kubeconfig ADMIN --state-dir DIR [--ready-file F] [--namespace-prefix P]
 
-For every Running session pod the operator made (label app.kubernetes.io/managed-by=agentbox) it starts
+For every live session pod the operator made (label app.kubernetes.io/managed-by=agentbox) it starts
 what the pod would run, `python -m agentbox.sandbox.runner` and `python -m agentbox.sandbox.gateway`, fed
 from the session's own ConfigMap and Secret (runner token, system prompt, gateway.json, MCP credentials)
-and the runner container's environment, each on a free loopback port. When the pod goes (suspend,
-delete), its processes stop. One HTTP listener routes /<namespace>/<session>/<path> to the session's
-runner, so the API reaches it with AGENTBOX_RUNNER_URL_OVERRIDE=http://127.0.0.1:PORT/{namespace}/{name}.
+and the runner container's environment, each on a free loopback port. A kwok PortForward resource named
+after the pod (owned by it, so it goes with it) points the runner's container port at the local runner:
+the API reaches it as it reaches a real pod, `AGENTBOX_RUNNER_TRANSPORT=port-forward` through the
+Kubernetes API. When the pod goes (suspend, delete), its processes stop.
 
-The listener's port is written to --ready-file once it serves. Logs go to DIR/<namespace>/<pod>/.
+--ready-file is written once the first pass over the pods is done. Logs go to DIR/<namespace>/<pod>/.
 """
 
 from __future__ import annotations
@@ -28,15 +29,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-import uvicorn
 from kubernetes_asyncio import client, config
 from kubernetes_asyncio.client.exceptions import ApiException
-from starlette.applications import Starlette
-from starlette.background import BackgroundTask
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 log = logging.getLogger("session-runners")
 
@@ -44,9 +38,8 @@ POD_SELECTOR = "app.kubernetes.io/managed-by=agentbox,agentbox.dev/session"
 SESSION_LABEL = "agentbox.dev/session"
 IN_POD_SECRETS = "/var/run/agentbox/secrets/"  # where the pod mounts the session's Secret
 POLL_SECONDS = 0.5
-STARTUP_GRACE_SECONDS = 15.0
-# Only what the runner needs from the caller; hop-by-hop headers stay behind.
-FORWARDED_HEADERS = ("authorization", "content-type", "accept", "last-event-id")
+LIVE_PHASES = ("Pending", "Running")
+KWOK_GROUP, KWOK_VERSION, PORT_FORWARDS = "kwok.x-k8s.io", "v1alpha1", "portforwards"
 
 
 def free_port() -> int:
@@ -84,12 +77,32 @@ class StandIn:
                 await process.wait()
 
 
-def runner_env(pod: client.V1Pod) -> dict[str, str]:
-    """The plain-valued environment of the pod's runner container (the first one running the runner)."""
+def runner_container(pod: client.V1Pod) -> client.V1Container | None:
+    """The pod's container running the runner (the first one whose command names it)."""
     for container in pod.spec.containers:
         if "agentbox.sandbox.runner" in " ".join((container.command or []) + (container.args or [])):
-            return {var.name: var.value for var in container.env or [] if var.value is not None}
-    return {}
+            return container
+    return None
+
+
+def runner_env(pod: client.V1Pod) -> dict[str, str]:
+    """The plain-valued environment of the pod's runner container."""
+    container = runner_container(pod)
+    env = (container.env if container else None) or []
+    return {var.name: var.value for var in env if var.value is not None}
+
+
+def port_forward(pod: client.V1Pod, local_port: int) -> dict:
+    """kwok's PortForward for the pod: each port of its runner container leads to the local runner."""
+    container = runner_container(pod)
+    ports = [port.container_port for port in (container.ports if container else None) or []]
+    if not ports:
+        raise ValueError(f"pod {pod.metadata.name} has no runner container with a port")
+    return {"apiVersion": f"{KWOK_GROUP}/{KWOK_VERSION}", "kind": "PortForward",
+            "metadata": {"name": pod.metadata.name, "namespace": pod.metadata.namespace,
+                         "ownerReferences": [{"apiVersion": "v1", "kind": "Pod", "name": pod.metadata.name,
+                                              "uid": pod.metadata.uid}]},
+            "spec": {"forwards": [{"ports": ports, "target": {"address": "127.0.0.1", "port": local_port}}]}}
 
 
 def gateway_config_for(rendered: str, secrets_dir: Path) -> str:
@@ -124,18 +137,18 @@ def lay_out_pod_files(workdir: Path, secret_files: dict[str, bytes],
 class Supervisor:
     def __init__(self, api: client.ApiClient, state_dir: Path, namespace_prefix: str) -> None:
         self.core = client.CoreV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
         self.state_dir = state_dir
         self.namespace_prefix = namespace_prefix
         self.stand_ins: dict[tuple[str, str], StandIn] = {}
-
-    def find(self, namespace: str, session: str) -> StandIn | None:
-        return self.stand_ins.get((namespace, session))
 
     async def reconcile(self) -> None:
         pods = await self.core.list_pod_for_all_namespaces(label_selector=POD_SELECTOR)
         wanted = {}
         for pod in pods.items:
-            if (pod.metadata.namespace.startswith(self.namespace_prefix) and pod.status.phase == "Running"
+            # From Pending on, not Running: kwok reports a pod ready at once, where a real one waits for its
+            # readiness probe; the head start narrows the seconds in which the API answers 503.
+            if (pod.metadata.namespace.startswith(self.namespace_prefix) and pod.status.phase in LIVE_PHASES
                     and not pod.metadata.deletion_timestamp):
                 wanted[(pod.metadata.namespace, pod.metadata.labels[SESSION_LABEL])] = pod
         for key, stand_in in list(self.stand_ins.items()):
@@ -184,15 +197,34 @@ class Supervisor:
         gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
                    "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
         stand_in = StandIn(namespace, session, pod.metadata.uid, runner_port)
-        for module, env in (("agentbox.sandbox.gateway", gateway), ("agentbox.sandbox.runner", runner)):
-            output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
-            with output:
-                stand_in.processes.append(await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", module, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
-                    stdout=output, stderr=asyncio.subprocess.STDOUT))
+        try:
+            for module, env in (("agentbox.sandbox.gateway", gateway), ("agentbox.sandbox.runner", runner)):
+                output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
+                with output:
+                    stand_in.processes.append(await asyncio.create_subprocess_exec(
+                        sys.executable, "-m", module, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
+                        stdout=output, stderr=asyncio.subprocess.STDOUT))
+            await self._forward(port_forward(pod, runner_port))
+        except BaseException:
+            await stand_in.stop()
+            raise
         log.info("standing in for pod %s/%s (session %s): runner on %s", namespace, pod.metadata.name,
                  session, stand_in.runner_url)
         return stand_in
+
+    async def _forward(self, body: dict) -> None:
+        """Create the pod's PortForward, or take over the one a previous pod of the same name left."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        try:
+            await self.custom.create_namespaced_custom_object(KWOK_GROUP, KWOK_VERSION, namespace,
+                                                              PORT_FORWARDS, body)
+        except ApiException as error:
+            if error.status != 409:
+                raise
+            await self.custom.patch_namespaced_custom_object(
+                KWOK_GROUP, KWOK_VERSION, namespace, PORT_FORWARDS, name,
+                {"metadata": {"ownerReferences": body["metadata"]["ownerReferences"]}, "spec": body["spec"]},
+                _content_type="application/merge-patch+json")
 
     async def stop_all(self) -> None:
         for stand_in in self.stand_ins.values():
@@ -200,84 +232,37 @@ class Supervisor:
         self.stand_ins.clear()
 
 
-def proxy_app(supervisor: Supervisor, http: httpx.AsyncClient) -> Starlette:
-    async def forward(request: Request) -> Response:
-        params = request.path_params
-        headers = {name: value for name, value in request.headers.items() if name in FORWARDED_HEADERS}
-        body = await request.body()
-        # A pod the operator just reported Running may still be starting here, as a real one would be
-        # until its readiness probe passes: wait for it rather than fail the first request.
-        deadline = asyncio.get_running_loop().time() + STARTUP_GRACE_SECONDS
-        while True:
-            stand_in = supervisor.find(params["namespace"], params["session"])
-            if stand_in is not None:
-                upstream = http.build_request(request.method, f"{stand_in.runner_url}/{params['path']}",
-                                              params=request.query_params, headers=headers, content=body)
-                try:
-                    response = await http.send(upstream, stream=True)
-                    break
-                except httpx.ConnectError as error:
-                    failure = f"the stand-in runner does not answer yet: {error!r}"
-                except httpx.HTTPError as error:
-                    return JSONResponse({"detail": f"the stand-in runner failed: {error!r}"}, status_code=502)
-            else:
-                failure = "no running pod stands in for this session"
-            if asyncio.get_running_loop().time() > deadline:
-                return JSONResponse({"detail": failure}, status_code=502)
-            await asyncio.sleep(0.2)
-        kept = {name: value for name, value in response.headers.items()
-                if name in ("content-type", "cache-control", "www-authenticate")}
-        return StreamingResponse(response.aiter_raw(), status_code=response.status_code, headers=kept,
-                                 background=BackgroundTask(response.aclose))
-
-    async def healthz(_: Request) -> Response:
-        return JSONResponse({"status": "ok", "standIns": len(supervisor.stand_ins)})
-
-    return Starlette(routes=[Route("/healthz", healthz),
-                             Route("/{namespace}/{session}/{path:path}", forward,
-                                   methods=["GET", "POST", "PUT", "DELETE"])])
-
-
 async def run(args: argparse.Namespace) -> None:
     configuration = client.Configuration()
     await config.load_kube_config(config_file=str(args.kubeconfig), client_configuration=configuration)
-    async with client.ApiClient(configuration=configuration) as api, \
-            httpx.AsyncClient(timeout=httpx.Timeout(60.0, read=None)) as http:
+    async with client.ApiClient(configuration=configuration) as api:
         supervisor = Supervisor(api, args.state_dir, args.namespace_prefix)
-        port = args.port or free_port()
-        server = uvicorn.Server(uvicorn.Config(proxy_app(supervisor, http), host="127.0.0.1", port=port,
-                                               log_level="warning", lifespan="off"))
-        serving = asyncio.create_task(server.serve())
         stop = asyncio.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(signum, stop.set)
-        while not server.started:
-            if serving.done():
-                serving.result()
-            await asyncio.sleep(0.05)
-        if args.ready_file:
-            args.ready_file.write_text(f"{port}\n")
-        log.info("routing http://127.0.0.1:%d/<namespace>/<session>/ to stand-in runners", port)
+        ready = False
         try:
             while not stop.is_set():
                 try:
                     await supervisor.reconcile()
                 except (ApiException, OSError) as error:  # apiserver restarts: try again next round
                     log.warning("listing session pods failed: %s", error)
+                else:
+                    if not ready and args.ready_file:
+                        args.ready_file.write_text("ready\n")
+                        log.info("standing in for session pods in namespaces %s*", args.namespace_prefix)
+                    ready = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), POLL_SECONDS)
         finally:
-            server.should_exit = True
             await supervisor.stop_all()
-            await serving
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hack/session_runners.py", description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--port", type=int, default=0, help="listener port on 127.0.0.1 (0: a free one)")
-    parser.add_argument("--ready-file", type=Path, help="written with the port once the listener serves")
+    parser.add_argument("--ready-file", type=Path, help="written once the first pass over the pods is done")
     parser.add_argument("--namespace-prefix", default="tenant-", help="stand in only for pods in these")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -1,9 +1,11 @@
 """The running system for end-to-end tests: the operator, the API and the session stand-ins as processes.
 
 Each runs as `make dev` runs it: the operator and the API under the Helm chart's ServiceAccounts (token
-kubeconfigs from hack/chart_identity.py), session pods stood in for by hack/session_runners.py. Only the
-scope differs: the operator serves the e2e tenant namespaces alone, so other suites sharing the cluster
-keep their own operators.
+kubeconfigs from hack/chart_identity.py), the API reaching session runners through the Kubernetes API's
+port-forward. On kwok, session pods are stood in for by hack/session_runners.py (kwok forwards their port
+to the local runner); on kind (AGENTBOX_CLUSTER_KIND=kind) they are real. Only the scope differs from
+`make dev`: the operator serves the e2e tenant namespaces alone, so other suites sharing the cluster keep
+their own operators.
 """
 
 from __future__ import annotations
@@ -149,15 +151,16 @@ async def running_stack(kube: Kube, app_dsn: str, workdir: Path, *, release: str
 async def _runners_and_api(stack: Stack, kube: Kube, identities: dict[str, Path], app_dsn: str, workdir: Path,
                            tenant_prefix: str) -> AsyncIterator[None]:
     try:
-        ready_file = workdir / "runners.port"
-        runners = Process("session-runners", [
-            sys.executable, str(REPO / "hack" / "session_runners.py"), "--kubeconfig", str(kube.kubeconfig),
-            "--state-dir", str(workdir / "pods"), "--ready-file", str(ready_file),
-            "--namespace-prefix", tenant_prefix], {}, workdir / "session-runners.log")
-        stack.processes.append(runners)
-        await runners.start()
-        await runners.wait_for(lambda: asyncio.to_thread(ready_file.exists))
-        runners_port = (await asyncio.to_thread(ready_file.read_text)).strip()
+        if os.environ.get("AGENTBOX_CLUSTER_KIND", "kwok") == "kwok":  # kind runs the pods for real
+            ready_file = workdir / "runners.ready"
+            runners = Process("session-runners", [
+                sys.executable, str(REPO / "hack" / "session_runners.py"),
+                "--kubeconfig", str(kube.kubeconfig), "--state-dir", str(workdir / "pods"),
+                "--ready-file", str(ready_file), "--namespace-prefix", tenant_prefix],
+                {}, workdir / "session-runners.log")
+            stack.processes.append(runners)
+            await runners.start()
+            await runners.wait_for(lambda: asyncio.to_thread(ready_file.exists))
 
         port = free_port()
         api = Process("api", [sys.executable, "-m", "agentbox.api"], {
@@ -165,7 +168,7 @@ async def _runners_and_api(stack: Stack, kube: Kube, identities: dict[str, Path]
             "AGENTBOX_DATABASE_URL": app_dsn,
             "AGENTBOX_JWT_ISSUER": ISSUER, "AGENTBOX_JWT_HS256_SECRET": stack.hs256_secret,
             "AGENTBOX_ENCRYPTION_KEYS": "e2e1:" + base64.b64encode(os.urandom(32)).decode(),
-            "AGENTBOX_RUNNER_URL_OVERRIDE": f"http://127.0.0.1:{runners_port}/{{namespace}}/{{name}}",
+            "AGENTBOX_RUNNER_TRANSPORT": "port-forward",
             "AGENTBOX_MCP_TEST_TIMEOUT_SECONDS": "5"}, workdir / "api.log")
         stack.processes.append(api)
         await api.start()

@@ -75,6 +75,25 @@ def test_the_runner_environment_comes_from_the_runner_container():
     assert session_runners.runner_env(pod) == {"AGENTBOX_RUNTIME": "scripted"}
 
 
+def test_kwok_forwards_the_runner_containers_port_to_the_local_runner():
+    pod = client.V1Pod(
+        metadata=client.V1ObjectMeta(name="ags-s1", namespace="tenant-demo", uid="u-1"),
+        spec=client.V1PodSpec(containers=[
+            client.V1Container(name="gateway", command=["python", "-m", "agentbox.sandbox.gateway"],
+                               ports=[client.V1ContainerPort(container_port=8090)]),
+            client.V1Container(name="runner", command=["python", "-m", "agentbox.sandbox.runner"],
+                               ports=[client.V1ContainerPort(container_port=3284, name="http")])]))
+    forward = session_runners.port_forward(pod, 40123)
+    assert forward["kind"] == "PortForward" and forward["metadata"]["name"] == "ags-s1"
+    assert forward["metadata"]["ownerReferences"] == [{"apiVersion": "v1", "kind": "Pod", "name": "ags-s1",
+                                                       "uid": "u-1"}]  # it goes with the pod
+    target = {"address": "127.0.0.1", "port": 40123}
+    assert forward["spec"]["forwards"] == [{"ports": [3284], "target": target}]
+    pod.spec.containers[1].ports = None
+    with pytest.raises(ValueError, match="no runner container with a port"):
+        session_runners.port_forward(pod, 40123)
+
+
 def test_pod_files_are_laid_out_like_the_mounts(tmp_path):
     layout = session_runners.lay_out_pod_files(
         tmp_path, {"runner-token": b"t0k", "mcp-tools-token": b"up"},
