@@ -8,11 +8,13 @@
 #
 # The operator and the API run as local processes, not as the chart's Deployments: kwok nodes run no
 # containers. They authenticate as the chart's own ServiceAccounts (token kubeconfigs from
-# hack/chart_identity.py), so dev has exactly the permissions a real install has. Session pods are stood
-# in for by hack/session_runners.py (the real runner and gateway, started locally per Running pod).
+# hack/chart_identity.py), so dev has exactly the permissions a real install has. The API reaches session
+# runners as it would from outside any cluster: port-forward through the Kubernetes API. On kwok, session
+# pods are stood in for by hack/session_runners.py (the real runner and gateway, started locally per pod,
+# with a kwok PortForward leading the pod's port to them).
 #
 # Environment: AGENTBOX_DEV_API_PORT (8000), AGENTBOX_DEV_OPERATOR_PORT (8081, liveness),
-#   AGENTBOX_DEV_RUNNERS_PORT (8002, session stand-ins), AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE.
+#   AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -28,7 +30,6 @@ py="$repo/.venv/bin/python"
 kubectl="$cache/bin/kubernetes-$K8S_VERSION/kubectl"
 helm="$cache/bin/helm-$HELM_VERSION/helm"
 api_port=${AGENTBOX_DEV_API_PORT:-8000}
-runners_port=${AGENTBOX_DEV_RUNNERS_PORT:-8002}
 api_url="http://127.0.0.1:$api_port"
 system_namespace=agentbox-system
 release=agentbox
@@ -102,6 +103,14 @@ wait_http() { # URL SECONDS WHAT LOG
   done
 }
 
+wait_file() { # PATH SECONDS WHAT LOG
+  local deadline=$((SECONDS + $2))
+  until [ -f "$1" ]; do
+    [ $SECONDS -lt "$deadline" ] || { tail -n 20 "$4" >&2; die "$3 did not get ready in $2 s (log $4)"; }
+    sleep 0.2
+  done
+}
+
 secret_file() { # NAME GENERATOR-PYTHON: create once, keep across runs
   local path="$dev/$1"
   [ -s "$path" ] || (umask 077 && "$py" -c "$2" >"$path")
@@ -153,7 +162,7 @@ up() {
   "$py" "$here/chart_identity.py" --kubeconfig "$kubeconfig" --kubectl "$kubectl" --helm "$helm" \
     --namespace "$system_namespace" --release "$release" --out "$dev/identity" | sed 's/^/    /' >&2
 
-  say "operator, session stand-ins and API (local processes)"
+  say "operator, session stand-ins (kwok) and API (local processes)"
   # Processes from an earlier run talk to the cluster they started with: a recreated one needs new ones.
   local server; server=$(kube config view --minify -o jsonpath='{.clusters[0].cluster.server}')
   if [ "$(cat "$dev/cluster-server" 2>/dev/null)" != "$server" ]; then
@@ -165,15 +174,17 @@ up() {
   start_process operator "agentbox.operator" \
     KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_API_NAMESPACE="$system_namespace" AGENTBOX_METRICS_PORT=0 \
     -- "$py" -m agentbox.operator --peering agentbox --liveness "http://127.0.0.1:${AGENTBOX_DEV_OPERATOR_PORT:-8081}/healthz"
-  # A fixed port: the running API keeps reaching the stand-ins when they alone are restarted.
-  start_process session-runners "session_runners.py" \
-    -- "$py" "$here/session_runners.py" --kubeconfig "$kubeconfig" --state-dir "$dev/pods" --port "$runners_port"
-  wait_http "http://127.0.0.1:$runners_port/healthz" 30 "the session stand-ins" "$dev/logs/session-runners.log"
+  if [ "$AGENTBOX_CLUSTER_KIND" = kwok ]; then  # kind runs session pods for real
+    running session-runners "session_runners.py" || rm -f "$dev/session-runners.ready"
+    start_process session-runners "session_runners.py" \
+      -- "$py" "$here/session_runners.py" --kubeconfig "$kubeconfig" --state-dir "$dev/pods" \
+      --ready-file "$dev/session-runners.ready"
+    wait_file "$dev/session-runners.ready" 30 "the session stand-ins" "$dev/logs/session-runners.log"
+  fi
   start_process api "agentbox.api" \
     KUBECONFIG="$dev/identity/api.kubeconfig" AGENTBOX_PORT="$api_port" AGENTBOX_DATABASE_URL="$app_dsn" \
     AGENTBOX_JWT_ISSUER="$issuer" AGENTBOX_JWT_HS256_SECRET="$(cat "$dev/jwt-secret")" \
-    AGENTBOX_ENCRYPTION_KEYS="$(cat "$dev/encryption-keys")" \
-    AGENTBOX_RUNNER_URL_OVERRIDE="http://127.0.0.1:$runners_port/{namespace}/{name}" \
+    AGENTBOX_ENCRYPTION_KEYS="$(cat "$dev/encryption-keys")" AGENTBOX_RUNNER_TRANSPORT=port-forward \
     -- "$py" -m agentbox.api
   wait_http "$api_url/readyz" 60 "the API" "$dev/logs/api.log"
   echo "    API ready at $api_url" >&2
@@ -219,7 +230,7 @@ Try:
   kubectl get ags -A
   curl -s -X POST $api_url/api/v1/sessions -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"name": "hello", "agent": {"runtime": "scripted"}}'
   kubectl wait -n tenant-$demo_org ags/hello --for=condition=Ready --timeout=90s   # a few seconds
-  curl -s -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "hi there"}'
+  curl -s --retry 5 -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "hi there"}'
 (then: curl -s $api_url/api/v1/sessions/hello/messages -H "Authorization: Bearer \$TOKEN")
 EOF
 }
