@@ -21,14 +21,16 @@ from fastmcp.telemetry import inject_trace_context
 from fastmcp.tools import ToolResult
 from fastmcp.tools.base import InputRequiredToolResult, RawStructuredToolResult
 from fastmcp.utilities.json_schema import is_object_schema
+from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp.types import METHOD_NOT_FOUND
-from mcp_types import CallToolRequestParams, CallToolResult, InputRequiredResult
+from mcp_types import CallToolRequestParams, CallToolResult, Implementation, InputRequiredResult
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 from agentbox.sandbox.gateway.breaker import CircuitBreaker
 from agentbox.sandbox.gateway.config import Breaker, Upstream
 from agentbox.sandbox.gateway.metrics import GatewayMetrics
+from agentbox.sandbox.gateway.wire import PostDispatcher
 
 log = logging.getLogger("agentbox.gateway")
 T = TypeVar("T")
@@ -36,6 +38,7 @@ T = TypeVar("T")
 # Connecting (spawning a stdio server, the MCP handshake) gets at most this long, however long the
 # configured per-call timeout is: a connect that hangs must not hold tools/list hostage.
 CONNECT_TIMEOUT_CAP = 15.0
+CLIENT_INFO = Implementation(name="agentbox-gateway", version="0.1.0")
 
 
 class UpstreamUnavailable(ToolError):
@@ -48,11 +51,19 @@ def build_transport(spec: Upstream) -> ClientTransport:
         assert spec.command is not None
         return StdioTransport(spec.command, list(spec.args), env=spec.process_env() or None, keep_alive=True)
     assert spec.url is not None
+    if spec.transport == "sse":
+        return SSETransport(spec.url, headers=http_headers(spec))
+    return StreamableHttpTransport(spec.url, headers=http_headers(spec))
+
+
+def http_headers(spec: Upstream) -> dict[str, str]:
+    """This upstream's configured headers and bearer token, read now (a rotated Secret applies on the
+    next connect)."""
     headers = {header.name: header.resolve() for header in spec.headers}
     token = spec.auth.token()
-    if spec.transport == "sse":
-        return SSETransport(spec.url, headers=headers, auth=token)
-    return StreamableHttpTransport(spec.url, headers=headers, auth=token)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 class UpstreamConnection:
@@ -62,6 +73,9 @@ class UpstreamConnection:
         self.breaker = CircuitBreaker(breaker.failure_threshold, breaker.reset_seconds)
         self.metrics = metrics
         self._client: Client | None = None
+        # Tool calls to a streamable-HTTP upstream on the 2026-07-28 wire (wire.py); None otherwise.
+        self._calls: ClientSession | None = None
+        self._posts: PostDispatcher | None = None
         self._connect_lock = asyncio.Lock()
         self.provider: Provider = self._build_provider()
 
@@ -99,7 +113,9 @@ class UpstreamConnection:
             await self._drop_client()
             try:
                 self._client = await self._connect()
+                await self._open_call_session(self._client)
             except Exception as error:
+                await self._drop_client()
                 self._record_failure(f"connect failed: {describe(error)}")
                 raise self._unavailable() from error
             log.info("upstream %s connected", self.name)
@@ -108,7 +124,8 @@ class UpstreamConnection:
 
     async def _connect(self) -> Client:
         timeout = min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)
-        client = Client(build_transport(self.spec), timeout=self.spec.timeout_seconds, init_timeout=timeout)
+        client = Client(build_transport(self.spec), timeout=self.spec.timeout_seconds, init_timeout=timeout,
+                        client_info=CLIENT_INFO)
         try:
             async with asyncio.timeout(timeout):
                 await client.__aenter__()
@@ -116,6 +133,21 @@ class UpstreamConnection:
             await self._close(client)
             raise
         return client
+
+    async def _open_call_session(self, client: Client) -> None:
+        """A session that sends tool calls as single POSTs, when the upstream speaks that wire."""
+        negotiated = client.session.discover_result
+        if self.spec.transport != "streamable-http" or negotiated is None:
+            return
+        assert self.spec.url is not None
+        self._posts = PostDispatcher(self.spec.url, http_headers(self.spec))
+        session = ClientSession(dispatcher=self._posts, client_info=CLIENT_INFO,
+                                read_timeout_seconds=self.spec.timeout_seconds)
+        session.adopt(negotiated)
+        # Learns each tool's Mcp-Param-* headers and output schema, as a listing does for any session.
+        async with asyncio.timeout(min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)):
+            await session.list_tools()
+        self._calls = session
 
     async def call(self, run: Callable[[], Awaitable[ToolResult]]) -> ToolResult:
         """Run one proxied tool call under this upstream's breaker, timeout and metrics."""
@@ -164,8 +196,8 @@ class UpstreamConnection:
         if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             return await generic()
         meta = inject_trace_context(forwardable_request_meta(context)) or None
-        result = await client.session.call_tool(tool, request.arguments, meta=meta,
-                                                allow_input_required=True)
+        session = self._calls or client.session
+        result = await session.call_tool(tool, request.arguments, meta=meta, allow_input_required=True)
         if isinstance(result, InputRequiredResult):
             return InputRequiredToolResult(result)
         assert isinstance(result, CallToolResult)
@@ -225,6 +257,9 @@ class UpstreamConnection:
 
     async def _drop_client(self) -> None:
         client, self._client = self._client, None
+        posts, self._posts, self._calls = self._posts, None, None
+        if posts is not None:
+            await posts.aclose()
         if client is not None:
             await self._close(client)
 

@@ -119,6 +119,9 @@ async def test_the_callers_credentials_never_reach_an_upstream(stack):
             assert CALLER_TOKEN not in str(headers)
             assert "x-caller-secret" not in headers
     assert all(headers.get("authorization") == f"Bearer {UPSTREAM_TOKEN}" for headers in gh.seen_headers())
+    calls = [headers for headers in gh.seen_headers() if headers.get("mcp-method") == "tools/call"]
+    assert calls and all("aiohttp" in headers["user-agent"] for headers in calls), \
+        "streamable-HTTP tool calls take the single-POST leg (gateway/wire.py)"
     assert all(headers.get("x-api-key") == "key-from-file" for headers in gh.seen_headers())
     assert all("authorization" not in headers for headers in events.seen_headers())
     assert all(headers.get("x-team") == "blue" for headers in events.seen_headers())
