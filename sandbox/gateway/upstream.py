@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from fastmcp import Client
 from fastmcp.client.transports import ClientTransport, SSETransport, StdioTransport, StreamableHttpTransport
@@ -15,8 +15,6 @@ from fastmcp.exceptions import DisabledError, NotFoundError, ToolError
 from fastmcp.server.context import Context
 from fastmcp.server.providers import Provider
 from fastmcp.server.providers.proxy import ProxyProvider
-from fastmcp.server.providers.proxy import _forwardable_request_meta as forwardable_request_meta
-from fastmcp.server.providers.proxy import _forwardable_server_meta as forwardable_server_meta
 from fastmcp.telemetry import inject_trace_context
 from fastmcp.tools import ToolResult
 from fastmcp.tools.base import InputRequiredToolResult, RawStructuredToolResult
@@ -24,8 +22,19 @@ from fastmcp.utilities.json_schema import is_object_schema
 from mcp.client.session import ClientSession
 from mcp.shared.exceptions import MCPError
 from mcp.types import METHOD_NOT_FOUND
-from mcp_types import CallToolRequestParams, CallToolResult, Implementation, InputRequiredResult
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+    CallToolRequest,
+    CallToolRequestParams,
+    CallToolResult,
+    Implementation,
+    InputRequiredResult,
+)
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
+from pydantic import TypeAdapter
 
 from agentbox.sandbox.gateway.breaker import CircuitBreaker
 from agentbox.sandbox.gateway.config import Breaker, Upstream
@@ -39,6 +48,22 @@ T = TypeVar("T")
 # configured per-call timeout is: a connect that hangs must not hold tools/list hostage.
 CONNECT_TIMEOUT_CAP = 15.0
 CLIENT_INFO = Implementation(name="agentbox-gateway", version="0.1.0")
+# A tool call's answer, checked against the protocol by the session. Unlike the session's call_tool, the
+# structured content is not revalidated against the tool's output schema on every call: the agent's own
+# client checks it against the schema the gateway lists.
+CALL_RESULT = TypeAdapter(CallToolResult | InputRequiredResult)
+
+
+# `_meta` keys that describe one connection (the agent's to the gateway, or the gateway's to an upstream),
+# so never cross from one to the other. FastMCP's proxy applies the same rule in private helpers.
+CONNECTION_META_KEYS = frozenset(
+    {PROTOCOL_VERSION_META_KEY, CLIENT_INFO_META_KEY, CLIENT_CAPABILITIES_META_KEY})
+
+
+def crossing(meta: Mapping[str, Any] | None, *also_dropped: str) -> dict[str, Any]:
+    """The part of a request's or result's `_meta` that may pass through the gateway."""
+    dropped = CONNECTION_META_KEYS.union(also_dropped)
+    return {key: value for key, value in (meta or {}).items() if key not in dropped}
 
 
 class UpstreamUnavailable(ToolError):
@@ -183,8 +208,9 @@ class UpstreamConnection:
 
     async def forward(self, request: CallToolRequestParams, context: Context | None,
                       generic: Callable[[], Awaitable[ToolResult]]) -> ToolResult:
-        """One tool call straight to the upstream session, skipping FastMCP's generic proxy path (its
-        per-call client re-entry, span, schema walk and output revalidation). Anything beyond a plain
+        """One tool call straight to the upstream session (the single-POST one where there is one),
+        skipping FastMCP's generic proxy path (its per-call client re-entry, span, schema walk) and the
+        session's output-schema revalidation (CALL_RESULT). Anything beyond a plain
         call (a denied or unknown tool, task-augmented or multi-round calls, a legacy-protocol upstream)
         takes the generic path, so FastMCP keeps answering those exactly as before."""
         tool = request.name.partition("_")[2]
@@ -195,14 +221,18 @@ class UpstreamConnection:
         client = await self.client()
         if client.protocol_version not in MODERN_PROTOCOL_VERSIONS:
             return await generic()
-        meta = inject_trace_context(forwardable_request_meta(context)) or None
+        inbound = context.request_context.meta if context is not None and context.request_context else None
+        meta = inject_trace_context(crossing(inbound)) or None
         session = self._calls or client.session
-        result = await session.call_tool(tool, request.arguments, meta=meta, allow_input_required=True)
+        params = CallToolRequestParams(name=tool, arguments=request.arguments, _meta=meta)
+        result = await session.send_request(CallToolRequest(params=params), CALL_RESULT)
         if isinstance(result, InputRequiredResult):
             return InputRequiredToolResult(result)
         assert isinstance(result, CallToolResult)
         # Converted as FastMCP's ProxyTool does, so callers see the same result either way.
-        structured, reply_meta = result.structured_content, forwardable_server_meta(result.meta) or None
+        # The upstream's serverInfo stamp is dropped too: the gateway's own server stamps its identity.
+        structured = result.structured_content
+        reply_meta = crossing(result.meta, SERVER_INFO_META_KEY) or None
         raw = not isinstance(structured, dict) or (
             found.output_schema is not None and not is_object_schema(found.output_schema))
         if "structured_content" in result.model_fields_set and raw:

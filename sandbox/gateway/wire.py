@@ -4,8 +4,10 @@ On that wire a request is one self-contained POST: one JSON-RPC request in, one 
 body, or an event stream when the server emits notifications first), with no session to keep. So the
 MCP library's `ClientSession` can run over `PostDispatcher`, which sends each request as one POST on
 a keep-alive aiohttp session, instead of over the library's streamable-HTTP transport (httpx2, a
-background task per request, memory streams): that leg was about half the gateway's own CPU per call.
-The session still builds and stamps every request and validates every result; only the HTTP differs.
+background task per request, memory streams): measured alone, that leg cost about 1 ms of CPU per
+call, against about 0.25 ms for one aiohttp POST.
+The session still builds and stamps every request and checks every result against the protocol; only
+the HTTP differs.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
+from mcp_types import CLIENT_INFO_META_KEY, Implementation
 
 from .conftest import gateway_process, http_upstream, stdio_upstream_spec, wait_until
 
@@ -90,6 +91,13 @@ async def test_handshake_era_clients_get_plain_json_answers(stack):
                                                                       "arguments": {"a": 1, "b": 2}}})
     assert answer.headers["content-type"].startswith("application/json")
     assert answer.json()["result"]["structuredContent"] == {"result": 3}
+
+
+async def test_request_meta_crosses_the_gateway_but_the_callers_connection_keys_do_not(stack):
+    async with gateway_client(stack, client_info=Implementation(name="the-agent", version="9")) as client:
+        seen = (await client.call_tool("gh_meta", {}, meta={"example.com/trace": "t-1"})).data
+    assert seen["example.com/trace"] == "t-1"
+    assert seen[CLIENT_INFO_META_KEY]["name"] == "agentbox-gateway", "the gateway's, not the agent's"
 
 
 async def test_a_stdio_server_gets_its_env_and_the_values_of_its_env_files(stack):

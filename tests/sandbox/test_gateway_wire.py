@@ -1,5 +1,6 @@
-"""The single-POST tool-call leg (gateway/wire.py) against a real HTTP server on loopback that answers
-the ways an MCP server on the 2026-07-28 wire may: JSON, an event stream, errors, a redirect."""
+"""The tool-call leg to an upstream: the single POST (gateway/wire.py) against a real HTTP server on
+loopback that answers the ways an MCP server on the 2026-07-28 wire may (JSON, an event stream, errors,
+a redirect); what `_meta` crosses; the FastMCP result type the leg relies on."""
 
 from __future__ import annotations
 
@@ -7,8 +8,18 @@ import json
 
 import pytest
 from aiohttp import web
+from fastmcp.tools import ToolResult
+from fastmcp.tools.base import RawStructuredToolResult
 from mcp.shared.exceptions import MCPError
+from mcp_types import (
+    CLIENT_CAPABILITIES_META_KEY,
+    CLIENT_INFO_META_KEY,
+    PROTOCOL_VERSION_META_KEY,
+    SERVER_INFO_META_KEY,
+    TextContent,
+)
 
+from agentbox.sandbox.gateway.upstream import crossing
 from agentbox.sandbox.gateway.wire import PostDispatcher
 
 SEEN = web.AppKey("seen", list)
@@ -102,3 +113,22 @@ async def test_errors_arrive_as_mcp_errors_naming_what_happened(server, posts, h
         await posts(f"{base}/{how}").send_raw_request("tools/call", {})
     assert caught.value.code == code
     assert len(seen) == 1, "a redirect is not followed"
+
+
+def test_only_meta_that_does_not_describe_a_connection_crosses_the_gateway():
+    inbound = {PROTOCOL_VERSION_META_KEY: "2026-07-28", CLIENT_INFO_META_KEY: {"name": "agent"},
+               CLIENT_CAPABILITIES_META_KEY: {}, "progressToken": 7, "example.com/trace": "t"}
+    assert crossing(inbound) == {"progressToken": 7, "example.com/trace": "t"}
+    assert crossing({SERVER_INFO_META_KEY: {"name": "up"}, "k": 1}, SERVER_INFO_META_KEY) == {"k": 1}
+    assert crossing(None) == {}
+
+
+def test_fastmcp_still_has_the_result_type_for_non_object_structured_content():
+    """upstream.forward relies on FastMCP's RawStructuredToolResult (not in its public __all__): an
+    upstream may answer a non-object structured value, which the public ToolResult refuses."""
+    content = [TextContent(type="text", text="[1, 2]")]
+    with pytest.raises(ValueError, match="structured_content must be a dict"):
+        ToolResult(content=content, structured_content=[1, 2])
+    result = RawStructuredToolResult(content=content, structured_content=[1, 2])
+    assert isinstance(result, ToolResult)
+    assert result.to_mcp_result().structured_content == [1, 2]

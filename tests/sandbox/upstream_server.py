@@ -12,7 +12,7 @@ import json
 import os
 
 import uvicorn
-from fastmcp import FastMCP
+from fastmcp import Context, FastMCP
 from starlette.responses import JSONResponse
 
 
@@ -44,6 +44,11 @@ def build_server(label: str) -> FastMCP:
         """Sleep, then answer."""
         await asyncio.sleep(seconds)
         return "done"
+
+    @mcp.tool
+    def meta(ctx: Context) -> dict:
+        """The `_meta` this call arrived with."""
+        return dict(ctx.request_context.meta or {}) if ctx.request_context else {}
 
     @mcp.tool
     def fail(message: str) -> str:
