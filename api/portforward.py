@@ -111,7 +111,7 @@ class PortForwarder:
             sock.bind(("127.0.0.1", 0))
             sock.listen(128)
             sock.setblocking(False)
-            listener = _Listener(sock, asyncio.ensure_future(
+            listener = _Listener(sock, asyncio.create_task(
                 asyncio.start_server(lambda r, w: self._accepted(key, r, w), sock=sock)))
             self._listeners[key] = listener
             if self._sweeper is None:
