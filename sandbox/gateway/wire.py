@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import urllib.request
 from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 from mcp.shared.dispatcher import CallOptions
@@ -23,6 +25,14 @@ from mcp.shared.exceptions import MCPError
 from mcp.types import INTERNAL_ERROR, INVALID_REQUEST
 
 ACCEPT = "application/json, text/event-stream"
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy HTTP(S)_PROXY and NO_PROXY name for `url`, as the library's httpx2 client would use."""
+    where = urlsplit(url)
+    if urllib.request.proxy_bypass_environment(where.hostname or ""):
+        return None
+    return urllib.request.getproxies_environment().get(where.scheme)
 
 
 class PostDispatcher:
@@ -36,8 +46,10 @@ class PostDispatcher:
         self.url = url
         self.headers = {**headers, "Accept": ACCEPT}  # this upstream's own credentials, nothing else
         self._ids = itertools.count(1)
-        # trust_env: honour HTTP(S)_PROXY and NO_PROXY as the library's httpx2 client does.
-        self._http = aiohttp.ClientSession(trust_env=True, raise_for_status=False)
+        # Read once: aiohttp's trust_env reads the proxy variables (and ~/.netrc) in a worker thread on
+        # every request.
+        self._proxy = env_proxy(url)
+        self._http = aiohttp.ClientSession()
 
     async def send_raw_request(self, method: str, params: Mapping[str, Any] | None,
                                opts: CallOptions | None = None) -> dict[str, Any]:
@@ -48,7 +60,8 @@ class PostDispatcher:
         headers = {**self.headers, **(opts or {}).get("headers", {})}
         # No redirects: the library follows them only within the endpoint's origin; an upstream's URL
         # is configured exactly, so a redirect is reported rather than followed.
-        post = self._http.post(self.url, json=message, headers=headers, allow_redirects=False)
+        post = self._http.post(self.url, json=message, headers=headers, proxy=self._proxy,
+                               allow_redirects=False)
         async with post as response:
             kind = response.content_type
             if kind == "application/json":

@@ -20,7 +20,7 @@ from mcp_types import (
 )
 
 from agentbox.sandbox.gateway.upstream import crossing
-from agentbox.sandbox.gateway.wire import PostDispatcher
+from agentbox.sandbox.gateway.wire import PostDispatcher, env_proxy
 
 SEEN = web.AppKey("seen", list)
 
@@ -132,3 +132,15 @@ def test_fastmcp_still_has_the_result_type_for_non_object_structured_content():
     result = RawStructuredToolResult(content=content, structured_content=[1, 2])
     assert isinstance(result, ToolResult)
     assert result.to_mcp_result().structured_content == [1, 2]
+
+
+def test_the_proxy_variables_are_honoured(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert env_proxy("https://mcp.example.com/mcp") is None
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,.svc.cluster.local")
+    assert env_proxy("https://mcp.example.com/mcp") == "http://proxy.internal:3128"
+    assert env_proxy("http://mcp.example.com/mcp") is None, "no HTTP_PROXY set"
+    assert env_proxy("https://gh.tools.svc.cluster.local/mcp") is None
+    assert env_proxy("http://127.0.0.1:8080/mcp") is None
