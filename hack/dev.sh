@@ -230,7 +230,7 @@ Try:
   kubectl get ags -A
   curl -s -X POST $api_url/api/v1/sessions -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"name": "hello", "agent": {"runtime": "scripted"}}'
   kubectl wait -n tenant-$demo_org ags/hello --for=condition=Ready --timeout=90s   # a few seconds
-  curl -s --retry 5 -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "hi there"}'
+  curl -s -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "hi there"}'
 (then: curl -s $api_url/api/v1/sessions/hello/messages -H "Authorization: Bearer \$TOKEN")
 EOF
 }

@@ -6,9 +6,10 @@ For every live session pod the operator made (label app.kubernetes.io/managed-by
 what the pod would run, `python -m agentbox.sandbox.runner` and `python -m agentbox.sandbox.gateway`, fed
 from the session's own ConfigMap and Secret (runner token, system prompt, gateway.json, MCP credentials)
 and the runner container's environment, each on a free loopback port. A kwok PortForward resource named
-after the pod (owned by it, so it goes with it) points the runner's container port at the local runner:
-the API reaches it as it reaches a real pod, `AGENTBOX_RUNNER_TRANSPORT=port-forward` through the
-Kubernetes API. When the pod goes (suspend, delete), its processes stop.
+after the pod (owned by it, so it goes with it) points the runner's container port at a local relay that
+hands each connection to the runner once it listens (as a real pod is not ready before its runner): the
+API reaches it as it reaches a real pod, `AGENTBOX_RUNNER_TRANSPORT=port-forward` through the Kubernetes
+API. When the pod goes (suspend, delete), its processes stop.
 
 --ready-file is written once the first pass over the pods is done. Logs go to DIR/<namespace>/<pod>/.
 """
@@ -29,7 +30,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kubernetes_asyncio import client, config
+import aiohttp
+from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
 log = logging.getLogger("session-runners")
@@ -38,6 +40,8 @@ POD_SELECTOR = "app.kubernetes.io/managed-by=agentbox,agentbox.dev/session"
 SESSION_LABEL = "agentbox.dev/session"
 IN_POD_SECRETS = "/var/run/agentbox/secrets/"  # where the pod mounts the session's Secret
 POLL_SECONDS = 0.5
+# How long a connection to a pod waits for its stand-in runner to listen (its start takes seconds).
+STARTUP_GRACE_SECONDS = 30.0
 LIVE_PHASES = ("Pending", "Running")
 KWOK_GROUP, KWOK_VERSION, PORT_FORWARDS = "kwok.x-k8s.io", "v1alpha1", "portforwards"
 
@@ -48,15 +52,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+async def copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> None:
+    try:
+        while data := await source.read(65_536):
+            target.write(data)
+            await target.drain()
+    finally:
+        target.close()
+
+
 @dataclass
 class StandIn:
-    """The processes standing in for one pod."""
+    """The processes standing in for one pod, and the relay kwok forwards the pod's port to."""
 
     namespace: str
     session: str
     pod_uid: str
     runner_port: int
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
+    relay: asyncio.Server | None = None
 
     @property
     def runner_url(self) -> str:
@@ -65,7 +79,28 @@ class StandIn:
     def alive(self) -> bool:
         return all(process.returncode is None for process in self.processes)
 
+    async def start_relay(self) -> int:
+        """A loopback port whose connections reach the runner once it listens: kwok reports a pod ready
+        at once, where a real pod's readiness waits for its runner. Returns the port."""
+        self.relay = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return self.relay.sockets[0].getsockname()[1]
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        deadline = asyncio.get_running_loop().time() + STARTUP_GRACE_SECONDS
+        while True:
+            try:
+                runner_reader, runner_writer = await asyncio.open_connection("127.0.0.1", self.runner_port)
+                break
+            except OSError:
+                if not self.alive() or asyncio.get_running_loop().time() > deadline:
+                    writer.close()
+                    return
+                await asyncio.sleep(0.1)
+        await asyncio.gather(copy(reader, runner_writer), copy(runner_reader, writer), return_exceptions=True)
+
     async def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.close()
         for process in self.processes:
             if process.returncode is None:
                 process.terminate()
@@ -184,9 +219,15 @@ class Supervisor:
     async def start(self, pod: client.V1Pod) -> StandIn:
         namespace, session = pod.metadata.namespace, pod.metadata.labels[SESSION_LABEL]
         workdir = self.state_dir / namespace / pod.metadata.name
-        secret_files, config_files = await self._volume_files(pod)
-        layout = await asyncio.to_thread(lay_out_pod_files, workdir, secret_files, config_files)
         runner_port, gateway_port = free_port(), free_port()
+        stand_in = StandIn(namespace, session, pod.metadata.uid, runner_port)
+        try:  # the forward first: the relay holds what comes early until the runner listens
+            await self._forward(port_forward(pod, await stand_in.start_relay()))
+            secret_files, config_files = await self._volume_files(pod)
+        except BaseException:
+            await stand_in.stop()
+            raise
+        layout = await asyncio.to_thread(lay_out_pod_files, workdir, secret_files, config_files)
         base_env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTBOX_")}
         runner = {**base_env, **runner_env(pod),
                   "AGENTBOX_RUNNER_HOST": "127.0.0.1", "AGENTBOX_RUNNER_PORT": str(runner_port),
@@ -196,7 +237,6 @@ class Supervisor:
                   "AGENTBOX_WORKSPACE": str(layout.workspace)}
         gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
                    "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
-        stand_in = StandIn(namespace, session, pod.metadata.uid, runner_port)
         try:
             for module, env in (("agentbox.sandbox.gateway", gateway), ("agentbox.sandbox.runner", runner)):
                 output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
@@ -204,7 +244,6 @@ class Supervisor:
                     stand_in.processes.append(await asyncio.create_subprocess_exec(
                         sys.executable, "-m", module, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
                         stdout=output, stderr=asyncio.subprocess.STDOUT))
-            await self._forward(port_forward(pod, runner_port))
         except BaseException:
             await stand_in.stop()
             raise
@@ -237,12 +276,19 @@ async def run(args: argparse.Namespace) -> None:
     await config.load_kube_config(config_file=str(args.kubeconfig), client_configuration=configuration)
     async with client.ApiClient(configuration=configuration) as api:
         supervisor = Supervisor(api, args.state_dir, args.namespace_prefix)
-        stop = asyncio.Event()
+        stop, wake = asyncio.Event(), asyncio.Event()
+
+        def shut_down() -> None:
+            stop.set()
+            wake.set()
+
         for signum in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(signum, stop.set)
+            asyncio.get_running_loop().add_signal_handler(signum, shut_down)
+        watching = asyncio.create_task(watch_pods(supervisor.core, args.namespace_prefix, wake))
         ready = False
         try:
             while not stop.is_set():
+                wake.clear()
                 try:
                     await supervisor.reconcile()
                 except (ApiException, OSError) as error:  # apiserver restarts: try again next round
@@ -253,9 +299,25 @@ async def run(args: argparse.Namespace) -> None:
                         log.info("standing in for session pods in namespaces %s*", args.namespace_prefix)
                     ready = True
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), POLL_SECONDS)
+                    await asyncio.wait_for(wake.wait(), POLL_SECONDS)
         finally:
+            watching.cancel()
             await supervisor.stop_all()
+
+
+async def watch_pods(core: client.CoreV1Api, namespace_prefix: str, changed: asyncio.Event) -> None:
+    """Sets `changed` on every change to a session pod of ours, so a new one is stood in for at once
+    (the periodic pass alone would leave it unreachable for up to POLL_SECONDS after it is Ready)."""
+    while True:
+        try:
+            async with watch.Watch() as pods:
+                async for event in pods.stream(core.list_pod_for_all_namespaces, label_selector=POD_SELECTOR,
+                                               timeout_seconds=300):
+                    if event["object"].metadata.namespace.startswith(namespace_prefix):
+                        changed.set()
+        except (ApiException, OSError, aiohttp.ClientError, TimeoutError) as error:  # apiserver restarts
+            log.warning("watching session pods failed: %s", error)
+            await asyncio.sleep(1)
 
 
 def main(argv: list[str] | None = None) -> int:
