@@ -32,6 +32,7 @@ from mcp_types import (
     CallToolResult,
     Implementation,
     InputRequiredResult,
+    PaginatedRequestParams,
 )
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from pydantic import TypeAdapter
@@ -100,6 +101,7 @@ class UpstreamConnection:
         self._client: Client | None = None
         # Tool calls to a streamable-HTTP upstream on the 2026-07-28 wire (wire.py); None otherwise.
         self._calls: ClientSession | None = None
+        self._call_tools: frozenset[str] = frozenset()
         self._posts: PostDispatcher | None = None
         self._connect_lock = asyncio.Lock()
         self.provider: Provider = self._build_provider()
@@ -166,13 +168,18 @@ class UpstreamConnection:
             return
         assert self.spec.url is not None
         self._posts = PostDispatcher(self.spec.url, http_headers(self.spec))
-        session = ClientSession(dispatcher=self._posts, client_info=CLIENT_INFO,
-                                read_timeout_seconds=self.spec.timeout_seconds)
+        session = ClientSession(dispatcher=self._posts, client_info=CLIENT_INFO)  # call() times each call
         session.adopt(negotiated)
-        # Learns each tool's Mcp-Param-* headers and output schema, as a listing does for any session.
+        # A session learns each tool's Mcp-Param-* headers (x-mcp-header in its input schema) from a
+        # listing; a tool the upstream adds later is called through the FastMCP client's session.
+        names: set[str] = set()
         async with asyncio.timeout(min(self.spec.timeout_seconds, CONNECT_TIMEOUT_CAP)):
-            await session.list_tools()
-        self._calls = session
+            page = await session.list_tools()
+            names.update(tool.name for tool in page.tools)
+            while page.next_cursor:
+                page = await session.list_tools(params=PaginatedRequestParams(cursor=page.next_cursor))
+                names.update(tool.name for tool in page.tools)
+        self._calls, self._call_tools = session, frozenset(names)
 
     async def call(self, run: Callable[[], Awaitable[ToolResult]]) -> ToolResult:
         """Run one proxied tool call under this upstream's breaker, timeout and metrics."""
@@ -223,7 +230,7 @@ class UpstreamConnection:
             return await generic()
         inbound = context.request_context.meta if context is not None and context.request_context else None
         meta = inject_trace_context(crossing(inbound)) or None
-        session = self._calls or client.session
+        session = self._calls if self._calls and tool in self._call_tools else client.session
         params = CallToolRequestParams(name=tool, arguments=request.arguments, _meta=meta)
         result = await session.send_request(CallToolRequest(params=params), CALL_RESULT)
         if isinstance(result, InputRequiredResult):
