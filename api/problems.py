@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -110,6 +111,23 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
                             errors=errors)
 
 
+# PostgreSQL's text and jsonb cannot hold U+0000: a NUL anywhere in the input fails the statement.
+UNSTORABLE_TEXT = (asyncpg.CharacterNotInRepertoireError, asyncpg.UntranslatableCharacterError)
+NUL_MESSAGE = "contains NUL (U+0000), which cannot be stored"
+
+
+async def _on_unstorable_text(request: Request, exc: Exception) -> JSONResponse:
+    fields = [f"query.{name}" for name, value in request.query_params.multi_items()
+              if "\x00" in name or "\x00" in value]
+    if "\x00" in request.url.path:
+        fields.append("path")
+    errors = [FieldError(field=field, message=NUL_MESSAGE, type="value_error")
+              for field in fields or ["body"]]
+    return problem_response(request, 422, "Unprocessable Content",
+                            f"{', '.join(error.field for error in errors)}: a text value {NUL_MESSAGE}",
+                            errors=errors)
+
+
 async def internal_error(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI answer to an unhandled error (the observability middleware calls it, request id known)."""
     response = problem_response(None, 500, "Internal Server Error", "an unexpected error occurred")
@@ -120,6 +138,8 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    for error in UNSTORABLE_TEXT:
+        app.add_exception_handler(error, _on_unstorable_text)
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -29,7 +29,7 @@ from agentbox.api.crypto import KeyConfigError, KeyRing
 from agentbox.api.db import Database, DatabaseUnavailable
 from agentbox.api.kube import KubeError
 from agentbox.api.observability import current_request_id
-from agentbox.api.problems import ProblemError
+from agentbox.api.problems import NUL_MESSAGE, UNSTORABLE_TEXT, ProblemError
 
 log = logging.getLogger("agentbox.api.audit")
 MUTATING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -134,6 +134,8 @@ def _outcome(exc: BaseException) -> tuple[audit.Outcome, str]:
         status, reason = exc.status, exc.detail or exc.title
     elif isinstance(exc, StarletteHTTPException):
         status, reason = exc.status_code, str(exc.detail)
+    elif isinstance(exc, UNSTORABLE_TEXT):
+        status, reason = 422, f"a text value {NUL_MESSAGE}"
     elif isinstance(exc, RequestValidationError):
         fields = sorted({".".join(str(p) for p in error.get("loc", ())) for error in exc.errors()})
         status, reason = 422, f"invalid request: {', '.join(fields)}"
