@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,10 @@ def read_secret(path, what: str) -> str:
     return value
 
 
+def exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
     configure_logging()
     settings = RunnerSettings()
@@ -38,6 +43,9 @@ def main() -> None:
     except FileNotFoundError:
         system_prompt = ""
         log.warning("no system prompt at %s", settings.system_prompt_file)
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; raised as an exception rather than
+    # the default kill, it lets the private directory below be removed on the way out.
+    signal.signal(signal.SIGTERM, exit_on_signal)
     # Files the agent reads besides its workspace (Gemini's context file); gone when the runner exits.
     with tempfile.TemporaryDirectory(prefix="agentbox-runner-") as private_dir:
         try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import signal
+import sys
 import time
 
 import httpx
@@ -157,3 +160,20 @@ async def test_an_agent_that_cannot_start_leaves_the_runner_up_and_answers_503(t
         response = await http.post("/message", json={"content": "anyone there?"})
         assert response.status_code == 503 and response.headers["retry-after"] == "2"
         assert httpx.get(f"{runner.base}/healthz").json()["agent"] == "starting"
+
+
+def test_a_gemini_session_reads_its_prompt_from_a_private_home_removed_when_the_runner_stops(tmp_path):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    # The scripted agent stands in for Gemini CLI; the runtime still decides where the prompt goes.
+    scripted = json.dumps([sys.executable, "-m", "agentbox.sandbox.scripted_agent"])
+    runner = runner_process(tmp_path, "http://127.0.0.1:9/mcp", AGENTBOX_RUNTIME="gemini",
+                            AGENTBOX_AGENT_COMMAND=scripted, TMPDIR=str(scratch)).start()
+    try:
+        [context] = scratch.glob("agentbox-runner-*/gemini/.gemini/GEMINI.md")
+        assert context.read_text() == "You are a careful test agent."
+        assert not list(runner.workspace.iterdir()), "nothing written into the workspace"
+    finally:
+        runner.proc.stop()
+    assert runner.proc.process.returncode == 128 + signal.SIGTERM
+    assert not list(scratch.iterdir()), "the private directory goes with the runner"
