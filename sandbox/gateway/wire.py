@@ -49,7 +49,9 @@ class PostDispatcher:
         # Read once: aiohttp's trust_env reads the proxy variables (and ~/.netrc) in a worker thread on
         # every request.
         self._proxy = env_proxy(url)
-        self._http = aiohttp.ClientSession()
+        # No total timeout (aiohttp's default is 5 minutes): the caller times each call by the upstream's
+        # own timeoutSeconds, which may be longer.
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
 
     async def send_raw_request(self, method: str, params: Mapping[str, Any] | None,
                                opts: CallOptions | None = None) -> dict[str, Any]:
