@@ -129,6 +129,8 @@ def check(config: Configuration, credentials: Credentials, *, token_required: bo
         raise InvalidConfiguration("bearerToken", "is only used when authType is bearer")
     if credentials.stdio_env and config.transport != "stdio":
         raise InvalidConfiguration("stdioEnv", "is only used when transport is stdio")
+    if config.transport != "stdio" and (config.stdio_command is not None or config.stdio_args):
+        raise InvalidConfiguration("stdio", "is only used when transport is stdio")
     if config.transport == "stdio" and (config.headers or credentials.secret_headers):
         raise InvalidConfiguration("headers", "HTTP headers do not apply when transport is stdio")
     if config.transport == "stdio" and config.auth_type != "none":

@@ -12,11 +12,12 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import asyncpg
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from pydantic import AfterValidator
 
 from agentbox.api import audit
 from agentbox.api.app import Services
@@ -109,11 +110,23 @@ def _cursor(seq: int) -> str:
     return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=")
 
 
+def _in_utc(moment: datetime) -> datetime:
+    """The moment in UTC (a time without an offset is taken as UTC); one whose UTC date leaves years
+    1-9999 (0001-01-01T00:00+01:00, say) cannot be compared with a timestamp, so it is refused."""
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC") from None
+
+
+Moment = Annotated[datetime, AfterValidator(_in_utc)]
+
+
 @router.get("", response_model=AuditPage, responses=problem_responses(400, 401, 403, 422, 503))
 async def list_audit(request: Request, principal: Principal = Depends(_reader),
                      action: Annotated[str | None, Query(max_length=128)] = None,
                      actor: Annotated[str | None, Query(max_length=255)] = None,
-                     since: datetime | None = None, until: datetime | None = None,
+                     since: Moment | None = None, until: Moment | None = None,
                      cursor: Annotated[str | None, Query(max_length=64)] = None,
                      limit: Annotated[int, Query(ge=1, le=500)] = 100) -> AuditPage:
     """Newest first. `nextCursor` continues the listing where this page ended."""

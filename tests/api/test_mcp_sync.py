@@ -52,6 +52,8 @@ def test_stdio_environment_goes_to_the_secret_only():
     (HTTP, Credentials(), "bearerToken"),
     (replace(HTTP, auth_type="none"), HTTP_CREDENTIALS, "bearerToken"),
     (replace(HTTP, auth_type="none"), Credentials(stdio_env={"A": "b"}), "stdioEnv"),
+    (replace(HTTP, auth_type="none", stdio_command="npx"), Credentials(), "stdio"),
+    (replace(HTTP, auth_type="none", stdio_args=["-y"]), Credentials(), "stdio"),
     (STDIO, Credentials(secret_headers={"X": "y"}), "headers"),
     (replace(STDIO, auth_type="bearer"), Credentials(bearer_token="x"), "authType"),
     (replace(HTTP, timeout_seconds=0), HTTP_CREDENTIALS, "timeout"),

@@ -170,6 +170,10 @@ async def test_audit_listing_filters_pages_and_verifies(api):
                                                                        "actor": "user-a1"})).json()
     assert creates["items"] and all(i["action"] == "prompt.create" for i in creates["items"])
     assert (await api.get("/api/v1/audit", headers=ADMIN_A, params={"cursor": "%%%"})).status_code == 400
+    for field, moment in (("since", "0001-01-01T00:30:00+01:00"), ("until", "9999-12-31T23:30:00-01:00")):
+        refused = await api.get("/api/v1/audit", headers=ADMIN_A, params={field: moment})
+        assert refused.status_code == 422, refused.text
+        assert [error["field"] for error in refused.json()["errors"]] == [f"query.{field}"]
     report = (await api.get("/api/v1/audit/verify", headers=ADMIN_A)).json()
     assert report["ok"] and report["rowsChecked"] >= 5
 
