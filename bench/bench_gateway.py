@@ -2,6 +2,11 @@
 upstream, in the same run; and the gateway's RSS with five upstreams. JSON on stdout.
 
     python -m bench.bench_gateway [--calls 300]
+    python -m bench.bench_gateway --callgrind [--calls 100]   # needs valgrind
+
+With --callgrind it counts instead the instructions the gateway process runs per tool call (under
+valgrind's callgrind, instrumentation on only while the calls run): far slower, but the same count
+every time, where latency on a shared machine is not.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -18,7 +24,7 @@ from pathlib import Path
 import psutil
 from fastmcp import Client
 
-from tests.sandbox.conftest import gateway_process, http_upstream, stdio_upstream_spec
+from tests.sandbox.conftest import gateway_process, http_upstream, stdio_upstream_spec, wait_until
 
 WARMUP = 20  # calls per round before timing starts
 ROUNDS = 3
@@ -105,11 +111,56 @@ async def run(calls: int) -> dict:
                 item.proc.stop()
 
 
+async def callgrind_control(*args: str) -> None:
+    process = await asyncio.create_subprocess_exec("callgrind_control", *args, stdout=subprocess.DEVNULL)
+    if await process.wait():
+        raise RuntimeError(f"callgrind_control {' '.join(args)} failed")
+
+
+def counted(directory: Path) -> int:
+    """The instructions callgrind counted while instrumentation was on, from its dump files."""
+    return max(int(line.split()[1]) for dump in directory.glob("callgrind.out*")
+               for line in dump.read_text().splitlines() if line.startswith("totals:"))
+
+
+async def instructions(calls: int) -> dict:
+    with tempfile.TemporaryDirectory() as directory:
+        tmp = Path(directory)
+        upstream = http_upstream(tmp, "streamable-http", "http0").start()
+        gateway = gateway_process(tmp, {"upstreams": [{"name": "http0", "transport": "streamable-http",
+                                                       "url": upstream.url}]})
+        counts = tmp / "callgrind.out"
+        gateway.proc.args = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                             f"--callgrind-out-file={counts}", *gateway.proc.args]
+        gateway.proc.env.update(AGENTBOX_GATEWAY_HEALTH_SECONDS="3600", AGENTBOX_GATEWAY_POLL_SECONDS="3600")
+        try:
+            gateway.proc.start()
+            wait_until(lambda: gateway.readiness()["connected"] == ["http0"], timeout=600, interval=1,
+                       what="the gateway under callgrind")
+            pid = str(gateway.proc.process.pid)
+            async with Client(gateway.url, timeout=120) as client:
+                for index in range(WARMUP):
+                    await client.call_tool("http0_echo", {"text": f"w{index}"})
+                await callgrind_control("--instr=on", pid)
+                for index in range(calls):
+                    await client.call_tool("http0_echo", {"text": str(index)})
+                await callgrind_control("--instr=off", pid)
+            await callgrind_control("--dump", pid)
+            total = await asyncio.to_thread(counted, tmp)
+            return {"benchmark": "gateway_tool_call_instructions", "calls": calls,
+                    "gateway_instructions_per_call": total // calls}
+        finally:
+            gateway.proc.stop()
+            upstream.proc.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--calls", type=int, default=300)
+    parser.add_argument("--calls", type=int)
+    parser.add_argument("--callgrind", action="store_true", help="count instructions instead of timing")
     args = parser.parse_args()
-    json.dump(asyncio.run(run(args.calls)), sys.stdout, indent=2)
+    result = asyncio.run(instructions(args.calls or 100) if args.callgrind else run(args.calls or 300))
+    json.dump(result, sys.stdout, indent=2)
     print()
 
 
