@@ -87,6 +87,24 @@ async def test_only_an_api_outside_the_cluster_may_port_forward(kube):
         {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]
 
 
+async def test_oauth_settings_and_extra_env_reach_the_api(kube):
+    rendered = documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                    "--set", "api.publicUrl=https://agentbox.example.test",
+                                    "--set", "api.oauth.clientsSecret=oauth-clients",
+                                    "--set", "api.oauth.strangerCallbackAuditPerMinute=30",
+                                    "--set", "api.extraEnv[0].name=AGENTBOX_OAUTH_REFRESH_WINDOW_SECONDS",
+                                    "--set-string", "api.extraEnv[0].value=600"))
+    deployment = next(o for o in rendered
+                      if o["kind"] == "Deployment" and o["metadata"]["name"] == "abx-agentbox-api")
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    for entry in [{"name": "AGENTBOX_PUBLIC_URL", "value": "https://agentbox.example.test"},
+                  {"name": "AGENTBOX_OAUTH_CLIENTS",
+                   "valueFrom": {"secretKeyRef": {"name": "oauth-clients", "key": "clients.json"}}},
+                  {"name": "AGENTBOX_OAUTH_STRANGER_CALLBACK_AUDIT_PER_MINUTE", "value": "30"},
+                  {"name": "AGENTBOX_OAUTH_REFRESH_WINDOW_SECONDS", "value": "600"}]:
+        assert entry in env
+
+
 @pytest.mark.parametrize(("values", "named"), [
     (["--set", "operator.replicas=0"], "at '/operator/replicas'"),
     (["--set", "api.service.type=Sideways"], "at '/api/service/type'"),
@@ -98,6 +116,9 @@ async def test_only_an_api_outside_the_cluster_may_port_forward(kube):
     (["--set", "operatr.replicas=2"], "'operatr' not allowed"),
     (["--set-json", "api.port=\"8000\""], "at '/api/port'"),
     (["--set", "api.runnerTransport=ssh"], "at '/api/runnerTransport'"),
+    (["--set", "api.publicUrl=agentbox.example.test"], "at '/api/publicUrl'"),
+    (["--set", "api.extraEnv[0].name=PATH", "--set", "api.extraEnv[0].value=/tmp"],
+     "at '/api/extraEnv/0/name'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
