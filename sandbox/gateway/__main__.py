@@ -6,6 +6,7 @@ import logging
 import os
 from pathlib import Path
 
+import fastmcp
 import uvloop
 
 from agentbox.sandbox.gateway.server import Gateway
@@ -16,6 +17,10 @@ DEFAULT_CONFIG = "/etc/agentbox/gateway.json"
 
 def main() -> None:
     configure_logging()
+    if "FASTMCP_TELEMETRY_MODE" not in os.environ:
+        # Nothing in the pod collects FastMCP's own spans, which cost about 5% of the gateway's
+        # instructions per call; trace context in `_meta` still passes through.
+        fastmcp.settings.telemetry_mode = "propagation_only"
     gateway = Gateway(
         Path(os.environ.get("AGENTBOX_GATEWAY_CONFIG", DEFAULT_CONFIG)),
         poll_seconds=float(os.environ.get("AGENTBOX_GATEWAY_POLL_SECONDS", "1")),

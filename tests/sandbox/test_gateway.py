@@ -11,6 +11,7 @@ import httpx
 import pytest
 from fastmcp import Client
 from fastmcp.exceptions import ToolError
+from fastmcp.telemetry import TRACE_PARENT_KEY
 from mcp_types import CLIENT_INFO_META_KEY, Implementation
 
 from .conftest import gateway_process, http_upstream, stdio_upstream_spec, wait_until
@@ -95,8 +96,11 @@ async def test_handshake_era_clients_get_plain_json_answers(stack):
 
 async def test_request_meta_crosses_the_gateway_but_the_callers_connection_keys_do_not(stack):
     async with gateway_client(stack, client_info=Implementation(name="the-agent", version="9")) as client:
-        seen = (await client.call_tool("gh_meta", {}, meta={"example.com/trace": "t-1"})).data
-    assert seen["example.com/trace"] == "t-1"
+        parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        seen = (await client.call_tool("gh_meta", {}, meta={"example.com/key": "k-1",
+                                                            TRACE_PARENT_KEY: parent})).data
+    assert seen["example.com/key"] == "k-1"
+    assert seen[TRACE_PARENT_KEY].split("-")[1] == parent.split("-")[1], "the trace continues"
     assert seen[CLIENT_INFO_META_KEY]["name"] == "agentbox-gateway", "the gateway's, not the agent's"
 
 
