@@ -229,6 +229,10 @@ class Supervisor:
             raise
         layout = await asyncio.to_thread(lay_out_pod_files, workdir, secret_files, config_files)
         base_env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTBOX_")}
+        # As in the image, `python` on PATH is the sandbox's own interpreter: a stdio MCP server configured
+        # as `python -m ...` (agentbox.sandbox.demo_tools) starts the same way here and in a real pod.
+        interpreter_dir = str(Path(sys.executable).parent)
+        base_env["PATH"] = os.pathsep.join([interpreter_dir, base_env.get("PATH", os.defpath)])
         runner = {**base_env, **runner_env(pod),
                   "AGENTBOX_RUNNER_HOST": "127.0.0.1", "AGENTBOX_RUNNER_PORT": str(runner_port),
                   "AGENTBOX_RUNNER_TOKEN_FILE": str(layout.secrets / "runner-token"),

@@ -4,11 +4,17 @@ Every step goes through the API's HTTP surface as a frontend would; the cluster 
 what the steps did. On kwok the session's pod is stood in for by the real runner and gateway started
 locally (hack/session_runners.py) and kwok forwards the pod's port to them, so a message takes the API's
 real path: token, Secret, port-forward through the Kubernetes API, runner, agent, tool.
+
+Nothing in a session's pod reaches back to this host (a real pod on kind cannot, and its NetworkPolicy
+refuses private addresses): the agent's tool is a stdio server the gateway starts beside itself
+(agentbox.sandbox.demo_tools). The MCP server these tests serve on 127.0.0.1 is met only by what runs on
+the host in both kinds: the operator's probe.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import secrets
@@ -21,18 +27,23 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from fastmcp import FastMCP
+from fastmcp.server.auth.providers.jwt import StaticTokenVerifier
 
 from e2e.stack import Stack, delete_tenant, free_port, running_stack
 
 pytestmark = pytest.mark.e2e
 
 TENANT_PREFIX = "tenant-e2e"
+UPSTREAM_TOKEN = "upstream-secret-token"
+# The same command on both cluster kinds: the image's python, or the stand-in gateway's (first on its PATH).
+DEMO_TOOLS = {"command": "python", "args": ["-m", "agentbox.sandbox.demo_tools"]}
 
 
 @contextlib.asynccontextmanager
 async def mcp_upstream() -> AsyncIterator[str]:
-    """A real MCP server (streamable HTTP) on 127.0.0.1; yields its URL."""
-    server = FastMCP("e2e-upstream")
+    """A real MCP server (streamable HTTP) on 127.0.0.1 that only answers UPSTREAM_TOKEN; yields its URL."""
+    verifier = StaticTokenVerifier({UPSTREAM_TOKEN: {"client_id": "e2e", "scopes": []}})
+    server = FastMCP("e2e-upstream", auth=verifier)
 
     @server.tool
     def shout(text: str) -> str:
@@ -168,29 +179,52 @@ async def first_events(api, headers, name, count: int) -> list[str]:
     return names
 
 
+async def secret_values(kube, namespace: str, session: str) -> list[str]:
+    """Every value of the session's Secret, decoded."""
+    listed = json.loads(await kube.kubectl("get", "secrets", "-n", namespace, "-l",
+                                           f"agentbox.dev/session={session}", "-o", "json"))
+    return [base64.b64decode(value).decode(errors="replace")
+            for secret in listed["items"] for value in (secret.get("data") or {}).values()]
+
+
 async def test_the_frontend_journey(api, stack, upstream, kube):
     org = await onboard(api, stack)
+    namespace = f"tenant-{org}"
     admin = stack.bearer(sub="ada@example.com", org=org, role="admin")
 
     configured = await api.post("/api/v1/mcp/configurations", headers=admin, json={
         "name": "tools", "transport": "streamable-http", "url": upstream,
-        "authType": "bearer", "bearerToken": "upstream-secret-token"})
+        "authType": "bearer", "bearerToken": UPSTREAM_TOKEN})
     assert configured.status_code == 201, configured.text
-    assert "upstream-secret-token" not in configured.text
+    assert UPSTREAM_TOKEN not in configured.text
+    demo = await api.post("/api/v1/mcp/configurations", headers=admin, json={
+        "name": "demo", "transport": "stdio", "stdio": DEMO_TOOLS})
+    assert demo.status_code == 201, demo.text
 
     created = await api.post("/api/v1/sessions", headers=admin, json={
-        "name": "s1", "agent": {"runtime": "scripted"}, "mcpServers": [{"name": "tools"}]})
+        "name": "s1", "agent": {"runtime": "scripted"}, "mcpServers": [{"name": "tools"}, {"name": "demo"}]})
     assert created.status_code == 201, created.text
     assert created.json()["ready"] is False
 
     view = await until_ready(api, stack, admin, "s1")
-    assert view["phase"] == "Running" and condition(view, "MCPReady") == "True"
+    assert view["phase"] == "Running"
+
+    async def mcp_ready():  # the operator's first probe of the HTTP server may finish after Ready
+        return condition(await session_view(api, admin, "s1"), "MCPReady") == "True"
+    await eventually(mcp_ready, "s1 MCPReady", stack, timeout=45)
+    # The operator probed the HTTP server with the credential from its Secret, and the session's Secret
+    # (never its ConfigMap) carries it to the gateway.
+    probed = json.loads(await kube.kubectl("get", "mcpservers", "tools", "-n", namespace, "-o", "json"))
+    assert [tool["name"] for tool in probed["status"]["tools"]] == ["shout"], probed["status"]
+    assert UPSTREAM_TOKEN in await secret_values(kube, namespace, "s1")
+    assert UPSTREAM_TOKEN not in await kube.kubectl("get", "configmaps", "-n", namespace, "-l",
+                                                    "agentbox.dev/session=s1", "-o", "json")
 
     conversation = await agent_replies(api, stack, admin, "s1", "hello there")
     assert conversation[-1] == {**conversation[-1], "role": "agent", "content": "echo: hello there"}
-    # The agent calls the upstream's tool through the session's gateway, with the stored credential.
-    conversation = await agent_replies(api, stack, admin, "s1", 'tool tools_shout {"text": "quiet"}')
-    assert any("QUIET" in json.dumps(m) for m in conversation), conversation
+    # The agent calls a tool through the session's gateway, which runs the stdio server beside itself.
+    conversation = await agent_replies(api, stack, admin, "s1", 'tool demo_shout {"text": "quiet"}')
+    assert conversation[-1] == {**conversation[-1], "role": "agent", "content": "QUIET"}, conversation
     events = await first_events(api, admin, "s1", 2)
     assert set(events) <= {"message_update", "status_change", "agent_error"} and events, events
     status = await api.get("/api/v1/sessions/s1/status", headers=admin)
@@ -236,7 +270,7 @@ async def test_the_frontend_journey(api, stack, upstream, kube):
     retried = [entry for entry in unsuccessful if UNREACHABLE in (entry[2] or "")]
     assert len(retried) == retried_messages.count("s1"), unsuccessful
     assert [entry[0] for entry in unsuccessful if entry not in retried] == ["session.message"], unsuccessful
-    assert "upstream-secret-token" not in audit.text
+    assert UPSTREAM_TOKEN not in audit.text
     verified = await api.get("/api/v1/audit/verify", headers=admin)
     assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
     # Onboarding is the platform's act: it is in the platform's own log, whose chain verifies too.
