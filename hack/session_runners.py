@@ -151,14 +151,18 @@ class PodFiles:
     config: Path
     workspace: Path
     gateway_config: Path
+    # The gateway's working directory: empty, as the image's /workspace is for the pod's sidecar (the
+    # workspace volume is the runner's alone), so its stdio servers see neither the workspace nor secrets.
+    gateway_workdir: Path
 
 
 def lay_out_pod_files(workdir: Path, secret_files: dict[str, bytes],
                       config_files: dict[str, str]) -> PodFiles:
     """What the pod would mount, as local folders; the workspace survives restarts, like the PVC."""
     layout = PodFiles(workdir / "secrets", workdir / "config", workdir / "workspace",
-                      workdir / "config" / "gateway.local.json")
-    for folder, files in ((layout.secrets, secret_files), (layout.config, config_files)):
+                      workdir / "config" / "gateway.local.json", workdir / "gateway")
+    for folder, files in ((layout.secrets, secret_files), (layout.config, config_files),
+                          (layout.gateway_workdir, {})):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True, mode=0o700)
         for key, value in files.items():
@@ -242,11 +246,12 @@ class Supervisor:
         gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
                    "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
         try:
-            for module, env in (("agentbox.sandbox.gateway", gateway), ("agentbox.sandbox.runner", runner)):
+            for module, env, cwd in (("agentbox.sandbox.gateway", gateway, layout.gateway_workdir),
+                                     ("agentbox.sandbox.runner", runner, workdir)):
                 output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
                 with output:
                     stand_in.processes.append(await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", module, env=env, cwd=workdir, stdin=asyncio.subprocess.DEVNULL,
+                        sys.executable, "-m", module, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
                         stdout=output, stderr=asyncio.subprocess.STDOUT))
         except BaseException:
             await stand_in.stop()

@@ -102,6 +102,9 @@ def test_pod_files_are_laid_out_like_the_mounts(tmp_path):
     assert (layout.secrets / "runner-token").read_bytes() == b"t0k"
     assert (layout.config / "system-prompt.md").read_text() == "be kind"
     assert str(layout.secrets / "mcp-tools-token") in layout.gateway_config.read_text()
+    assert list(layout.gateway_workdir.iterdir()) == []  # nothing for its stdio servers to find there
     (layout.workspace / "kept").write_text("x")
+    (layout.gateway_workdir / "left").write_text("x")
     again = session_runners.lay_out_pod_files(tmp_path, {"runner-token": b"new"}, {})
     assert (again.workspace / "kept").exists() and not (again.secrets / "mcp-tools-token").exists()
+    assert list(again.gateway_workdir.iterdir()) == []
