@@ -9,6 +9,9 @@
     python -m bench.bench_operator --sessions 100 --rate 20 --hold 0 --hold-seconds 0   # latency only
     python -m bench.bench_operator ... --profile /tmp/operator.prof   # where the operator's CPU goes
 
+While creating, the CPU each cluster process uses and the apiserver's requests per session (all clients:
+a shared cluster's other work counts too) show where the load is.
+
 `--baseline` runs no operator: the cluster's own floor at the same rate, the sandbox pod as the operator
 renders it created straight to the apiserver, create -> Running as kwok reports it; once bare, once with
 its workspace claim created beside it (so the storage path shows apart from the operator's own).
@@ -21,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -119,6 +124,13 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
     return created
 
 
+def per_session(before: collections.Counter[str], after: collections.Counter[str], sessions: int
+                ) -> dict[str, float]:
+    served = after - before
+    return {"total": round(sum(served.values()) / sessions, 1),
+            **{verb: round(count / sessions, 1) for verb, count in sorted(served.items())}}
+
+
 def latency_ms(started: dict[str, float], reached: dict[str, float]) -> dict[str, int]:
     values = [reached[name] - started[name] for name in started if name in reached]
     return {"p50": round(1000 * percentile(values, 0.50)), "p95": round(1000 * percentile(values, 0.95)),
@@ -162,9 +174,12 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
             log(f"baseline {series}: {len(names)} pods at {rate}/s in {namespace}")
             cpu = ClusterCpu(kubeconfig)
             cpu.start()
+            requests_before = await apiserver_requests(api)
             created = await create_paced(ops, namespace, names, rate, sandbox_children(namespace, with_claim))
             await running.wait_for(names, seconds=300)
             result[f"{series}_cpu"] = cpu.stop()
+            result[f"{series}_apiserver_requests_per_pod"] = per_session(
+                requests_before, await apiserver_requests(api), sessions)
             running.task.cancel()
             result[f"{series}_create_to_running_ms"] = latency_ms(created, running.running_at)
         finally:
@@ -175,6 +190,22 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
 def cpu_seconds(pid: int) -> float:
     times = psutil.Process(pid).cpu_times()
     return times.user + times.system
+
+
+REQUEST_TOTAL = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<count>\S+)$', re.MULTILINE)
+VERB = re.compile(r'verb="([A-Z]+)"')
+
+
+async def apiserver_requests(api: client.ApiClient) -> collections.Counter[str]:
+    """Requests the apiserver has served so far, by verb (WATCH left out: streams, not work items)."""
+    text = await api.call_api("/metrics", "GET", auth_settings=["BearerToken"],
+                              response_types_map={200: "str"}, _return_http_data_only=True)
+    served: collections.Counter[str] = collections.Counter()
+    for match in REQUEST_TOTAL.finditer(text):
+        verb = VERB.search(match["labels"])
+        if verb and verb[1] != "WATCH":
+            served[verb[1]] += int(float(match["count"]))
+    return served
 
 
 class ClusterCpu:
@@ -251,9 +282,11 @@ async def main() -> int:
             cpu_before = cpu_seconds(operator.process.pid)
             cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid})
             cpu.start()
+            requests_before = await apiserver_requests(api)
             created = await create_paced(ops, namespace, names, args.rate)
             await running.wait_for(names, seconds=300)
             load = cpu.stop()
+            requests = per_session(requests_before, await apiserver_requests(api), len(names))
             cpu_per_session = (cpu_seconds(operator.process.pid) - cpu_before) / len(names)
             latencies = latency_ms(created, running.running_at)
             pod_latencies = latency_ms(created, running.pod_at)
@@ -275,6 +308,7 @@ async def main() -> int:
         "create_to_pod_created_ms": pod_latencies,
         "operator_cpu_ms_per_session": round(1000 * cpu_per_session, 1),
         "cpu_while_creating": load,
+        "apiserver_requests_per_session": requests,
         "held_running_sessions": args.hold,
         "idle": usage,
         "targets": {"p50_ms": 500, "p99_ms": 1500, "rss_mb": 250, "idle_cpu_percent": 2},

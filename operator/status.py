@@ -132,6 +132,12 @@ def _mcp_condition(observed: Observed) -> dict[str, Any] | None:
                       "; ".join(problem.message for problem in observed.mcp_problems))
 
 
+def waiting_for_claim(pod_condition: dict[str, Any]) -> bool:
+    """The scheduler holds the pod back until its workspace claim binds: a wait, not a failure."""
+    return (pod_condition.get("reason") == "Unschedulable"
+            and "persistentvolumeclaim" in pod_condition.get("message", "").lower())
+
+
 def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool) -> dict[str, Any]:
     if pod is None:
         reason = Reason.POD_MISSING if wanted else Reason.SUSPENDED_BY_USER
@@ -140,14 +146,12 @@ def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool) -> dict[str, 
     if scheduled.get("status") == "True":
         return _condition(Kind.POD_SCHEDULED, True, Reason.SCHEDULED,
                           f"on node {(pod.get('spec') or {}).get('nodeName', '')}".strip())
-    if scheduled.get("reason") == "Unschedulable":
+    if scheduled.get("reason") == "Unschedulable" and not waiting_for_claim(scheduled):
         return _condition(Kind.POD_SCHEDULED, False, Reason.UNSCHEDULABLE,
                           scheduled.get("message", "no node fits the pod"))
+    # Held back for the claim reads the same (WorkspaceReady says why): the scheduler's verdict on a
+    # claim that binds a moment later is no status write.
     return _condition(Kind.POD_SCHEDULED, False, Reason.SCHEDULING_PENDING, "waiting for the scheduler")
-
-
-def _waiting_for_claim(condition: dict[str, Any]) -> bool:
-    return "persistentvolumeclaim" in condition.get("message", "").lower()
 
 
 def derive(observed: Observed, now: datetime) -> dict[str, Any]:
@@ -160,7 +164,7 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     workspace = _workspace_condition(observed.pvc)
     scheduled = _scheduled_condition(pod, wants_pod)
     failure = pod_failure(pod) if pod is not None and wants_pod else None
-    if failure is None and scheduled["reason"] == Reason.UNSCHEDULABLE and not _waiting_for_claim(scheduled):
+    if failure is None and scheduled["reason"] == Reason.UNSCHEDULABLE:
         failure = (Reason.UNSCHEDULABLE, scheduled["message"])
     pod_ready = pod is not None and _pod_condition(pod, "Ready").get("status") == "True"
 

@@ -28,7 +28,7 @@ from agentbox.operator.build.service import build_service
 from agentbox.operator.kube import Conflict, Kube, Ownership, classify
 from agentbox.operator.later import Later
 from agentbox.operator.settings import OperatorSettings
-from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time
+from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time, waiting_for_claim
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
 CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
@@ -336,11 +336,16 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
             return
         body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
-        scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True"
-                        for c in ((pod or {}).get("status") or {}).get("conditions") or [])
-        # A scheduled pod's claim is bound (the scheduler waits for it): no need to read it.
-        pvc = {"status": {"phase": "Bound"}} if scheduled else await kube.get(
-            "PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
+        scheduled = next((c for c in ((pod or {}).get("status") or {}).get("conditions") or []
+                          if c.get("type") == "PodScheduled"), {})
+        # A scheduled pod's claim is bound (the scheduler waits for it), and one the scheduler holds back
+        # for its claim is not: no need to read the claim in either case.
+        if scheduled.get("status") == "True":
+            pvc: dict[str, Any] | None = {"status": {"phase": "Bound"}}
+        elif waiting_for_claim(scheduled):
+            pvc = {"status": {"phase": "Pending"}}
+        else:
+            pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
         observed = _observed(body, spec, pvc=pvc, pod=pod)
         status = derive(observed, _now())
         await _write_status(kube, body, status)

@@ -100,6 +100,18 @@ def test_waiting_for_the_claim_is_pending_not_failed():
     assert status["phase"] == "Pending" and conditions(status)["WorkspaceReady"] == ("False", "ClaimPending")
 
 
+def test_the_scheduler_holding_the_pod_for_its_claim_changes_no_status():
+    """Most new sessions' pods meet the scheduler before their claim binds: that is no status write."""
+    for message in ("0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims.",
+                    '0/2 nodes are available: persistentvolumeclaim "s-1a2b3c4d" not found.'):
+        held = pod(phase="Pending", ready=False, scheduled=False, unschedulable_message=message)
+        fresh = {**held, "status": {**held["status"], "conditions": []}}  # as the first pass saw it
+        just_created = derive(observe(pod=fresh, pvc=None, mcp_problems=()), NOW)
+        status = derive(observe(pod=held, pvc={"status": {"phase": "Pending"}}, previous=just_created,
+                                mcp_problems=()), NOW)
+        assert status == just_created
+
+
 def test_starting_and_pending():
     assert derive(observe(pod=pod(ready=False), pvc=BOUND, mcp_problems=()), NOW)["phase"] == "Starting"
     status = derive(observe(pod=None, mcp_problems=()), NOW)
