@@ -3,13 +3,14 @@
     python hack/session_runners.py --kubeconfig ADMIN --state-dir DIR [--ready-file F] [--namespace-prefix P]
 
 For every live session pod the operator made (label app.kubernetes.io/managed-by=agentbox) it starts
-what the pod would run, `python -m agentbox.sandbox.runner` and `python -m agentbox.sandbox.gateway`, fed
-from the session's own ConfigMap and Secret (runner token, system prompt, gateway.json, MCP credentials)
-and the runner container's environment, each on a free loopback port. A kwok PortForward resource named
-after the pod (owned by it, so it goes with it) points the runner's container port at a local relay that
-hands each connection to the runner once it listens (as a real pod is not ready before its runner): the
-API reaches it as it reaches a real pod, `AGENTBOX_RUNNER_TRANSPORT=port-forward` through the Kubernetes
-API. When the pod goes (suspend, delete), its processes stop.
+what the pod would run, `python -m agentbox.sandbox.gateway` and, once it listens, `python -m
+agentbox.sandbox.runner`, fed from the session's own ConfigMap and Secret (runner token, system prompt,
+gateway.json, MCP credentials) and the runner container's environment, each on a free loopback port.
+A kwok PortForward resource named after the pod (owned by it, so it goes with it) points the runner's
+container port at a local relay that hands each connection to the runner once it listens (as a real pod
+is not ready before its runner): the API reaches it as it reaches a real pod,
+`AGENTBOX_RUNNER_TRANSPORT=port-forward` through the Kubernetes API. When the pod goes (suspend, delete),
+its processes stop.
 
 --ready-file is written once the first pass over the pods is done. Logs go to DIR/<namespace>/<pod>/.
 """
@@ -27,6 +28,7 @@ import shutil
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,7 +42,7 @@ POD_SELECTOR = "app.kubernetes.io/managed-by=agentbox,agentbox.dev/session"
 SESSION_LABEL = "agentbox.dev/session"
 IN_POD_SECRETS = "/var/run/agentbox/secrets/"  # where the pod mounts the session's Secret
 POLL_SECONDS = 0.5
-# How long a connection to a pod waits for its stand-in runner to listen (its start takes seconds).
+# How long a stand-in process may take to listen (the gateway, then the runner: each start takes seconds).
 STARTUP_GRACE_SECONDS = 30.0
 LIVE_PHASES = ("Pending", "Running")
 KWOK_GROUP, KWOK_VERSION, PORT_FORWARDS = "kwok.x-k8s.io", "v1alpha1", "portforwards"
@@ -61,6 +63,20 @@ async def copy(source: asyncio.StreamReader, target: asyncio.StreamWriter) -> No
         target.close()
 
 
+async def connect_when_listening(port: int, keep_trying: Callable[[], bool],
+                                 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | None:
+    """A connection to the loopback port once something listens there; None if keep_trying() turns
+    false or STARTUP_GRACE_SECONDS pass first."""
+    deadline = asyncio.get_running_loop().time() + STARTUP_GRACE_SECONDS
+    while True:
+        try:
+            return await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if not keep_trying() or asyncio.get_running_loop().time() > deadline:
+                return None
+            await asyncio.sleep(0.1)
+
+
 @dataclass
 class StandIn:
     """The processes standing in for one pod, and the relay kwok forwards the pod's port to."""
@@ -71,13 +87,16 @@ class StandIn:
     runner_port: int
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     relay: asyncio.Server | None = None
+    runner_start: asyncio.Task | None = None  # the runner starts once the gateway listens
 
     @property
     def runner_url(self) -> str:
         return f"http://127.0.0.1:{self.runner_port}"
 
     def alive(self) -> bool:
-        return all(process.returncode is None for process in self.processes)
+        start_failed = self.runner_start is not None and self.runner_start.done() and (
+            self.runner_start.cancelled() or self.runner_start.exception() is not None)
+        return not start_failed and all(process.returncode is None for process in self.processes)
 
     async def start_relay(self) -> int:
         """A loopback port whose connections reach the runner once it listens: kwok reports a pod ready
@@ -86,21 +105,19 @@ class StandIn:
         return self.relay.sockets[0].getsockname()[1]
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        deadline = asyncio.get_running_loop().time() + STARTUP_GRACE_SECONDS
-        while True:
-            try:
-                runner_reader, runner_writer = await asyncio.open_connection("127.0.0.1", self.runner_port)
-                break
-            except OSError:
-                if not self.alive() or asyncio.get_running_loop().time() > deadline:
-                    writer.close()
-                    return
-                await asyncio.sleep(0.1)
+        runner = await connect_when_listening(self.runner_port, self.alive)
+        if runner is None:
+            writer.close()
+            return
+        runner_reader, runner_writer = runner
         await asyncio.gather(copy(reader, runner_writer), copy(runner_reader, writer), return_exceptions=True)
 
     async def stop(self) -> None:
         if self.relay is not None:
             self.relay.close()
+        if self.runner_start is not None:
+            self.runner_start.cancel()
+            await asyncio.gather(self.runner_start, return_exceptions=True)
         for process in self.processes:
             if process.returncode is None:
                 process.terminate()
@@ -171,6 +188,29 @@ def lay_out_pod_files(workdir: Path, secret_files: dict[str, bytes],
     rendered = config_files.get("gateway.json", json.dumps({"upstreams": []}))
     layout.gateway_config.write_text(gateway_config_for(rendered, layout.secrets))
     return layout
+
+
+async def spawn(module: str, env: dict[str, str], cwd: Path, log_file: Path) -> asyncio.subprocess.Process:
+    """`python -m module` with its output in log_file."""
+    output = await asyncio.to_thread(open, log_file, "ab")
+    with output:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", module, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL, stdout=output,
+            stderr=asyncio.subprocess.STDOUT)
+
+
+async def start_runner_after_gateway(stand_in: StandIn, gateway_port: int, env: dict[str, str],
+                                     workdir: Path) -> None:
+    """The runner starts once the gateway listens, as in a pod whose gateway sidecar has a startup probe:
+    the agent's first tool call finds the gateway (it connects its upstreams, a stdio server's start
+    included, before it listens)."""
+    gateway = await connect_when_listening(gateway_port, stand_in.alive)
+    if gateway is None:
+        log.warning("the gateway of %s/%s did not listen in %ss", stand_in.namespace, stand_in.session,
+                    STARTUP_GRACE_SECONDS)
+        raise RuntimeError("the gateway did not start")
+    gateway[1].close()
+    stand_in.processes.append(await spawn("agentbox.sandbox.runner", env, workdir, workdir / "runner.log"))
 
 
 class Supervisor:
@@ -246,16 +286,13 @@ class Supervisor:
         gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
                    "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
         try:
-            for module, env, cwd in (("agentbox.sandbox.gateway", gateway, layout.gateway_workdir),
-                                     ("agentbox.sandbox.runner", runner, workdir)):
-                output = await asyncio.to_thread(open, workdir / f"{module.rsplit('.', 1)[1]}.log", "ab")
-                with output:
-                    stand_in.processes.append(await asyncio.create_subprocess_exec(
-                        sys.executable, "-m", module, env=env, cwd=cwd, stdin=asyncio.subprocess.DEVNULL,
-                        stdout=output, stderr=asyncio.subprocess.STDOUT))
+            stand_in.processes.append(await spawn("agentbox.sandbox.gateway", gateway, layout.gateway_workdir,
+                                                  workdir / "gateway.log"))
         except BaseException:
             await stand_in.stop()
             raise
+        stand_in.runner_start = asyncio.create_task(start_runner_after_gateway(stand_in, gateway_port, runner,
+                                                                               workdir))
         log.info("standing in for pod %s/%s (session %s): runner on %s", namespace, pod.metadata.name,
                  session, stand_in.runner_url)
         return stand_in

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import jwt
@@ -108,3 +109,20 @@ def test_pod_files_are_laid_out_like_the_mounts(tmp_path):
     again = session_runners.lay_out_pod_files(tmp_path, {"runner-token": b"new"}, {})
     assert (again.workspace / "kept").exists() and not (again.secrets / "mcp-tools-token").exists()
     assert list(again.gateway_workdir.iterdir()) == []
+
+
+async def test_a_stand_in_waits_for_a_port_to_listen_while_it_is_worth_waiting():
+    server = await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    assert await session_runners.connect_when_listening(port, lambda: False) is None  # its process died
+
+    async def listen_soon():
+        await asyncio.sleep(0.3)
+        return await asyncio.start_server(lambda reader, writer: writer.close(), "127.0.0.1", port)
+    opening = asyncio.create_task(listen_soon())
+    connection = await session_runners.connect_when_listening(port, lambda: True)
+    assert connection is not None
+    connection[1].close()
+    (await opening).close()
