@@ -218,6 +218,16 @@ asyncio.run(main(*sys.argv[1:]))
 PY
   (umask 077 && mint --sub "$demo_user" --org "$demo_org" --role admin >"$dev/token")
 
+  say "demo MCP server 'demo' (stdio; each session's gateway starts it: python -m agentbox.sandbox.demo_tools)"
+  code=$(curl -sS -o "$dev/logs/mcp.json" -w '%{http_code}' -X POST "$api_url/api/v1/mcp/configurations" \
+    -H "Authorization: Bearer $(cat "$dev/token")" -H 'Content-Type: application/json' \
+    -d '{"name": "demo", "transport": "stdio", "stdio": {"command": "python", "args": ["-m", "agentbox.sandbox.demo_tools"]}}')
+  case $code in
+    201) echo "    created (tools demo_echo, demo_shout, demo_read_file)" >&2 ;;
+    409) echo "    already configured" >&2 ;;
+    *) cat "$dev/logs/mcp.json" >&2; die "creating the demo MCP configuration answered HTTP $code" ;;
+  esac
+
   cat <<EOF
 
 agentbox is up in $((SECONDS - started)) s. Logs in .dev/logs/; \`make dev-down\` removes everything.
@@ -228,10 +238,12 @@ agentbox is up in $((SECONDS - started)) s. Logs in .dev/logs/; \`make dev-down\
 Try:
   export KUBECONFIG=$kubeconfig TOKEN=\$(cat .dev/token) PATH=$(dirname "$kubectl"):\$PATH
   kubectl get ags -A
-  curl -s -X POST $api_url/api/v1/sessions -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"name": "hello", "agent": {"runtime": "scripted"}}'
+  curl -s -X POST $api_url/api/v1/sessions -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"name": "hello", "agent": {"runtime": "scripted"}, "mcpServers": [{"name": "demo"}]}'
   kubectl wait -n tenant-$demo_org ags/hello --for=condition=Ready --timeout=90s   # a few seconds
   curl -s -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "hi there"}'
-(then: curl -s $api_url/api/v1/sessions/hello/messages -H "Authorization: Bearer \$TOKEN")
+Then read the conversation, and have the (scripted) agent call a tool through the session's MCP gateway:
+  curl -s $api_url/api/v1/sessions/hello/messages -H "Authorization: Bearer \$TOKEN"
+  curl -s -X POST $api_url/api/v1/sessions/hello/message -H "Authorization: Bearer \$TOKEN" -H 'Content-Type: application/json' -d '{"content": "tool demo_shout {\"text\": \"hi there\"}"}'
 EOF
 }
 
