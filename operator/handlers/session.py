@@ -268,18 +268,24 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
 
     wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
                      or meta.get("deletionTimestamp"))
-    # A session never reconciled before: create each child outright, the pod in the same round (one call
-    # each instead of a read plus an apply, and the pod does not wait for its siblings: the scheduler
-    # waits for the claim); only names already taken are read and classified below.
+    # A session never reconciled before: create each child outright, the pod in the same round as soon as
+    # its claim exists (one call each instead of a read plus an apply; the scheduler can do nothing with a
+    # pod whose claim does not exist yet, and a failed attempt costs a backoff); only names already taken
+    # are read and classified below.
     new_token = new_runner_token()
     created: dict[str, dict[str, Any]] = {}
     if not (body.get("status") or {}).get("observedGeneration"):
         first = manifests(new_token)
-        creates = [kube.create(manifest) for manifest in first.values()]
+        creates = {kind: asyncio.ensure_future(kube.create(manifest)) for kind, manifest in first.items()}
         if wants_pod:
             first["Pod"] = pod_for(first)
-            creates.append(_first_pod(kube, first["Pod"], body))
-        results = await asyncio.gather(*creates)
+
+            async def pod_after_claim() -> dict[str, Any] | None:
+                await creates["PersistentVolumeClaim"]
+                return await _first_pod(kube, first["Pod"], body)
+
+            creates["Pod"] = asyncio.ensure_future(pod_after_claim())
+        results = await asyncio.gather(*creates.values())
         created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
     to_read = [kind for kind in CHILD_KINDS if kind not in created]
     found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
