@@ -88,8 +88,8 @@ class ConfigurationBody(ApiModel):
     model_config = ApiModel.model_config | {"json_schema_extra": {"examples": [
         {"name": "github", "transport": "streamable-http", "url": "https://api.githubcopilot.com/mcp/",
          "authType": "bearer", "bearerToken": "<token>", "tools": {"deny": ["delete_repository"]}},
-        {"name": "files", "transport": "stdio", "stdio": {"command": "npx", "args": ["-y", "mcp-files"]},
-         "stdioEnv": {"FILES_ROOT": "/workspace"}, "timeout": "60s"}]}}
+        {"name": "tickets", "transport": "stdio", "stdio": {"command": "npx", "args": ["-y", "mcp-tickets"]},
+         "stdioEnv": {"TICKETS_API_KEY": "<key>"}, "timeout": "60s"}]}}
 
     name: DnsLabel = Field(description="Names the MCPServer; tools appear to agents as <name>_<tool>.")
     description: Annotated[str, StringConstraints(max_length=1024)] = ""
