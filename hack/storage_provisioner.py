@@ -56,6 +56,23 @@ def claim_needs_volume(claim: dict[str, Any], storage_class: str) -> bool:
     )
 
 
+def claim_lost_to_a_lagging_cache(claim: dict[str, Any], storage_class: str) -> bool:
+    """A claim we bound that the controller-manager then marked Lost: its volume cache had not caught up
+    with the volume yet (a burst), and it would only look again at its next resync, ~30 s later."""
+    spec = claim.get("spec") or {}
+    return (
+        spec.get("storageClassName") == storage_class
+        and spec.get("volumeName") == volume_name(claim)
+        and (claim.get("status") or {}).get("phase") == "Lost"
+        and not claim["metadata"].get("deletionTimestamp")
+    )
+
+
+def bound_claim_status(volume: dict[str, Any]) -> dict[str, Any]:
+    return {"status": {"phase": "Bound", "accessModes": volume["spec"]["accessModes"],
+                       "capacity": volume["spec"]["capacity"]}}
+
+
 def volume_for_claim(claim: dict[str, Any], storage_class: str, volumes_dir: Path) -> dict[str, Any]:
     """The PersistentVolume that satisfies a claim: same size and access modes, bound to it by claimRef."""
     meta, spec = claim["metadata"], claim["spec"]
@@ -113,6 +130,8 @@ class Provisioner:
         self.volumes_dir = volumes_dir
 
     async def on_claim(self, claim: dict[str, Any]) -> None:
+        if claim_lost_to_a_lagging_cache(claim, self.storage_class):
+            await self.restore(claim)
         if not claim_needs_volume(claim, self.storage_class):
             return
         volume = volume_for_claim(claim, self.storage_class, self.volumes_dir)
@@ -141,8 +160,6 @@ class Provisioner:
         """
         meta, name = claim["metadata"], volume["metadata"]["name"]
         bound = {"status": {"phase": "Bound"}}
-        claim_bound = {"status": {"phase": "Bound", "accessModes": volume["spec"]["accessModes"],
-                                  "capacity": volume["spec"]["capacity"]}}
         merge = "application/merge-patch+json"
         writes = await asyncio.gather(
             self.core.patch_persistent_volume_status(name, bound, _content_type=merge),
@@ -151,13 +168,30 @@ class Provisioner:
                 {"metadata": {"annotations": BIND_ANNOTATIONS}, "spec": {"volumeName": name}},
                 _content_type=merge),
             self.core.patch_namespaced_persistent_volume_claim_status(
-                meta["name"], meta["namespace"], claim_bound, _content_type=merge),
+                meta["name"], meta["namespace"], bound_claim_status(volume), _content_type=merge),
             return_exceptions=True)
         for outcome in writes:
             # 404: the claim went away meanwhile; its volume is reclaimed later
             if isinstance(outcome, BaseException) and not (
                     isinstance(outcome, ApiException) and outcome.status == 404):
                 raise outcome
+
+    async def restore(self, claim: dict[str, Any]) -> None:
+        """Bound again, as the controller-manager itself does once it sees the volume, if the volume is still
+        there (a volume really gone leaves the claim Lost)."""
+        meta = claim["metadata"]
+        try:
+            await self.core.read_persistent_volume(volume_name(claim))
+            await self.core.patch_namespaced_persistent_volume_claim_status(
+                meta["name"], meta["namespace"],
+                bound_claim_status(volume_for_claim(claim, self.storage_class, self.volumes_dir)),
+                _content_type="application/merge-patch+json")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+            return
+        log.info("claim %s/%s was marked Lost beside its volume: bound again", meta["namespace"],
+                 meta["name"])
 
     async def on_volume(self, volume: dict[str, Any]) -> None:
         if not volume_to_delete(volume):
