@@ -63,6 +63,10 @@ def runner_env(session: Session) -> list[dict[str, Any]]:
     return env
 
 
+GATEWAY_STARTED_CHECK = (f"import urllib.request; "
+                         f"urllib.request.urlopen('http://{GATEWAY_HOST}:{GATEWAY_PORT}/healthz', timeout=2)")
+
+
 def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: str,
               runner_resources: dict[str, Any], gateway_resources: dict[str, Any],
               credential_keys: Iterable[str] = ()) -> dict[str, Any]:
@@ -75,6 +79,10 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         "env": [{"name": "AGENTBOX_GATEWAY_CONFIG", "value": f"{CONFIG_DIR}/{GATEWAY_CONFIG_KEY}"},
                 {"name": "HOME", "value": "/tmp"}],  # noqa: S108 (an emptyDir)
         "restartPolicy": "Always",  # a native sidecar: starts first, lives as long as the runner
+        # The runner starts once this passes, so the agent's first tool call finds the gateway listening
+        # (on loopback only, hence exec: a kubelet HTTP probe would knock on the pod's address).
+        "startupProbe": {"exec": {"command": ["python", "-c", GATEWAY_STARTED_CHECK]},
+                         "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 120},
         "resources": gateway_resources, "securityContext": container_security_context(),
         # An empty items list would project every key, so no credentials means no secret volume at all.
         "volumeMounts": _mounts("mcp-secrets" if mcp_keys else None, workspace=False)}

@@ -107,6 +107,18 @@ def test_provisioner_answers_a_pending_claim_of_its_class_with_a_bound_hostpath_
     assert spec["hostPath"]["path"] == "/vols/pvc-0b6f"
 
 
+def test_provisioner_rebinds_only_its_own_claims_a_lagging_cache_marked_lost():
+    provisioner = load_provisioner()
+    lost = {**CLAIM, "spec": {**CLAIM["spec"], "volumeName": "pvc-0b6f"}, "status": {"phase": "Lost"}}
+    assert provisioner.claim_lost_to_a_lagging_cache(lost, "standard")
+    assert not provisioner.claim_lost_to_a_lagging_cache(lost, "fast")  # another class's claim
+    assert not provisioner.claim_lost_to_a_lagging_cache(  # bound to a volume we did not make
+        {**lost, "spec": {**lost["spec"], "volumeName": "pv-elsewhere"}}, "standard")
+    assert not provisioner.claim_lost_to_a_lagging_cache({**lost, "status": {"phase": "Bound"}}, "standard")
+    assert not provisioner.claim_lost_to_a_lagging_cache(
+        {**lost, "metadata": {**lost["metadata"], "deletionTimestamp": "2026-11-26T00:00:00Z"}}, "standard")
+
+
 @pytest.mark.parametrize(
     "change",
     [
