@@ -19,8 +19,8 @@ __all__ = ["mcpserver", "session", "tenant"]
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    configure_kopf(settings)
     memo.settings = OperatorSettings()
+    configure_kopf(settings, memo.settings)
     memo.kube = await Kube.connect()
     metrics.serve(memo.settings.metrics_host, memo.settings.metrics_port)
     memo.credential_watch = asyncio.create_task(mcpserver.watch_credentials(memo.kube, memo.settings))
