@@ -7,6 +7,10 @@ Each prompt is one command; anything else is echoed back.
   sleep <seconds>          wait, then answer
   crash                    exit in the middle of the turn
   system-prompt            answer with the system prompt the session was opened with
+
+With AGENTBOX_SCRIPTED_REQUIRE_AUTH set (non-empty) it advertises one ACP auth method, `scripted-api-key`,
+and refuses `session/new` with the auth-required error until the client authenticates with it; that
+succeeds only when AGENTBOX_SCRIPTED_API_KEY is set, the way Gemini CLI's API-key method wants its key.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from typing import Any
 from acp import (
     PROTOCOL_VERSION,
     Agent,
+    AuthenticateResponse,
     Client,
     InitializeResponse,
     NewSessionResponse,
     PromptResponse,
+    RequestError,
     run_agent,
     start_tool_call,
     text_block,
@@ -33,7 +39,18 @@ from acp import (
     update_agent_message_text,
     update_tool_call,
 )
-from acp.schema import AgentCapabilities, HttpMcpServer, Implementation, PermissionOption, ToolCallUpdate
+from acp.schema import (
+    AgentCapabilities,
+    AuthEnvVar,
+    EnvVarAuthMethod,
+    HttpMcpServer,
+    Implementation,
+    PermissionOption,
+    ToolCallUpdate,
+)
+
+AUTH_METHOD = EnvVarAuthMethod(type="env_var", id="scripted-api-key", name="Scripted API key",
+                               vars=[AuthEnvVar(name="AGENTBOX_SCRIPTED_API_KEY")])
 
 
 @dataclass
@@ -58,6 +75,8 @@ class ScriptedAgent(Agent):
     def __init__(self) -> None:
         self.sessions: dict[str, ScriptedSession] = {}
         self.client: Client | None = None
+        self.requires_auth = bool(os.environ.get("AGENTBOX_SCRIPTED_REQUIRE_AUTH"))
+        self.authenticated = False
 
     def on_connect(self, conn: Client) -> None:
         self.client = conn
@@ -65,10 +84,21 @@ class ScriptedAgent(Agent):
     async def initialize(self, protocol_version: int, client_capabilities=None, client_info=None,
                          **kwargs: Any) -> InitializeResponse:
         return InitializeResponse(protocol_version=PROTOCOL_VERSION, agent_capabilities=AgentCapabilities(),
-                                  agent_info=Implementation(name="agentbox-scripted", version="0.1.0"))
+                                  agent_info=Implementation(name="agentbox-scripted", version="0.1.0"),
+                                  auth_methods=[AUTH_METHOD] if self.requires_auth else [])
+
+    async def authenticate(self, method_id: str, **kwargs: Any) -> AuthenticateResponse:
+        if method_id != AUTH_METHOD.id:
+            raise RequestError.invalid_params({"methodId": f"unknown auth method {method_id!r}"})
+        if not os.environ.get("AGENTBOX_SCRIPTED_API_KEY"):
+            raise RequestError.auth_required({"reason": "AGENTBOX_SCRIPTED_API_KEY is not set"})
+        self.authenticated = True
+        return AuthenticateResponse()
 
     async def new_session(self, cwd: str, additional_directories=None, mcp_servers=None,
                           **kwargs: Any) -> NewSessionResponse:
+        if self.requires_auth and not self.authenticated:
+            raise RequestError.auth_required({"authMethods": [AUTH_METHOD.id]})
         http = [server for server in mcp_servers or [] if isinstance(server, HttpMcpServer)]
         session_id = uuid.uuid4().hex
         self.sessions[session_id] = ScriptedSession(

@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 
 from agentbox.sandbox.logs import configure_logging
+from agentbox.sandbox.runner.auth import AuthPolicy
 from agentbox.sandbox.runner.bridge import AgentBridge
 from agentbox.sandbox.runner.commands import AgentLaunch, CommandError, agent_command
 from agentbox.sandbox.runner.conversation import Conversation
@@ -63,6 +64,7 @@ def serve(settings: RunnerSettings, token: str, system_prompt: str, launch: Agen
     conversation = Conversation(settings.runtime)
     bridge = AgentBridge(conversation, argv=launch.argv, env=launch.env, workspace=settings.workspace,
                          gateway_url=settings.gateway_url, system_prompt=system_prompt,
+                         auth_policy=AuthPolicy(settings.runtime, settings.agent_auth_method, launch.env),
                          permission_policy=settings.permission_policy,
                          restart_max_seconds=settings.agent_restart_max_seconds,
                          ready_wait_seconds=settings.agent_ready_wait_seconds)

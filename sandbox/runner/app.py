@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from agentbox.sandbox.runner.bridge import AgentBridge, AgentBusy, AgentUnavailable
+from agentbox.sandbox.runner.bridge import AgentBridge, AgentBusy, AgentNeedsAuth, AgentUnavailable
 from agentbox.sandbox.runner.conversation import Conversation
 from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
@@ -51,6 +51,8 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
 
     @app.get("/healthz")
     async def healthz() -> dict:
+        if bridge.needs_auth is not None:
+            return {"status": "ok", "agent": "needs_auth"}
         return {"status": "ok", "agent": "ready" if bridge.ready.is_set() else "starting"}
 
     @app.get("/status", dependencies=authorized)
@@ -67,6 +69,8 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
             await bridge.send(body.content, body.type)
         except AgentBusy as error:
             raise HTTPException(409, str(error)) from error
+        except AgentNeedsAuth as error:  # no Retry-After: only new settings help
+            raise HTTPException(503, str(error)) from error
         except AgentUnavailable as error:
             raise HTTPException(503, str(error), {"Retry-After": "2"}) from error
         return {"ok": True}

@@ -26,6 +26,7 @@ from acp.schema import (
     WriteTextFileResponse,
 )
 
+from agentbox.sandbox.runner.auth import AuthConfigError, AuthPolicy, is_auth_required
 from agentbox.sandbox.runner.conversation import Conversation
 from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
@@ -41,6 +42,10 @@ class AgentBusy(Exception):
 
 class AgentUnavailable(Exception):
     pass
+
+
+class AgentNeedsAuth(AgentUnavailable):
+    """The agent refuses to open a session without authentication: only new settings (a new pod) help."""
 
 
 def choose_permission(policy: str, options: list[PermissionOption]) -> RequestPermissionResponse:
@@ -105,18 +110,21 @@ def _write_text(target: Path, content: str) -> None:
 
 class AgentBridge:
     def __init__(self, conversation: Conversation, *, argv: list[str], env: dict[str, str], workspace: Path,
-                 gateway_url: str, system_prompt: str, permission_policy: str = "allow",
-                 restart_max_seconds: float = 10.0, ready_wait_seconds: float = 10.0) -> None:
+                 gateway_url: str, system_prompt: str, auth_policy: AuthPolicy,
+                 permission_policy: str = "allow", restart_max_seconds: float = 10.0,
+                 ready_wait_seconds: float = 10.0) -> None:
         self.conversation = conversation
         self.argv, self.env = argv, env
         self.workspace = workspace
         self.gateway_url = gateway_url
         self.system_prompt = system_prompt
+        self.auth_policy = auth_policy
         self.permission_policy = permission_policy
         self.restart_max_seconds = restart_max_seconds
         self.ready_wait_seconds = ready_wait_seconds
         self.ready = asyncio.Event()
         self.restarts = 0
+        self.needs_auth: str | None = None  # why the agent refused to open a session
         self._conn: Any = None
         self._session_id: str | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -138,7 +146,14 @@ class AgentBridge:
         backoff = 0.2
         while True:
             started = time.monotonic()
-            exit_note = await self._run_agent_once()
+            try:
+                exit_note = await self._run_agent_once()
+            except AgentNeedsAuth as refusal:
+                # Its settings come from the pod's environment, so asking again would be refused again.
+                log.error("%s", refusal)
+                self.needs_auth = str(refusal)
+                self.conversation.agent_error(str(refusal), lasting=True)
+                return
             self.restarts += 1
             if time.monotonic() - started > 30:
                 backoff = 0.2  # it ran for a while: restart promptly
@@ -152,25 +167,35 @@ class AgentBridge:
                                            transport_kwargs={"stderr": None}) as (conn, process):
                 self._process = process
                 async with asyncio.timeout(HANDSHAKE_SECONDS):
-                    await conn.initialize(
+                    agent = await conn.initialize(
                         protocol_version=PROTOCOL_VERSION,
                         client_capabilities=ClientCapabilities(
                             fs=FileSystemCapabilities(read_text_file=True, write_text_file=True)),
                         client_info=Implementation(name="agentbox-runner", version="0.1.0"),
                     )
-                    session = await conn.new_session(
-                        cwd=str(self.workspace),
-                        mcp_servers=[HttpMcpServer(type="http", name="agentbox", url=self.gateway_url,
-                                                   headers=[])],
-                        # ACP has no system prompt field; adapters read _meta (claude-agent-acp's key).
-                        # Gemini and Codex get theirs at launch instead (commands.agent_command).
-                        systemPrompt={"append": self.system_prompt},
-                    )
+                    advertised = list(agent.auth_methods or [])
+                    method = await self._authenticate(conn, advertised)
+                    try:
+                        session = await conn.new_session(
+                            cwd=str(self.workspace),
+                            mcp_servers=[HttpMcpServer(type="http", name="agentbox", url=self.gateway_url,
+                                                       headers=[])],
+                            # ACP has no system prompt field; adapters read _meta (claude-agent-acp's key).
+                            # Gemini and Codex get theirs at launch instead (commands.agent_command).
+                            systemPrompt={"append": self.system_prompt},
+                        )
+                    except RequestError as error:
+                        if not is_auth_required(error):
+                            raise
+                        refusal = self.auth_policy.refusal(advertised, method, error)
+                        raise AgentNeedsAuth(refusal) from error
                 self._conn, self._session_id = conn, session.session_id
                 self.ready.set()
                 log.info("agent started: %s (pid %s)", self.argv[0], process.pid)
                 code = await process.wait()
                 return f"agent exited with code {code}"
+        except AgentNeedsAuth:
+            raise
         except TimeoutError:
             log.error("agent %s did not finish the ACP handshake in %ss", self.argv[0], HANDSHAKE_SECONDS)
             return f"agent did not answer initialize/new_session within {HANDSHAKE_SECONDS}s"
@@ -180,6 +205,20 @@ class AgentBridge:
         finally:
             self.ready.clear()
             self._conn = self._session_id = self._process = None
+
+    async def _authenticate(self, conn: Any, advertised: list[Any]) -> str | None:
+        """Authenticate with the method the policy picks from those advertised; the one used, or None."""
+        try:
+            method = self.auth_policy.choose([candidate.id for candidate in advertised])
+        except AuthConfigError as error:
+            raise AgentNeedsAuth(str(error)) from error
+        if method is not None:
+            try:
+                await conn.authenticate(method_id=method)
+            except RequestError as error:
+                raise AgentNeedsAuth(self.auth_policy.refusal(advertised, method, error)) from error
+            log.info("authenticated with %s", method)
+        return method
 
     # -- turns -------------------------------------------------------------------------------------
     async def wait_ready(self, seconds: float) -> None:
@@ -195,6 +234,8 @@ class AgentBridge:
             return
         if self.conversation.status == "running":
             raise AgentBusy("the agent is running a turn; wait for status stable")
+        if self.needs_auth is not None:
+            raise AgentNeedsAuth(self.needs_auth)
         await self.wait_ready(self.ready_wait_seconds)
         if self.conversation.status == "running":  # another message won the race while we waited
             raise AgentBusy("the agent is running a turn; wait for status stable")

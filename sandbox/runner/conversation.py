@@ -52,6 +52,7 @@ class Conversation:
         self.last_activity: datetime | None = None
         self._subscribers: set[asyncio.Queue[Event | None]] = set()
         self._reply: Message | None = None  # the agent message of the running turn
+        self._lasting_error: Event | None = None  # an error that stays true, told to every new subscriber
 
     def touch(self) -> None:
         self.last_activity = now()
@@ -107,17 +108,23 @@ class Conversation:
         self.touch()
         self._publish(self._message_event(reply))
 
-    def agent_error(self, message: str) -> None:
+    def agent_error(self, message: str, *, lasting: bool = False) -> None:
         self.touch()
-        self._publish(Event("agent_error", {"message": message, "time": rfc3339(now())}))
+        event = Event("agent_error", {"message": message, "time": rfc3339(now())})
+        if lasting:
+            self._lasting_error = event
+        self._publish(event)
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[Event | None]]:
-        """A queue that starts with the current state (every message, then the status) and then follows."""
+        """A queue that starts with the current state (every message, the status, a lasting error) and then
+        follows."""
         queue: asyncio.Queue[Event | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
         for message in self.messages[-(SUBSCRIBER_QUEUE // 2):]:
             queue.put_nowait(self._message_event(message))
         queue.put_nowait(Event("status_change", {"status": self.status, "agent_type": self.agent_type}))
+        if self._lasting_error is not None:
+            queue.put_nowait(self._lasting_error)
         self._subscribers.add(queue)
         try:
             yield queue

@@ -26,6 +26,9 @@ class RunnerSettings(BaseSettings):
     runner_host: str = "127.0.0.1"
     runner_port: int = Field(3284, ge=1, le=65535)
     upload_max_bytes: int = Field(25 * 1024 * 1024, ge=1)
+    # The ACP auth method id to authenticate with (set through the session's agent.env); without it the
+    # runner picks one by what the environment holds (auth.DEFAULT_AUTH_METHODS).
+    agent_auth_method: str | None = None
     # How permission requests from the agent are answered: the pod is the sandbox, so allow by default.
     permission_policy: Literal["allow", "deny"] = "allow"
     agent_restart_max_seconds: float = Field(10.0, gt=0)

@@ -1,0 +1,80 @@
+"""Which ACP auth method the runner authenticates with, and what it says when the agent still refuses.
+
+ACP agents list `authMethods` in their `initialize` answer; some refuse `session/new` with the
+auth-required error (-32000) until the client calls `authenticate` with one of them. Method ids as the
+adapters advertise them (late 2026): Gemini CLI `gemini-api-key`, `vertex-ai`, `oauth-personal`;
+codex-acp `codex-api-key`, `openai-api-key`, `chatgpt`; claude-agent-acp only interactive logins
+(`claude-login` and the like), and it reads ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN by itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+AUTH_METHOD_VARIABLE = "AGENTBOX_AGENT_AUTH_METHOD"
+AUTH_REQUIRED_CODE = -32000  # ACP's auth_required error
+
+# Per runtime, in order of preference: a method id and the variables that must all be non-empty in the
+# agent's environment for it to work without a person at a browser. Logins (oauth-personal, chatgpt,
+# claude-login) need one, so they are never chosen unless AGENTBOX_AGENT_AUTH_METHOD names them.
+DEFAULT_AUTH_METHODS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
+    "gemini": (
+        ("gemini-api-key", ("GEMINI_API_KEY",)),
+        ("vertex-ai", ("GOOGLE_CLOUD_PROJECT", "GOOGLE_CLOUD_LOCATION")),
+        ("vertex-ai", ("GOOGLE_API_KEY",)),  # Vertex AI express mode
+    ),
+    "codex": (
+        ("codex-api-key", ("CODEX_API_KEY",)),
+        ("openai-api-key", ("OPENAI_API_KEY",)),
+    ),
+    "scripted": (("scripted-api-key", ("AGENTBOX_SCRIPTED_API_KEY",)),),
+}
+
+
+class AuthConfigError(Exception):
+    """The platform asked for a method the agent does not offer."""
+
+
+@dataclass(frozen=True)
+class AuthPolicy:
+    runtime: str
+    explicit: str | None  # AGENTBOX_AGENT_AUTH_METHOD
+    environ: Mapping[str, str]  # the agent's environment
+
+    def choose(self, advertised: Sequence[str]) -> str | None:
+        """The method to authenticate with, or None to go straight to `session/new`."""
+        if not advertised:
+            return None
+        if self.explicit:
+            if self.explicit not in advertised:
+                raise AuthConfigError(f"{AUTH_METHOD_VARIABLE}: the agent does not offer {self.explicit!r}; "
+                                      f"it advertises {', '.join(advertised)}")
+            return self.explicit
+        for method_id, variables in DEFAULT_AUTH_METHODS.get(self.runtime, ()):
+            if method_id in advertised and all(self.environ.get(name) for name in variables):
+                return method_id
+        return None
+
+    def refusal(self, advertised: Sequence[Any], tried: str | None, error: Exception) -> str:
+        """What the runner reports when the agent will not open a session for lack of authentication."""
+        ids = [method.id for method in advertised]
+        what = f"authenticate({tried!r}) failed" if tried else "no auth method was chosen"
+        parts = [f"the agent requires authentication: {what} ({error})"]
+        if ids:
+            parts.append(f"it advertises {', '.join(ids)}; set {AUTH_METHOD_VARIABLE} in the session's "
+                         "agent.env to one of them, with the credentials it needs")
+        else:
+            parts.append("it advertises no auth methods; give it its credentials in the session's agent.env")
+        needs = {method.id: [var.name for var in method.vars] for method in advertised
+                 if getattr(method, "vars", None)}  # what an env_var method declares comes first
+        for method_id, variables in DEFAULT_AUTH_METHODS.get(self.runtime, ()):
+            if method_id in ids:
+                needs.setdefault(method_id, variables)
+        parts += [f"{method_id} reads {' and '.join(variables)}" for method_id, variables in needs.items()]
+        return "; ".join(parts)
+
+
+def is_auth_required(error: Exception) -> bool:
+    return getattr(error, "code", None) == AUTH_REQUIRED_CODE
