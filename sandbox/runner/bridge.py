@@ -226,6 +226,8 @@ class AgentBridge:
             async with asyncio.timeout(seconds):
                 await self.ready.wait()
         except TimeoutError as error:
+            if self.needs_auth is not None:  # refused while this message waited
+                raise AgentNeedsAuth(self.needs_auth) from error
             raise AgentUnavailable("the agent is not running yet; retry shortly") from error
 
     async def send(self, content: str, kind: str) -> None:
