@@ -91,7 +91,8 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         "command": ["python", "-m", "agentbox.sandbox.runner"],
         "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
         "env": runner_env(session), "workingDir": WORKSPACE_DIR,
-        "readinessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 5},
+        # Ready only while the agent can take a message (not starting, not refusing to authenticate).
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         "resources": spec.resources or runner_resources, "securityContext": container_security_context(),
         "volumeMounts": _mounts("runner-secrets", workspace=True)}
     pod_spec: dict[str, Any] = {

@@ -1,4 +1,4 @@
-"""The agentapi HTTP surface on port 3284, bearer-token protected (except /healthz)."""
+"""The agentapi HTTP surface on port 3284, bearer-token protected (except /healthz and /readyz)."""
 
 from __future__ import annotations
 
@@ -49,11 +49,22 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
 
     authorized = [Depends(require_token)]
 
+    def agent_state() -> str:
+        if bridge.needs_auth is not None:
+            return "needs_auth"
+        return "ready" if bridge.ready.is_set() else "starting"
+
     @app.get("/healthz")
     async def healthz() -> dict:
-        if bridge.needs_auth is not None:
-            return {"status": "ok", "agent": "needs_auth"}
-        return {"status": "ok", "agent": "ready" if bridge.ready.is_set() else "starting"}
+        return {"status": "ok", "agent": agent_state()}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """The pod's readiness: 200 only while the agent can take a message, so a session whose agent is
+        starting, restarting or refusing to authenticate does not read Ready."""
+        state = agent_state()
+        body = {"agent": state} | ({"detail": bridge.needs_auth} if state == "needs_auth" else {})
+        return JSONResponse(body, status_code=200 if state == "ready" else 503)
 
     @app.get("/status", dependencies=authorized)
     async def status() -> dict:

@@ -95,6 +95,7 @@ def test_pod_layout_matches_the_sandbox_interface():
     (runner,) = pod["spec"]["containers"]
     assert gateway["restartPolicy"] == "Always"  # native sidecar
     assert gateway["command"] == ["python", "-m", "agentbox.sandbox.gateway"]
+    assert runner["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     probe = gateway["startupProbe"]["exec"]["command"]
     assert probe[:2] == ["python", "-c"] and "http://127.0.0.1:8765/healthz" in probe[2]
     assert {"name": "AGENTBOX_GATEWAY_CONFIG", "value": "/etc/agentbox/gateway.json"} in gateway["env"]

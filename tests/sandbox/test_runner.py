@@ -55,9 +55,10 @@ async def turn(http: httpx.AsyncClient, content: str, until: str = "status_chang
     return seen
 
 
-async def test_every_call_but_healthz_needs_the_runner_token(runner):
+async def test_every_call_but_the_probes_needs_the_runner_token(runner):
     async with httpx.AsyncClient(base_url=runner.base, timeout=5) as anonymous:
         assert (await anonymous.get("/healthz")).status_code == 200
+        assert (await anonymous.get("/readyz")).json() == {"agent": "ready"}
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": runner.token},
                         {"Authorization": f"Basic {runner.token}"}):
             for method, path in (("GET", "/status"), ("GET", "/messages"), ("POST", "/message"),
@@ -160,6 +161,7 @@ async def test_an_agent_that_cannot_start_leaves_the_runner_up_and_answers_503(t
         response = await http.post("/message", json={"content": "anyone there?"})
         assert response.status_code == 503 and response.headers["retry-after"] == "2"
         assert httpx.get(f"{runner.base}/healthz").json()["agent"] == "starting"
+        assert httpx.get(f"{runner.base}/readyz").status_code == 503
 
 
 def test_a_gemini_session_reads_its_prompt_from_a_private_home_removed_when_the_runner_stops(tmp_path):

@@ -97,6 +97,7 @@ def runners():
 def test_the_runner_authenticates_before_the_session_opens(tmp_path, runners, env):
     runner = start_runner(runners, tmp_path, AGENTBOX_SCRIPTED_API_KEY="key", **env)
     assert httpx.get(f"{runner.base}/healthz").json()["agent"] == "ready"
+    assert httpx.get(f"{runner.base}/readyz").status_code == 200
     with httpx.Client(base_url=runner.base, headers=runner.headers(), timeout=10) as http:
         assert http.post("/message", json={"content": "hi"}).status_code == 200
         wait_until(lambda: http.get("/messages").json()["messages"][-1]["content"] == "echo: hi",
@@ -112,6 +113,8 @@ async def test_a_refusing_agent_is_reported_and_not_retried(tmp_path, runners, e
     runner = start_runner(runners, tmp_path, **env)
     async with httpx.AsyncClient(base_url=runner.base, headers=runner.headers(), timeout=10) as http:
         assert (await http.get("/healthz")).json()["agent"] == "needs_auth"
+        unready = await http.get("/readyz")
+        assert unready.status_code == 503 and unready.json()["agent"] == "needs_auth"
         assert (await http.get("/status")).json()["status"] == "stable"
         response = await http.post("/message", json={"content": "hi"})
         assert response.status_code == 503 and "retry-after" not in response.headers
