@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack
 import asyncpg
 import httpx
 import pytest_asyncio
+from fixtures.polling import eventually
 from kubernetes_asyncio import client
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -142,13 +143,6 @@ async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str
 
 
 
-async def eventually(check, seconds: float = 10.0) -> None:
-    """Until `check()` (a coroutine function) is true: out-of-band writes reach the cache by its watch."""
-    async with asyncio.timeout(seconds):
-        while not await check():
-            await asyncio.sleep(0.05)
-
-
 async def _is_ready(api: httpx.AsyncClient, name: str) -> bool:
     return (await api.get(f"/api/v1/sessions/{name}", headers=USER_A)).json()["ready"]
 
@@ -166,7 +160,7 @@ async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
 
     assert (await api.get("/api/v1/sessions/s1/status", headers=USER_A)).status_code == 409
     await _make_ready(cluster, namespace, "s1", runner.url)
-    await eventually(lambda: _is_ready(api, "s1"))
+    await eventually(lambda: _is_ready(api, "s1"), timeout=10, interval=0.05)
     status = await api.get("/api/v1/sessions/s1/status", headers=USER_A)
     assert status.status_code == 200 and status.json()["agent_type"] == "scripted"
     sent = await api.post("/api/v1/sessions/s1/message", headers=USER_A, json={"content": "hello"})
@@ -234,7 +228,7 @@ async def test_the_cache_follows_outside_writes_and_lists_exactly_what_a_live_re
     async def names(headers) -> list[str]:
         return [s["name"] for s in (await api.get("/api/v1/sessions", headers=headers)).json()]
 
-    await eventually(lambda: _has(names(ADMIN_A), "by-hand"))
+    await eventually(lambda: _has(names(ADMIN_A), "by-hand"), timeout=10, interval=0.05)
     cached = {who: await names(headers) for who, headers in
               (("admin", ADMIN_A), ("alice", USER_A), ("bob", USER_A2), ("other org", ADMIN_B))}
     cache, services.sessions_cache = services.sessions_cache, None
@@ -247,7 +241,7 @@ async def test_the_cache_follows_outside_writes_and_lists_exactly_what_a_live_re
                               "other org": []}
 
     await cluster.delete_session(namespace, "by-hand")
-    await eventually(lambda: _lacks(names(ADMIN_A), "by-hand"))
+    await eventually(lambda: _lacks(names(ADMIN_A), "by-hand"), timeout=10, interval=0.05)
 
 
 async def _has(names, name: str) -> bool:

@@ -18,16 +18,16 @@ import base64
 import contextlib
 import json
 import secrets
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 import pytest
 import pytest_asyncio
-import uvicorn
+from api.conftest import serve
 from fastmcp import FastMCP
 from fastmcp.server.auth.providers.jwt import StaticTokenVerifier
+from fixtures import polling
 
 from e2e.stack import Stack, delete_tenant, free_port, running_stack
 
@@ -50,19 +50,8 @@ async def mcp_upstream() -> AsyncIterator[str]:
         """Upper-case the text."""
         return text.upper()
 
-    port = free_port()
-    uvicorn_server = uvicorn.Server(uvicorn.Config(server.http_app(), host="127.0.0.1", port=port,
-                                                   log_level="warning"))
-    task = asyncio.create_task(uvicorn_server.serve())
-    while not uvicorn_server.started:
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        uvicorn_server.should_exit = True
-        await task
+    async with serve(server.http_app(), lifespan="on") as base:  # the MCP app's session manager runs in it
+        yield f"{base}/mcp"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -105,14 +94,7 @@ async def onboard(api: httpx.AsyncClient, stack: Stack) -> str:
 
 
 async def eventually(probe: Callable[[], Any], what: str, stack: Stack, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await probe()
-        if value:
-            return value
-        await asyncio.sleep(0.3)
-    raise AssertionError(f"{what}: not reached in {timeout}s; last value {value!r}\n{stack.logs()}")
+    return await polling.eventually(probe, timeout=timeout, interval=0.3, what=what, details=stack.logs)
 
 
 def condition(view: dict, kind: str) -> str | None:

@@ -10,13 +10,12 @@ import asyncio
 import importlib.util
 import json
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fixtures.cluster import REPO, Kube, KubectlError, read_versions
+from fixtures.polling import eventually
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 
@@ -59,18 +58,6 @@ def load_provisioner():
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], timeout: float = 30, what: str = "") -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        await asyncio.sleep(0.2)
 
 
 def api_error_message(error: ApiException) -> str:

@@ -8,7 +8,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -113,18 +112,6 @@ def mcpserver_manifest(name: str, namespace: str, **spec: Any) -> dict[str, Any]
     }
 
 
-async def eventually(probe: Callable[[], Any], timeout: float = 30, interval: float = 0.2) -> Any:
-    """Poll until probe() returns something truthy; the last value is in the failure message."""
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = await probe()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise AssertionError(f"not reached in {timeout}s; last value: {value!r}")
-
-
 async def session_in_phase(
     ops: OperatorKube, namespace: str, name: str, phase: str, timeout: float = 30
 ) -> dict[str, Any]:
@@ -132,8 +119,11 @@ async def session_in_phase(
         body = await ops.get(agentsession.KIND, namespace, name)
         return body if body and (body.get("status") or {}).get("phase") == phase else None
 
+    # Imported here: the operator benchmark imports this module from outside pytest (no tests/ on its path).
+    from fixtures.polling import eventually
+
     try:
-        return await eventually(probe, timeout)
+        return await eventually(probe, timeout=timeout)
     except AssertionError:
         body = await ops.get(agentsession.KIND, namespace, name)
         raise AssertionError(f"{name} never became {phase}: {(body or {}).get('status')}") from None

@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from operator_harness import eventually, free_port, mcpserver_manifest
+from fixtures.polling import eventually
+from operator_harness import free_port, mcpserver_manifest
 
 from agentbox.crds import mcpserver
 

@@ -4,7 +4,8 @@ import asyncio
 import random
 
 import pytest
-from operator_harness import eventually, session_manifest
+from fixtures.polling import eventually
+from operator_harness import session_manifest
 
 from agentbox.crds import agentsession
 from agentbox.operator import naming

@@ -6,8 +6,9 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from fixtures.polling import eventually
 from kubernetes_asyncio.client.exceptions import ApiException
-from operator_harness import eventually, mcpserver_manifest, session_in_phase, session_manifest
+from operator_harness import mcpserver_manifest, session_in_phase, session_manifest
 
 from agentbox.crds import agentsession, mcpserver
 from agentbox.crds.agentsession import AgentSessionSpec
