@@ -282,6 +282,10 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
 
             async def pod_after_claim() -> dict[str, Any] | None:
                 await creates["PersistentVolumeClaim"]
+                if await creates["Secret"] is None:
+                    # A Secret left by an earlier pass holds another runner token: the pod waits for the
+                    # pass below, which reads it, rather than going out now only to be replaced.
+                    return None
                 return await _first_pod(kube, first["Pod"], body)
 
             creates["Pod"] = asyncio.ensure_future(pod_after_claim())
@@ -312,8 +316,6 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     pod = created.get("Pod") or found.get("Pod")
     if wants_pod:
         try:
-            # A pod made in the first round is checked like any other: its Secret may have been there
-            # already with another runner token, and then the pod is replaced.
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
