@@ -9,6 +9,7 @@ import time
 import httpx
 import pytest
 import pytest_asyncio
+from fixtures.polling import eventually
 from kubernetes_asyncio import client
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -41,8 +42,30 @@ async def local_server():
 
 
 async def running_pod(kube, namespace: str, name: str) -> None:
-    await kube.kubectl("run", name, "-n", namespace, "--image=registry.invalid/none", "--restart=Never")
-    await kube.kubectl("wait", "-n", namespace, f"pod/{name}", "--for=condition=Ready", "--timeout=60s")
+    """A pod kwok runs; when it does not, the failure shows the pod, its events and kwok's last words."""
+    seen: list[str] = []
+    async with kube.api_client() as api:
+        core = client.CoreV1Api(api)
+        await core.create_namespaced_pod(namespace, {
+            "metadata": {"name": name},
+            "spec": {"restartPolicy": "Never",
+                     "containers": [{"name": name, "image": "registry.invalid/none"}]}})
+
+        async def running() -> bool:
+            pod = await core.read_namespaced_pod(name, namespace)
+            events = await core.list_namespaced_event(namespace, field_selector=f"involvedObject.name={name}")
+            seen[:] = [f"node={pod.spec.node_name} phase={pod.status.phase} conditions="
+                       f"{[(c.type, c.status, c.reason) for c in pod.status.conditions or []]}",
+                       *(f"event {e.reason}: {e.message}" for e in events.items)]
+            return pod.status.phase == "Running"
+
+        def details() -> str:
+            logs = kube.kubeconfig.parent / "logs"
+            tails = [f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+                     for log in (logs / "kube-scheduler.log", logs / "kwok-controller.log") if log.exists()]
+            return "\n".join([*seen, *tails])
+
+        await eventually(running, timeout=60, what=f"pod {namespace}/{name} to be Running", details=details)
 
 
 async def forward(kube, namespace: str, pod: str, target: str) -> None:
