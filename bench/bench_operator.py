@@ -62,10 +62,22 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def cluster_kubeconfig() -> str:
+    """The cluster up (created when missing), with this checkout's CRDs applied."""
     env = {**os.environ, "AGENTBOX_CLUSTER_NAME": os.environ.get("AGENTBOX_CLUSTER_NAME", "agentbox")}
     done = subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], env=env, capture_output=True, text=True,
                           check=True)
-    return done.stdout.strip().splitlines()[-1]
+    kubeconfig = done.stdout.strip().splitlines()[-1]
+    versions = dict(line.split("=", 1) for line in (REPO / "hack" / "versions.env").read_text().splitlines()
+                    if "=" in line and not line.startswith("#"))
+    cache = Path(os.environ.get("AGENTBOX_CACHE", Path.home() / ".cache" / "agentbox"))
+    binary = cache / "bin" / f"kubernetes-{versions['K8S_VERSION']}" / "kubectl"
+    kubectl = [str(binary), "--kubeconfig", kubeconfig]
+    crds = [arg for path in sorted((REPO / "crds").glob("*.yaml")) for arg in ("-f", str(path))]
+    subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager=agentbox-bench",
+                    *crds], capture_output=True, check=True)
+    subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"],
+                   capture_output=True, check=True)
+    return kubeconfig
 
 
 class RunningWatch:
@@ -125,10 +137,16 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
 
 
 def per_session(before: collections.Counter[str], after: collections.Counter[str], sessions: int
-                ) -> dict[str, float]:
+                ) -> dict[str, Any]:
+    """Requests per session: the total, by verb, and by verb and resource (the largest first)."""
     served = after - before
+    verbs: collections.Counter[str] = collections.Counter()
+    for key, count in served.items():
+        verbs[key.split(" ", 1)[0]] += count
     return {"total": round(sum(served.values()) / sessions, 1),
-            **{verb: round(count / sessions, 1) for verb, count in sorted(served.items())}}
+            **{verb: round(count / sessions, 1) for verb, count in sorted(verbs.items())},
+            "by_resource": {key: round(count / sessions, 2) for key, count in served.most_common()
+                            if count / sessions >= 0.05}}
 
 
 def latency_ms(started: dict[str, float], reached: dict[str, float]) -> dict[str, int]:
@@ -161,11 +179,34 @@ def sandbox_children(namespace: str, with_claim: bool) -> Callable[[str], list[d
     return render
 
 
+async def clear_earlier_runs(api: client.ApiClient, seconds: float = 600) -> None:
+    """Delete what earlier runs left (a killed run keeps its namespace) and wait until it is gone: hundreds
+    of pods, claims and volumes being deleted alongside would add their load to this run's figures."""
+    core = client.CoreV1Api(api)
+    deadline = time.monotonic() + seconds
+    while True:
+        left = [ns for ns in (await core.list_namespace()).items if ns.metadata.name.startswith("bench-")]
+        for ns in left:
+            if ns.metadata.deletion_timestamp is None:
+                await core.delete_namespace(ns.metadata.name)
+        # Their claims' volumes are reclaimed after the namespace is gone.
+        volumes = [pv for pv in (await core.list_persistent_volume()).items
+                   if ((pv.spec.claim_ref and pv.spec.claim_ref.namespace) or "").startswith("bench-")]
+        if not left and not volumes:
+            return
+        waiting = f"{len(left)} namespaces and {len(volumes)} volumes from earlier runs"
+        if time.monotonic() > deadline:
+            raise SystemExit(f"bench_operator: {waiting} still being deleted after {seconds:.0f} s")
+        log(f"waiting for {waiting} to be deleted")
+        await asyncio.sleep(5)
+
+
 async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: float) -> dict[str, Any]:
     """The cluster's own create -> Running at the benchmark's rate, with no operator in the path."""
     ops = Kube(api)
     result: dict[str, Any] = {"benchmark": "operator-baseline", "sessions": sessions, "rate_per_second": rate}
     for series, with_claim in (("pod", False), ("pod_with_claim", True)):
+        await clear_earlier_runs(api)
         namespace = f"bench-base-{os.urandom(3).hex()}"
         await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         try:
@@ -193,18 +234,22 @@ def cpu_seconds(pid: int) -> float:
 
 
 REQUEST_TOTAL = re.compile(r'^apiserver_request_total\{(?P<labels>[^}]*)\} (?P<count>\S+)$', re.MULTILINE)
-VERB = re.compile(r'verb="([A-Z]+)"')
+LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 async def apiserver_requests(api: client.ApiClient) -> collections.Counter[str]:
-    """Requests the apiserver has served so far, by verb (WATCH left out: streams, not work items)."""
+    """Requests the apiserver has served so far, keyed "VERB resource[/subresource]" (WATCH left out:
+    streams, not work items)."""
     text = await api.call_api("/metrics", "GET", auth_settings=["BearerToken"],
                               response_types_map={200: "str"}, _return_http_data_only=True)
     served: collections.Counter[str] = collections.Counter()
     for match in REQUEST_TOTAL.finditer(text):
-        verb = VERB.search(match["labels"])
-        if verb and verb[1] != "WATCH":
-            served[verb[1]] += int(float(match["count"]))
+        labels = dict(LABEL.findall(match["labels"]))
+        verb = labels.get("verb")
+        if verb and verb != "WATCH":
+            resource = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource")
+                                                     else "")
+            served[f"{verb} {resource}"] += int(float(match["count"]))
     return served
 
 
@@ -271,6 +316,7 @@ async def main() -> int:
                                     "AGENTBOX_GATEWAY_RESOURCES": json.dumps(TINY)}, profile=args.profile)
     async with client.ApiClient(configuration=configuration) as api:
         ops = Kube(api)
+        await clear_earlier_runs(api)
         await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
         operator.start()
         try:

@@ -128,17 +128,29 @@ class Provisioner:
         self.core = core
         self.storage_class = storage_class
         self.volumes_dir = volumes_dir
+        # Claims answered (or being answered) whose watch events still show them unbound: the binder's own
+        # annotation lands meanwhile, and answering that event again would repeat four writes per claim.
+        self.answered: set[str] = set()
 
     async def on_claim(self, claim: dict[str, Any]) -> None:
         if claim_lost_to_a_lagging_cache(claim, self.storage_class):
             await self.restore(claim)
+        uid = claim["metadata"]["uid"]
         if not claim_needs_volume(claim, self.storage_class):
+            self.answered.discard(uid)
             return
+        if uid in self.answered:
+            return
+        self.answered.add(uid)
         volume = volume_for_claim(claim, self.storage_class, self.volumes_dir)
-        # The directory and the volume object are independent: made at once (nothing runs on kwok nodes).
-        await asyncio.gather(asyncio.to_thread(make_shared_dir, Path(volume["spec"]["hostPath"]["path"])),
-                             self.create_volume(volume))
-        await self.bind(claim, volume)
+        try:
+            # The directory and the volume object are independent: made at once (nothing runs on kwok nodes).
+            await asyncio.gather(asyncio.to_thread(make_shared_dir, Path(volume["spec"]["hostPath"]["path"])),
+                                 self.create_volume(volume))
+            await self.bind(claim, volume)
+        except BaseException:
+            self.answered.discard(uid)  # the next event or listing tries again
+            raise
 
     async def create_volume(self, volume: dict[str, Any]) -> None:
         claim = volume["spec"]["claimRef"]

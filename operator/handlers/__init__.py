@@ -21,6 +21,7 @@ __all__ = ["mcpserver", "session", "tenant"]
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     memo.settings = OperatorSettings()
     configure_kopf(settings, memo.settings)
+    memo.handled = settings.persistence.diffbase_storage  # forgotten object by object as they are deleted
     memo.kube = await Kube.connect()
     metrics.serve(memo.settings.metrics_host, memo.settings.metrics_port)
     memo.credential_watch = asyncio.create_task(mcpserver.watch_credentials(memo.kube, memo.settings))

@@ -171,6 +171,7 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
     meta = server["metadata"]
     key = (meta["namespace"], meta["name"])
     if event["type"] == "DELETED":
+        memo.handled.forget(meta["uid"])
         _servers.pop(key, None)
         _failures.pop(key, None)
         _probes.cancel(key)

@@ -386,12 +386,13 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def session_event(event: kopf.RawEvent, **_: Any) -> None:
+async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Runs before the change handlers of the same event, so they find this version remembered."""
     body = event["object"]
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
     if event["type"] == "DELETED":
+        memo.handled.forget(meta["uid"])
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)

@@ -28,3 +28,9 @@ async def tenant_namespace(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any
         if not conflicts:
             kopf.info(body, reason="TenantBaselineApplied",
                       message="pod security restricted, quota, limit range and default-deny policy in place")
+
+
+@kopf.on.event("", "v1", "namespaces", labels={naming.TENANT_LABEL: kopf.PRESENT})
+async def tenant_namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        memo.handled.forget(event["object"]["metadata"]["uid"])

@@ -133,6 +133,53 @@ def test_provisioner_deletes_only_its_own_released_volumes():
     assert not provisioner.volume_to_delete(retained)
 
 
+class RecordingCore:
+    """The four writes a claim's answer makes, recorded; `fail` makes the first bind write fail once."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[str] = []
+        self.fail = fail
+
+    async def create_persistent_volume(self, body):
+        self.calls.append("create volume")
+
+    async def patch_persistent_volume_status(self, name, body, **_):
+        self.calls.append("bind volume")
+        if self.fail:
+            self.fail = False
+            raise ApiException(status=500, reason="etcd hiccup")
+
+    async def patch_namespaced_persistent_volume_claim(self, name, namespace, body, **_):
+        self.calls.append("bind claim")
+
+    async def patch_namespaced_persistent_volume_claim_status(self, name, namespace, body, **_):
+        self.calls.append("claim status")
+
+
+async def test_provisioner_answers_each_claim_once_however_many_events_show_it_unbound(tmp_path):
+    provisioner = load_provisioner()
+    core = RecordingCore()
+    answering = provisioner.Provisioner(core, "standard", tmp_path)
+    annotated = {**CLAIM, "metadata": {**CLAIM["metadata"], "annotations": {"volume.kubernetes.io/x": "y"}}}
+    await asyncio.gather(answering.on_claim(CLAIM), answering.on_claim(annotated))
+    await answering.on_claim(annotated)  # the binder's annotation, delivered after our answer
+    assert sorted(core.calls) == ["bind claim", "bind volume", "claim status", "create volume"]
+    assert (tmp_path / "pvc-0b6f").is_dir()
+    # Seen bound, the claim is forgotten: the memory does not grow with every claim ever answered.
+    await answering.on_claim({**CLAIM, "spec": {**CLAIM["spec"], "volumeName": "pvc-0b6f"},
+                              "status": {"phase": "Bound"}})
+    assert not answering.answered
+
+
+async def test_provisioner_answers_a_claim_again_when_its_first_answer_failed(tmp_path):
+    core = RecordingCore(fail=True)
+    answering = load_provisioner().Provisioner(core, "standard", tmp_path)
+    with pytest.raises(ApiException):
+        await answering.on_claim(CLAIM)
+    await answering.on_claim(CLAIM)
+    assert core.calls.count("create volume") == 2 and core.calls.count("bind volume") == 2
+
+
 async def test_provisioner_handles_a_burst_in_parallel_but_bounded_and_surfaces_failures():
     provisioner = load_provisioner()
     workers = provisioner.Workers(limit=4)

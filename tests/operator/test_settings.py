@@ -12,3 +12,41 @@ def test_objects_reconciled_at_once_are_bounded_by_the_setting(monkeypatch):
     assert settings.queueing.worker_limit == 7
     configure_kopf(settings, OperatorSettings(concurrent_objects=64))
     assert settings.queueing.worker_limit == 64
+
+
+BODY = {
+    "apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
+    "metadata": {"name": "s1", "namespace": "t1", "uid": "u-1", "resourceVersion": "7", "generation": 2,
+                 "labels": {"team": "a"},
+                 "annotations": {"agentbox.dev/last-activity": "2026-11-27T00:00:00Z",
+                                 "kubectl.kubernetes.io/last-applied-configuration": "{}",
+                                 "operator.agentbox.dev/last-handled-configuration": '{"spec":{}}'},
+                 "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {"f:agent": {}}}}]},
+    "spec": {"tenant": {"org": "acme", "user": "u1"}, "mcpServers": [{"name": "github"}]},
+    "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+}
+
+
+def test_the_handled_state_is_kopfs_own_essence_kept_in_memory_until_the_object_goes():
+    settings = kopf.OperatorSettings()
+    configure_kopf(settings, OperatorSettings())
+    handled = settings.persistence.diffbase_storage
+    stock = kopf.AnnotationsDiffBaseStorage(prefix="operator.agentbox.dev", key="last-handled-configuration")
+    body = kopf.Body(BODY)
+    essence = handled.build(body=body)
+    assert essence == stock.build(body=body)
+    assert essence == {"spec": BODY["spec"], "metadata": {
+        "labels": {"team": "a"}, "annotations": {"agentbox.dev/last-activity": "2026-11-27T00:00:00Z"}}}
+    essence["spec"]["tenant"]["org"] = "changed"  # a copy: the body is untouched
+    assert BODY["spec"]["tenant"]["org"] == "acme"
+    # Fields a handler asks for explicitly still come along, as kopf would bring them.
+    assert handled.build(body=body, extra_fields=["status.phase"]) == stock.build(
+        body=body, extra_fields=["status.phase"])
+
+    patch = kopf.Patch()
+    assert handled.fetch(body=body) is None  # never handled (or handled by an operator since restarted)
+    handled.store(body=body, patch=patch, essence=essence)
+    assert handled.fetch(body=body) == essence
+    assert not patch  # nothing is written to the object
+    handled.forget("u-1")
+    assert handled.fetch(body=body) is None
