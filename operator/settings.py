@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 FIELD_MANAGER = "agentbox-operator"
 ANNOTATION_PREFIX = "operator.agentbox.dev"
+FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"  # only on sessions with retainOnDelete
 
 
 class OperatorSettings(BaseSettings):
@@ -101,7 +102,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     alone (kopf keeps none there)."""
     settings.persistence.progress_storage = UnmarkedProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = MemoryDiffBaseStorage()
-    settings.persistence.finalizer = f"{ANNOTATION_PREFIX}/finalizer"
+    settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330

@@ -27,7 +27,7 @@ from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, build_secret, new_r
 from agentbox.operator.build.service import build_service
 from agentbox.operator.kube import Conflict, Kube, Ownership, classify
 from agentbox.operator.later import Later
-from agentbox.operator.settings import OperatorSettings
+from agentbox.operator.settings import FINALIZER, OperatorSettings
 from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time, waiting_for_claim
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
@@ -383,6 +383,22 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
                                       naming.child_name(meta["name"]), release)
     if released is not None:
         kopf.info(body, reason="WorkspaceRetained", message="workspace claim kept after deletion")
+
+
+async def let_go_in(kube: Kube, namespace: str) -> None:
+    """The namespace is being deleted, and its claims with it: a retained workspace cannot outlive it, so
+    our finalizer goes without the claim being cut loose. Done here, from the namespace's events, because
+    kopf stops watching a namespace it serves by pattern as soon as the namespace starts terminating: the
+    sessions' own deletion is never seen there, and the namespace would hang in Terminating."""
+    for body in await kube.list(agentsession.KIND, namespace):
+        meta = body["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if FINALIZER not in finalizers:
+            continue
+        kept = [finalizer for finalizer in finalizers if finalizer != FINALIZER]
+        with contextlib.suppress(ApiException):  # changed meanwhile: the namespace's next event retries
+            await kube.merge_patch(agentsession.KIND, namespace, meta["name"], {"metadata": {
+                "finalizers": kept or None, "resourceVersion": meta["resourceVersion"]}})
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)

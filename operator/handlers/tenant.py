@@ -8,6 +8,7 @@ import kopf
 
 from agentbox.operator import metrics, naming
 from agentbox.operator.build import tenant
+from agentbox.operator.handlers import session
 from agentbox.operator.kube import Conflict
 
 
@@ -32,5 +33,8 @@ async def tenant_namespace(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any
 
 @kopf.on.event("", "v1", "namespaces", labels={naming.TENANT_LABEL: kopf.PRESENT})
 async def tenant_namespace_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    meta = event["object"]["metadata"]
     if event["type"] == "DELETED":
-        memo.handled.forget(event["object"]["metadata"]["uid"])
+        memo.handled.forget(meta["uid"])
+    elif meta.get("deletionTimestamp"):
+        await session.let_go_in(memo.kube, meta["name"])

@@ -5,10 +5,15 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
+from fixtures.polling import eventually
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import OperatorProcess
 
 from agentbox.operator.kube import Kube as OperatorKube
+from agentbox.operator.settings import ANNOTATION_PREFIX
+
+FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -17,7 +22,22 @@ async def operator(kube, tmp_path_factory) -> AsyncIterator[OperatorProcess]:
     process.start()
     await process.wait_alive()
     yield process
+    await finalizers_released(kube)
     process.stop()
+
+
+async def finalizers_released(kube, seconds: float = 60) -> None:
+    """Sessions being deleted with the last tests' namespaces carry a finalizer only the operator removes:
+    stopped before it does, their namespaces would stay Terminating for good."""
+    async with kube.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+
+        async def released() -> bool:
+            listing = await custom.list_cluster_custom_object("agentbox.dev", "v1alpha1", "agentsessions")
+            return not any(item["metadata"].get("deletionTimestamp") and FINALIZER in
+                           (item["metadata"].get("finalizers") or []) for item in listing["items"])
+
+        await eventually(released, timeout=seconds, what="the operator to release deleted sessions")
 
 
 @pytest_asyncio.fixture(loop_scope="session")

@@ -400,6 +400,19 @@ async def test_only_retained_workspaces_put_a_finalizer_on_anything(operator, op
     assert kept["metadata"].get("finalizers") == ["operator.agentbox.dev/finalizer"]
 
 
+async def test_a_deleted_namespace_does_not_hang_on_a_retained_workspace(operator, ops, tenant):
+    """kopf stops watching a namespace it serves by pattern once the namespace terminates, so the session's
+    own deletion is never seen: the operator lets it go from the namespace's events instead."""
+    await ops.create(session_manifest("kept", tenant, workspace={"retainOnDelete": True}))
+    await session_in_phase(ops, tenant, "kept", "Running")
+    await ops.delete("Namespace", None, tenant)
+
+    async def namespace_gone():
+        return await ops.get("Namespace", None, tenant) is None
+
+    await eventually(namespace_gone, timeout=90, what=f"namespace {tenant} to be deleted")
+
+
 async def _probed(ops, namespace, name):
     server = await ops.get(mcpserver.KIND, namespace, name)
     return server if (server.get("status") or {}).get("lastProbeTime") else None
