@@ -21,9 +21,11 @@ async def operator(kube, tmp_path_factory) -> AsyncIterator[OperatorProcess]:
     process = OperatorProcess(str(kube.kubeconfig), str(tmp_path_factory.mktemp("operator") / "operator.log"))
     process.start()
     await process.wait_alive()
-    yield process
-    await finalizers_released(kube)
-    process.stop()
+    try:
+        yield process
+        await finalizers_released(kube)
+    finally:
+        process.stop()
 
 
 async def finalizers_released(kube, seconds: float = 60) -> None:
