@@ -55,9 +55,10 @@ class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
     taking over) knows none, so kopf resumes every object, which reconciles it in full anyway.
 
     Built without copying: kopf's own build deep-copies the whole body on every watch event (managedFields,
-    status, whole pods) only to keep spec, labels and annotations, and then copies that again; profiled at
-    a third of the operator's CPU while sessions are created. Watch bodies are parsed afresh for each
-    event and never modified afterwards, so the essence may share their spec."""
+    status, whole pods) only to keep spec, labels and annotations, and then copies that again: the largest
+    item in a profile of the operator while sessions are created. Watch bodies are parsed afresh for each
+    event and never modified afterwards, so the essence may share their spec. Annotations are left out as
+    kopf leaves them out, through its own (private) detection of other kopf operators' prefixes."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,7 +95,7 @@ class UnmarkedProgressStorage(kopf.AnnotationsProgressStorage):
     """kopf's progress annotations without its `<prefix>/kopf-managed` marker, which kopf adds to every
     object it handles even when no progress outlives the handling: one more PATCH per session. The marker
     tells kopf's essence builder which annotations to leave out; MemoryDiffBaseStorage leaves ours out
-    itself. (kopf offers no setting for it: this overrides its one private hook.)"""
+    itself. (kopf offers no setting for it: this overrides the private hook that writes it.)"""
 
     def _store_marker(self, prefix: str, patch: kopf.Patch, body: kopf.Body) -> None:
         return None
