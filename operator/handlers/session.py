@@ -90,6 +90,15 @@ def _api_message(error: ApiException) -> str:
         return str(error.reason)
 
 
+def namespace_terminating(error: ApiException) -> bool:
+    """Refused because the namespace is being deleted: its sessions go with it, nothing to report."""
+    try:
+        causes = (json.loads(error.body).get("details") or {}).get("causes") or []
+    except (TypeError, ValueError, AttributeError):
+        return False
+    return error.status == 403 and any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -175,7 +184,7 @@ async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any])
     try:
         created = await kube.create(desired)
     except ApiException as error:
-        if error.status in (403, 422):
+        if error.status in (403, 422) and not namespace_terminating(error):
             raise PodRejectedError(_api_message(error)) from error
         raise
     if created is not None:
@@ -232,6 +241,8 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
         try:
             return await _reconcile(kube, settings, fresh)
         except ApiException as error:
+            if namespace_terminating(error):
+                return fresh.get("status") or {}
             # Never a silent retry loop: the failure is on the session for `kubectl get` to show.
             message = f"{error.status}: {_api_message(error)}"
             spec = AgentSessionSpec.model_validate(fresh.get("spec") or {})
