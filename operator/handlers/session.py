@@ -40,6 +40,10 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
 # The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
 _expiries = Later()
+# A pod's progress short of Running is written a moment late: a pod scheduled and started at once then
+# costs one status write instead of two (each a tenth of the apiserver's work for a session, profiled).
+_settling = Later()
+SETTLE_SECONDS = 0.15
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -127,12 +131,16 @@ def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any
         post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
 
 
+def _changed(previous: dict[str, Any], status: dict[str, Any]) -> bool:
+    comparable = {key: value for key, value in status.items() if value is not None}
+    return {key: value for key, value in previous.items() if key in comparable} != comparable or any(
+        previous.get(key) is not None for key, value in status.items() if value is None)
+
+
 async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
     meta = body["metadata"]
     previous = body.get("status") or {}
-    comparable = {key: value for key, value in status.items() if value is not None}
-    if {key: value for key, value in previous.items() if key in comparable} != comparable or any(
-            previous.get(key) is not None for key, value in status.items() if value is None):
+    if _changed(previous, status):
         written = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"],
                                          {"status": status}, sub="status")
         if written is not None:
@@ -344,12 +352,14 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
 
 
 async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
-                  pod: dict[str, Any] | None) -> None:
+                  pod: dict[str, Any] | None, *, settle: bool = True) -> None:
     """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict.
 
-    `body` needs only the session's namespace, name and uid: the newest version is taken under the lock."""
+    `body` needs only the session's namespace, name and uid: the newest version is taken under the lock.
+    With `settle`, a change short of Running waits SETTLE_SECONDS for the pod's next event to replace it."""
     meta = body["metadata"]
-    async with _locks[(meta["namespace"], meta["name"])], metrics.reconciling("agentsession-status"):
+    key = (meta["namespace"], meta["name"])
+    async with _locks[key], metrics.reconciling("agentsession-status"):
         fresh = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
         if fresh is None:
             return
@@ -367,6 +377,12 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
             pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
         observed = _observed(body, spec, pvc=pvc, pod=pod)
         status = derive(observed, _now())
+        if settle and status["phase"] in (SessionPhase.PENDING, SessionPhase.STARTING) and _changed(
+                body.get("status") or {}, status):
+            owner = {"metadata": {"namespace": key[0], "name": key[1], "uid": meta["uid"]}}
+            _settling.schedule(key, SETTLE_SECONDS, lambda: refresh(kube, settings, owner, pod, settle=False))
+            return
+        _settling.cancel(key)
         await _write_status(kube, body, status)
         _schedule_expiry(kube, settings, observed, status, meta["uid"])
 
@@ -424,6 +440,7 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         _locks.pop(key, None)
         _latest.pop(key, None)
         _expiries.cancel(key)
+        _settling.cancel(key)
     else:
         remember(body)
 
