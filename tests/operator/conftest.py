@@ -1,6 +1,7 @@
 """Fixtures of the operator's cluster tests: the operator process and tenant namespaces."""
 
 import contextlib
+import fnmatch
 import os
 from collections.abc import AsyncIterator
 
@@ -8,12 +9,10 @@ import pytest_asyncio
 from fixtures.polling import eventually
 from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from operator_harness import OperatorProcess
+from operator_harness import SCOPE, OperatorProcess
 
 from agentbox.operator.kube import Kube as OperatorKube
-from agentbox.operator.settings import ANNOTATION_PREFIX
-
-FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"
+from agentbox.operator.settings import FINALIZER
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -36,8 +35,10 @@ async def finalizers_released(kube, seconds: float = 60) -> None:
 
         async def released() -> bool:
             listing = await custom.list_cluster_custom_object("agentbox.dev", "v1alpha1", "agentsessions")
-            return not any(item["metadata"].get("deletionTimestamp") and FINALIZER in
-                           (item["metadata"].get("finalizers") or []) for item in listing["items"])
+            return not any(fnmatch.fnmatch(item["metadata"]["namespace"], SCOPE)  # this operator's only
+                           and item["metadata"].get("deletionTimestamp")
+                           and FINALIZER in (item["metadata"].get("finalizers") or [])
+                           for item in listing["items"])
 
         await eventually(released, timeout=seconds, what="the operator to release deleted sessions")
 
