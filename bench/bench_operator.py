@@ -46,6 +46,8 @@ from agentbox.operator.build.pod import build_pod
 from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.kube import Kube
 from agentbox.operator.settings import OperatorSettings
+from tests.fixtures.cluster import Kube as ClusterTools
+from tests.fixtures.cluster import apply_crds, cache_dir, read_versions
 from tests.operator.operator_harness import OperatorProcess, session_manifest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -62,22 +64,17 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def cluster_kubeconfig() -> str:
-    """The cluster up (created when missing), with this checkout's CRDs applied."""
     env = {**os.environ, "AGENTBOX_CLUSTER_NAME": os.environ.get("AGENTBOX_CLUSTER_NAME", "agentbox")}
     done = subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], env=env, capture_output=True, text=True,
                           check=True)
-    kubeconfig = done.stdout.strip().splitlines()[-1]
-    versions = dict(line.split("=", 1) for line in (REPO / "hack" / "versions.env").read_text().splitlines()
-                    if "=" in line and not line.startswith("#"))
-    cache = Path(os.environ.get("AGENTBOX_CACHE", Path.home() / ".cache" / "agentbox"))
-    binary = cache / "bin" / f"kubernetes-{versions['K8S_VERSION']}" / "kubectl"
-    kubectl = [str(binary), "--kubeconfig", kubeconfig]
-    crds = [arg for path in sorted((REPO / "crds").glob("*.yaml")) for arg in ("-f", str(path))]
-    subprocess.run([*kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager=agentbox-bench",
-                    *crds], capture_output=True, check=True)
-    subprocess.run([*kubectl, "wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"],
-                   capture_output=True, check=True)
-    return kubeconfig
+    return done.stdout.strip().splitlines()[-1]
+
+
+async def install_crds(kubeconfig: str, configuration: client.Configuration) -> None:
+    """This checkout's CRDs, as the test fixtures apply them (a new cluster has none)."""
+    kubectl = cache_dir() / "bin" / f"kubernetes-{read_versions()['K8S_VERSION']}" / "kubectl"
+    await apply_crds(ClusterTools(kubeconfig=Path(kubeconfig), kubectl_path=kubectl,
+                                  _configuration=configuration))
 
 
 class RunningWatch:
@@ -305,6 +302,7 @@ async def main() -> int:
     kubeconfig = cluster_kubeconfig()
     configuration = client.Configuration()
     await config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    await install_crds(kubeconfig, configuration)
     if args.baseline:
         async with client.ApiClient(configuration=configuration) as api:
             print(json.dumps(await baseline(api, kubeconfig, args.sessions, args.rate), indent=2))

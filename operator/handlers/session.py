@@ -87,19 +87,22 @@ class PodRejectedError(kopf.TemporaryError):
 API_RETRY_SECONDS = 5.0
 EXPIRY_SLACK_SECONDS = 0.5  # wake just after the deadline, not just before it
 
-def _api_message(error: ApiException) -> str:
+def _api_status(error: ApiException) -> dict[str, Any]:
+    """The Status object the apiserver sent with the error ({} when the body is not one)."""
     try:
-        return json.loads(error.body).get("message") or str(error.reason)
+        status = json.loads(error.body)
     except (TypeError, ValueError):
-        return str(error.reason)
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _api_message(error: ApiException) -> str:
+    return _api_status(error).get("message") or str(error.reason)
 
 
 def namespace_terminating(error: ApiException) -> bool:
     """Refused because the namespace is being deleted: its sessions go with it, nothing to report."""
-    try:
-        causes = (json.loads(error.body).get("details") or {}).get("causes") or []
-    except (TypeError, ValueError, AttributeError):
-        return False
+    causes = (_api_status(error).get("details") or {}).get("causes") or []
     return error.status == 403 and any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
 
 

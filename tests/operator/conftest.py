@@ -11,6 +11,7 @@ from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import SCOPE, OperatorProcess
 
+from agentbox.crds import agentsession
 from agentbox.operator.kube import Kube as OperatorKube
 from agentbox.operator.settings import FINALIZER
 
@@ -34,7 +35,8 @@ async def finalizers_released(kube, seconds: float = 60) -> None:
         custom = client.CustomObjectsApi(api)
 
         async def released() -> bool:
-            listing = await custom.list_cluster_custom_object("agentbox.dev", "v1alpha1", "agentsessions")
+            listing = await custom.list_cluster_custom_object(agentsession.GROUP, agentsession.VERSION,
+                                                              agentsession.PLURAL)
             return not any(fnmatch.fnmatch(item["metadata"]["namespace"], SCOPE)  # this operator's only
                            and item["metadata"].get("deletionTimestamp")
                            and FINALIZER in (item["metadata"].get("finalizers") or [])
