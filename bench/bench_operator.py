@@ -13,8 +13,9 @@ While creating, the CPU each cluster process uses and the apiserver's requests p
 a shared cluster's other work counts too) show where the load is.
 
 `--baseline` runs no operator: the cluster's own floor at the same rate, the sandbox pod as the operator
-renders it created straight to the apiserver, create -> Running as kwok reports it; once bare, once with
-its workspace claim created beside it (so the storage path shows apart from the operator's own).
+renders it created straight to the apiserver, create -> Running as kwok reports it: bare; with its
+workspace claim created beside it; and with the pod created only once its claim is bound (so the storage
+path shows apart from the operator's own, and the two ways of ordering pod and claim compare).
 
 The cluster is `hack/cluster.sh up` for $AGENTBOX_CLUSTER_NAME (default agentbox); the operator runs
 as a subprocess serving only the benchmark's namespace.
@@ -32,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,15 +116,19 @@ class RunningWatch:
 
 
 async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
-                       manifests: Callable[[str], list[dict[str, Any]]] | None = None) -> dict[str, float]:
+                       manifests: Callable[[str], list[dict[str, Any]]] | None = None,
+                       then: Callable[[str], Awaitable[None]] | None = None) -> dict[str, float]:
     """Create at a steady rate (each create in its own task so a slow call does not delay the next).
-    `manifests(name)`: what to create for each name, all at once (default: one AgentSession)."""
+    `manifests(name)`: what to create for each name, all at once (default: one AgentSession); `then(name)`:
+    what follows once they exist."""
     created: dict[str, float] = {}
 
     async def one(name: str) -> None:
         created[name] = time.perf_counter()
         wanted = manifests(name) if manifests else [session_manifest(name, namespace, resources=TINY)]
         await asyncio.gather(*(ops.create(manifest) for manifest in wanted))
+        if then is not None:
+            await then(name)
 
     started, tasks = time.perf_counter(), []
     for index, name in enumerate(names):
@@ -131,6 +136,31 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
         tasks.append(asyncio.create_task(one(name)))
     await asyncio.gather(*tasks)
     return created
+
+
+class BoundWatch:
+    """Claims of the namespace seen Bound: what creating each pod only after its claim binds waits for."""
+
+    def __init__(self, api: client.ApiClient, namespace: str):
+        self.api, self.namespace = api, namespace
+        self.bound: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        core = client.CoreV1Api(self.api)
+        while True:
+            async with watch.Watch(return_type="object").stream(
+                    core.list_namespaced_persistent_volume_claim, self.namespace, timeout_seconds=300) as events:
+                async for event in events:
+                    claim = event["object"]
+                    if (claim.get("status") or {}).get("phase") == "Bound":
+                        self.bound[claim["metadata"]["name"]].set()
+
+    async def then_create(self, ops: Kube, pod: dict[str, Any]) -> None:
+        claim = next(volume["persistentVolumeClaim"]["claimName"] for volume in pod["spec"]["volumes"]
+                     if "persistentVolumeClaim" in volume)
+        await self.bound[claim].wait()
+        await ops.create(pod)
 
 
 def per_session(before: collections.Counter[str], after: collections.Counter[str], sessions: int
@@ -202,7 +232,7 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
     """The cluster's own create -> Running at the benchmark's rate, with no operator in the path."""
     ops = Kube(api)
     result: dict[str, Any] = {"benchmark": "operator-baseline", "sessions": sessions, "rate_per_second": rate}
-    for series, with_claim in (("pod", False), ("pod_with_claim", True)):
+    for series, with_claim in (("pod", False), ("pod_with_claim", True), ("pod_after_claim", True)):
         await clear_earlier_runs(api)
         namespace = f"bench-base-{os.urandom(3).hex()}"
         await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}})
@@ -213,7 +243,18 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
             cpu = ClusterCpu(kubeconfig)
             cpu.start()
             requests_before = await apiserver_requests(api)
-            created = await create_paced(ops, namespace, names, rate, sandbox_children(namespace, with_claim))
+            render = sandbox_children(namespace, with_claim)
+            if series == "pod_after_claim":
+                bound = BoundWatch(api, namespace)
+                pods: dict[str, dict[str, Any]] = {}
+
+                def claim_only(name: str) -> list[dict[str, Any]]:
+                    claim, pods[name] = render(name)
+                    return [claim]
+                created = await create_paced(ops, namespace, names, rate, claim_only,
+                                             then=lambda name: bound.then_create(ops, pods[name]))
+            else:
+                created = await create_paced(ops, namespace, names, rate, render)
             await running.wait_for(names, seconds=300)
             result[f"{series}_cpu"] = cpu.stop()
             result[f"{series}_apiserver_requests_per_pod"] = per_session(
