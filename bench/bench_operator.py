@@ -138,29 +138,37 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
     return created
 
 
-class BoundWatch:
-    """Claims of the namespace seen Bound: what creating each pod only after its claim binds waits for."""
+async def create_after_claims(api: client.ApiClient, ops: Kube, namespace: str, names: list[str], rate: float,
+                              render: Callable[[str], list[dict[str, Any]]]) -> dict[str, float]:
+    """Each claim at the steady rate, its pod as soon as a watch sees the claim Bound."""
+    bound: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
+    pods: dict[str, dict[str, Any]] = {}
 
-    def __init__(self, api: client.ApiClient, namespace: str):
-        self.api, self.namespace = api, namespace
-        self.bound: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        core = client.CoreV1Api(self.api)
+    async def follow_claims() -> None:
+        core = client.CoreV1Api(api)
         while True:
             async with watch.Watch(return_type="object").stream(
-                    core.list_namespaced_persistent_volume_claim, self.namespace, timeout_seconds=300) as events:
+                    core.list_namespaced_persistent_volume_claim, namespace, timeout_seconds=300) as events:
                 async for event in events:
                     claim = event["object"]
                     if (claim.get("status") or {}).get("phase") == "Bound":
-                        self.bound[claim["metadata"]["name"]].set()
+                        bound[claim["metadata"]["name"]].set()
 
-    async def then_create(self, ops: Kube, pod: dict[str, Any]) -> None:
-        claim = next(volume["persistentVolumeClaim"]["claimName"] for volume in pod["spec"]["volumes"]
+    def claim_only(name: str) -> list[dict[str, Any]]:
+        claim, pods[name] = render(name)
+        return [claim]
+
+    async def pod_once_bound(name: str) -> None:
+        claim = next(volume["persistentVolumeClaim"]["claimName"] for volume in pods[name]["spec"]["volumes"]
                      if "persistentVolumeClaim" in volume)
-        await self.bound[claim].wait()
-        await ops.create(pod)
+        await bound[claim].wait()
+        await ops.create(pods[name])
+
+    follower = asyncio.create_task(follow_claims())
+    try:
+        return await create_paced(ops, namespace, names, rate, claim_only, then=pod_once_bound)
+    finally:
+        follower.cancel()
 
 
 def per_session(before: collections.Counter[str], after: collections.Counter[str], sessions: int
@@ -245,14 +253,7 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
             requests_before = await apiserver_requests(api)
             render = sandbox_children(namespace, with_claim)
             if series == "pod_after_claim":
-                bound = BoundWatch(api, namespace)
-                pods: dict[str, dict[str, Any]] = {}
-
-                def claim_only(name: str) -> list[dict[str, Any]]:
-                    claim, pods[name] = render(name)
-                    return [claim]
-                created = await create_paced(ops, namespace, names, rate, claim_only,
-                                             then=lambda name: bound.then_create(ops, pods[name]))
+                created = await create_after_claims(api, ops, namespace, names, rate, render)
             else:
                 created = await create_paced(ops, namespace, names, rate, render)
             await running.wait_for(names, seconds=300)
