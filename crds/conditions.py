@@ -58,6 +58,7 @@ class Reason(StrEnum):
     SCHEDULED = "Scheduled"
     UNSCHEDULABLE = "Unschedulable"
     SCHEDULING_PENDING = "SchedulingPending"
+    WAITING_FOR_WORKSPACE = "WaitingForWorkspace"
     # WorkspaceReady
     CLAIM_BOUND = "ClaimBound"
     CLAIM_PENDING = "ClaimPending"

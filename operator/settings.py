@@ -11,6 +11,8 @@ import kopf
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentbox.operator.naming import MANAGED_BY, MANAGER
+
 FIELD_MANAGER = "agentbox-operator"
 ANNOTATION_PREFIX = "operator.agentbox.dev"
 FINALIZER = f"{ANNOTATION_PREFIX}/finalizer"  # only on sessions with retainOnDelete
@@ -118,8 +120,9 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.inactivity_timeout = 600
-    # Only our own pods and tenant namespaces travel over the watch streams, not the whole cluster's.
-    settings.watching.label_selectors["v1/pods"] = "app.kubernetes.io/managed-by=agentbox"
+    # Only our own pods, claims and tenant namespaces travel over the watch streams, not the cluster's.
+    for resource in ("v1/pods", "v1/persistentvolumeclaims"):
+        settings.watching.label_selectors[resource] = f"{MANAGED_BY}={MANAGER}"
     settings.watching.label_selectors["v1/namespaces"] = "agentbox.dev/tenant"
     settings.execution.max_workers = 2  # every handler is async; the pool only serves kopf internals
     settings.queueing.worker_limit = ours.concurrent_objects

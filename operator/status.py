@@ -138,8 +138,11 @@ def waiting_for_claim(pod_condition: dict[str, Any]) -> bool:
             and "persistentvolumeclaim" in pod_condition.get("message", "").lower())
 
 
-def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool) -> dict[str, Any]:
+def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool, claim_pending: bool) -> dict[str, Any]:
     if pod is None:
+        if wanted and claim_pending:
+            return _condition(Kind.POD_SCHEDULED, False, Reason.WAITING_FOR_WORKSPACE,
+                              "the sandbox pod is created once the workspace claim is bound")
         reason = Reason.POD_MISSING if wanted else Reason.SUSPENDED_BY_USER
         return _condition(Kind.POD_SCHEDULED, False, reason, "no sandbox pod")
     scheduled = _pod_condition(pod, "PodScheduled")
@@ -162,7 +165,8 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     wants_pod = not (suspended or expired or observed.deleting or observed.conflict)
     pod = observed.pod
     workspace = _workspace_condition(observed.pvc)
-    scheduled = _scheduled_condition(pod, wants_pod)
+    claim_pending = observed.pvc is not None and workspace["reason"] == Reason.CLAIM_PENDING
+    scheduled = _scheduled_condition(pod, wants_pod, claim_pending)
     failure = pod_failure(pod) if pod is not None and wants_pod else None
     if failure is None and scheduled["reason"] == Reason.UNSCHEDULABLE:
         failure = (Reason.UNSCHEDULABLE, scheduled["message"])

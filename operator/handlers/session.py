@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from agentbox.crds import agentsession
 from agentbox.crds.agentsession import AgentSessionSpec
 from agentbox.crds.conditions import Reason, SessionPhase
-from agentbox.operator import metrics, naming
+from agentbox.operator import metrics, naming, workspace
 from agentbox.operator.build import mcp
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.configmap import build_configmap
@@ -38,8 +38,15 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 # The newest version of every session seen on the watch or in our own write responses: reconciles start
 # from it instead of re-reading the session (one GET fewer per trigger).
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
+# A new session's first pass waits this long for its claim to bind before creating its pod (see
+# workspace.py); after that the pod is held, and the claim's watch event creates it.
+CLAIM_WAIT_SECONDS = 1.0
+_claim_bound: dict[tuple[str, str], asyncio.Event] = {}
+_held: dict[tuple[str, str], dict[str, Any]] = {}
 # The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
 _expiries = Later()
+# A full reconcile again after a held pod could not be created (its name taken, refused, an API error).
+_retries = Later()
 # A pod's progress short of Running is written a moment late: a pod scheduled and started at once then
 # costs one status write instead of two (each a tenth of the apiserver's work for a session, profiled).
 _settling = Later()
@@ -161,14 +168,22 @@ def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed,
         _expiries.cancel(key)
         return
     owner = {"metadata": {"namespace": observed.namespace, "name": observed.name, "uid": uid}}
+    _reconcile_later(_expiries, kube, settings, owner,
+                     (deadline - _now()).total_seconds() + EXPIRY_SLACK_SECONDS)
 
-    async def expire() -> None:
+
+def _reconcile_later(later: Later, kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
+                     delay: float) -> None:
+    """A full reconcile in `delay` seconds; one that fails for now goes again after the delay it asks."""
+    meta = owner["metadata"]
+
+    async def again() -> None:
         try:
             await reconcile(kube, settings, owner)
         except kopf.TemporaryError as error:
-            _expiries.schedule(key, error.delay or API_RETRY_SECONDS, expire)
+            _reconcile_later(later, kube, settings, owner, error.delay or API_RETRY_SECONDS)
 
-    _expiries.schedule(key, (deadline - _now()).total_seconds() + EXPIRY_SLACK_SECONDS, expire)
+    later.schedule((meta["namespace"], meta["name"]), delay, again)
 
 
 def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Observed:
@@ -296,24 +311,38 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     # are read and classified below.
     new_token = new_runner_token()
     created: dict[str, dict[str, Any]] = {}
+    # The first pass made the claim just now, so no pod of ours can exist yet: one held back is not read.
+    held_from_first_pass = False
     if not (body.get("status") or {}).get("observedGeneration"):
+        bound = _claim_bound[(namespace, name)] = asyncio.Event()  # before the claim can exist
         first = manifests(new_token)
         creates = {kind: asyncio.ensure_future(kube.create(manifest)) for kind, manifest in first.items()}
         if wants_pod:
             first["Pod"] = pod_for(first)
 
             async def pod_after_claim() -> dict[str, Any] | None:
-                await creates["PersistentVolumeClaim"]
+                nonlocal held_from_first_pass
+                claim = await creates["PersistentVolumeClaim"]
                 if await creates["Secret"] is None:
                     # A Secret left by an earlier pass holds another runner token: the pod waits for the
                     # pass below, which reads it, rather than going out now only to be replaced.
                     return None
+                if claim is not None and await workspace.pod_waits_for(kube, claim):
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(bound.wait(), CLAIM_WAIT_SECONDS)
+                    if not bound.is_set():
+                        held_from_first_pass = True
+                        return None
                 return await _first_pod(kube, first["Pod"], body)
 
             creates["Pod"] = asyncio.ensure_future(pod_after_claim())
-        results = await asyncio.gather(*creates.values())
+        try:
+            results = await asyncio.gather(*creates.values())
+        finally:
+            del _claim_bound[(namespace, name)]
         created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
-    to_read = [kind for kind in CHILD_KINDS if kind not in created]
+    to_read = [kind for kind in CHILD_KINDS
+               if kind not in created and not (kind == "Pod" and held_from_first_pass)]
     found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
                      strict=True))
     ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in to_read}
@@ -336,7 +365,10 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
     pod = created.get("Pod") or found.get("Pod")
-    if wants_pod:
+    if wants_pod and pod is None and await workspace.pod_waits_for(kube, pvc):
+        _held[(namespace, name)] = pod_for(desired)
+    elif wants_pod:
+        _held.pop((namespace, name), None)
         try:
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
         except PodRejectedError as rejection:
@@ -344,9 +376,11 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
             await _write_status(kube, body, derive(observed, _now()))
             raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
-    elif pod is not None:
-        await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
-        pod = None
+    else:
+        _held.pop((namespace, name), None)
+        if pod is not None:
+            await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
+            pod = None
     observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
@@ -354,12 +388,13 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     return status
 
 
-async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
-                  pod: dict[str, Any] | None, *, settle: bool = True) -> None:
+async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], pod: dict[str, Any] | None,
+                  *, settle: bool = True, pvc: dict[str, Any] | None = None) -> None:
     """Status only, from a pod event: cheaper than a reconcile, keeps the last MCPReady verdict.
 
     `body` needs only the session's namespace, name and uid: the newest version is taken under the lock.
-    With `settle`, a change short of Running waits SETTLE_SECONDS for the pod's next event to replace it."""
+    With `settle`, a change short of Running waits SETTLE_SECONDS for the pod's next event to replace it.
+    `pvc`: the claim as just seen, when the caller has it."""
     meta = body["metadata"]
     key = (meta["namespace"], meta["name"])
     async with _locks[key], metrics.reconciling("agentsession-status"):
@@ -373,17 +408,18 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any],
         # A scheduled pod's claim is bound (the scheduler waits for it), and one the scheduler holds back
         # for its claim is not: no need to read the claim in either case.
         if scheduled.get("status") == "True":
-            pvc: dict[str, Any] | None = {"status": {"phase": "Bound"}}
+            pvc = {"status": {"phase": "Bound"}}
         elif waiting_for_claim(scheduled):
             pvc = {"status": {"phase": "Pending"}}
-        else:
+        elif pvc is None:
             pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
         observed = _observed(body, spec, pvc=pvc, pod=pod)
         status = derive(observed, _now())
         if settle and status["phase"] in (SessionPhase.PENDING, SessionPhase.STARTING) and _changed(
                 body.get("status") or {}, status):
             owner = {"metadata": {"namespace": key[0], "name": key[1], "uid": meta["uid"]}}
-            _settling.schedule(key, SETTLE_SECONDS, lambda: refresh(kube, settings, owner, pod, settle=False))
+            _settling.schedule(key, SETTLE_SECONDS,
+                               lambda: refresh(kube, settings, owner, pod, settle=False, pvc=pvc))
             return
         _settling.cancel(key)
         await _write_status(kube, body, status)
@@ -442,25 +478,68 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
+        _held.pop(key, None)
         _expiries.cancel(key)
+        _retries.cancel(key)
         _settling.cancel(key)
     else:
         remember(body)
 
 
-def _owner_session(pod: dict[str, Any]) -> dict[str, Any] | None:
+def _owner_session(child: dict[str, Any]) -> dict[str, Any] | None:
     """Enough of the owning session for reconcile/refresh, which take its newest version anyway."""
-    for ref in pod["metadata"].get("ownerReferences") or []:
+    for ref in child["metadata"].get("ownerReferences") or []:
         if ref.get("controller") and ref.get("kind") == agentsession.KIND:
-            return {"metadata": {"namespace": pod["metadata"]["namespace"], "name": ref["name"],
+            return {"metadata": {"namespace": child["metadata"]["namespace"], "name": ref["name"],
                                  "uid": ref["uid"]}}
     return None
 
 
-SESSION_POD = {naming.MANAGED_BY: naming.MANAGER, naming.SESSION_LABEL: kopf.PRESENT}
+SESSION_CHILD = {naming.MANAGED_BY: naming.MANAGER, naming.SESSION_LABEL: kopf.PRESENT}
 
 
-@kopf.on.event("", "v1", "pods", labels=SESSION_POD)
+async def release_pod(kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
+                      claim: dict[str, Any]) -> None:
+    """Create the pod held back for this claim, now bound. When that fails (its name taken, refused, an
+    API error), a full reconcile sorts it out and reports it on the session."""
+    meta = owner["metadata"]
+    key = (meta["namespace"], meta["name"])
+    async with _locks[key], metrics.reconciling("agentsession-pod"):
+        pod = _held.get(key)
+        if pod is None or (_owner_session(pod) or {}).get("metadata", {}).get("uid") != meta["uid"]:
+            return  # created meanwhile, or held for a later session of the same name
+        del _held[key]
+        body = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
+        if body is None:
+            return
+        try:
+            created = await _create_pod(kube, pod, body)
+        except (ApiException, PodRejectedError):
+            created = None
+    if created is None:
+        _reconcile_later(_retries, kube, settings, owner, 0)
+    else:
+        await refresh(kube, settings, owner, created, pvc=claim)
+
+
+@kopf.on.event("", "v1", "persistentvolumeclaims", labels=SESSION_CHILD)
+async def session_claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A pod held back for its workspace claim goes out as soon as the claim is bound."""
+    claim = event["object"]
+    owner = _owner_session(claim)
+    if event["type"] == "DELETED" or owner is None or not workspace.claim_bound(claim):
+        return
+    key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
+    waiting = _claim_bound.get(key)
+    if waiting is not None:
+        waiting.set()
+    # Not only when a pod is held already: a reconcile may be about to hold one (it holds the lock).
+    if key in _latest:
+        kube, settings = _memo(memo)
+        await release_pod(kube, settings, owner, claim)
+
+
+@kopf.on.event("", "v1", "pods", labels=SESSION_CHILD)
 async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Pod changes are watched, not polled: status follows them, a lost pod is recreated."""
     kube, settings = _memo(memo)

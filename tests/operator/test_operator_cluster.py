@@ -202,6 +202,63 @@ async def test_suspend_and_resume_keep_the_workspace(operator, ops, tenant):
     assert claim_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
+def _storage_class(name, binding_mode):
+    # No provisioner: a claim of this class binds only to a volume made for it by hand.
+    return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
+            "provisioner": "kubernetes.io/no-provisioner", "volumeBindingMode": binding_mode}
+
+
+def _reasons(body):
+    return {c["type"]: c["reason"] for c in ((body or {}).get("status") or {}).get("conditions") or []}
+
+
+async def test_the_pod_waits_for_a_claim_that_binds_on_its_own(operator, kube, ops, tenant):
+    storage_class, volume = f"manual-{tenant}", f"pv-{tenant}"
+    await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
+    try:
+        await ops.create(session_manifest("held", tenant, workspace={"storageClassName": storage_class}))
+
+        async def held():
+            body = await ops.get(agentsession.KIND, tenant, "held")
+            return _reasons(body).get("PodScheduled") == "WaitingForWorkspace" and body
+
+        body = await eventually(held, what="the session waiting for its workspace claim")
+        assert body["status"]["phase"] == "Pending"
+        assert await ops.get("Pod", tenant, naming.child_name("held")) is None
+        claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("held"))
+        await kube.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+            "spec": {"capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
+                     "accessModes": claim["spec"]["accessModes"], "storageClassName": storage_class,
+                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
+                     "claimRef": {"namespace": tenant, "name": claim["metadata"]["name"],
+                                  "uid": claim["metadata"]["uid"]}}}))
+        body = await session_in_phase(ops, tenant, "held", "Running")
+        assert _reasons(body)["WorkspaceReady"] == "ClaimBound"
+    finally:
+        await kube.kubectl("delete", "--ignore-not-found", "--wait=false", f"persistentvolume/{volume}",
+                           f"storageclass/{storage_class}")
+
+
+@pytest.mark.parametrize("binding_mode", ["WaitForFirstConsumer", None])
+async def test_the_pod_goes_at_once_when_its_claim_cannot_bind_first(operator, kube, ops, tenant,
+                                                                     binding_mode):
+    """A claim bound only once its pod is scheduled, or of a class that cannot be read: the pod is not
+    held back (the scheduler says what it waits for)."""
+    storage_class = f"late-{tenant}"
+    if binding_mode:
+        await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, binding_mode)))
+    try:
+        await ops.create(session_manifest("soon", tenant, workspace={"storageClassName": storage_class}))
+        pod = await eventually(lambda: ops.get("Pod", tenant, naming.child_name("soon")),
+                               what="the sandbox pod")
+        assert pod["metadata"]["labels"][naming.SESSION_LABEL] == "soon"
+        claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("soon"))
+        assert claim["status"]["phase"] == "Pending"
+    finally:
+        await kube.kubectl("delete", "--ignore-not-found", "--wait=false", f"storageclass/{storage_class}")
+
+
 async def _gone(ops, kind, namespace, name):
     return await ops.get(kind, namespace, name) is None
 

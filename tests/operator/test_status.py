@@ -112,6 +112,18 @@ def test_the_scheduler_holding_the_pod_for_its_claim_changes_no_status():
         assert status == just_created
 
 
+def test_a_pod_held_for_its_claim_says_so():
+    """Until a claim that binds on its own is bound, no pod exists: the session says what it waits for."""
+    held = derive(observe(pod=None, pvc={"status": {"phase": "Pending"}}, mcp_problems=()), NOW)
+    assert held["phase"] == "Pending" and held["podName"] is None
+    assert conditions(held)["PodScheduled"] == ("False", "WaitingForWorkspace")
+    assert conditions(held)["WorkspaceReady"] == ("False", "ClaimPending")
+    lost = derive(observe(pod=None, pvc=BOUND, mcp_problems=()), NOW)
+    assert conditions(lost)["PodScheduled"] == ("False", "PodMissing")
+    unseen = derive(observe(pod=None, pvc=None, mcp_problems=()), NOW)  # the claim was not looked at
+    assert conditions(unseen)["PodScheduled"] == ("False", "PodMissing")
+
+
 def test_starting_and_pending():
     assert derive(observe(pod=pod(ready=False), pvc=BOUND, mcp_problems=()), NOW)["phase"] == "Starting"
     status = derive(observe(pod=None, mcp_problems=()), NOW)
