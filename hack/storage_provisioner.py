@@ -23,6 +23,8 @@ from typing import Any
 from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from agentbox.operator.kube import skip_environment_lookups
+
 PROVISIONER = "agentbox.dev/hostpath"
 PROVISIONED_BY = "pv.kubernetes.io/provisioned-by"
 # What the controller-manager's binder stamps on a claim it bound.
@@ -309,6 +311,7 @@ async def run(args: argparse.Namespace) -> None:
     volumes_dir = args.volumes_dir.resolve()
     await asyncio.to_thread(volumes_dir.mkdir, parents=True, exist_ok=True)
     async with client.ApiClient(configuration) as api:
+        skip_environment_lookups(api)
         core = client.CoreV1Api(api)
         provisioner = Provisioner(core, args.storage_class, volumes_dir)
         claims_listed, volumes_listed = asyncio.Event(), asyncio.Event()
