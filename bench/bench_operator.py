@@ -257,7 +257,7 @@ async def baseline(api: client.ApiClient, kubeconfig: str, sessions: int, rate: 
             else:
                 created = await create_paced(ops, namespace, names, rate, render)
             await running.wait_for(names, seconds=300)
-            result[f"{series}_cpu"] = cpu.stop()
+            result[f"{series}_cpu"] = cpu.stop(sessions)
             result[f"{series}_apiserver_requests_per_pod"] = per_session(
                 requests_before, await apiserver_requests(api), sessions)
             running.task.cancel()
@@ -308,13 +308,17 @@ class ClusterCpu:
         self.before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
         self.machine_before, self.wall_before = psutil.cpu_times(), time.perf_counter()
 
-    def stop(self) -> dict[str, Any]:
+    def stop(self, sessions: int) -> dict[str, Any]:
+        """Also the CPU each process spent per session: what the machine's cores divide into a ceiling on
+        the rate it can sustain at all."""
         wall = time.perf_counter() - self.wall_before
         machine = psutil.cpu_times()
         idle = (machine.idle - self.machine_before.idle) / wall / psutil.cpu_count()
+        spent = {name: cpu_seconds(pid) - self.before[name] for name, pid in self.pids.items()}
         return {"window_seconds": round(wall, 1), "machine_busy_percent": round(100 * (1 - idle)),
-                "cores_used": {name: round((cpu_seconds(pid) - self.before[name]) / wall, 2)
-                               for name, pid in self.pids.items()}}
+                "cores_used": {name: round(seconds / wall, 2) for name, seconds in spent.items()},
+                "cpu_ms_per_session": {name: round(1000 * seconds / sessions, 1)
+                                       for name, seconds in spent.items()}}
 
 
 async def idle_usage(pid: int, seconds: float) -> dict[str, float]:
@@ -372,7 +376,7 @@ async def main() -> int:
             requests_before = await apiserver_requests(api)
             created = await create_paced(ops, namespace, names, args.rate)
             await running.wait_for(names, seconds=300)
-            load = cpu.stop()
+            load = cpu.stop(len(names))
             requests = per_session(requests_before, await apiserver_requests(api), len(names))
             cpu_per_session = (cpu_seconds(operator.process.pid) - cpu_before) / len(names)
             latencies = latency_ms(created, running.running_at)
