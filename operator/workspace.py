@@ -41,10 +41,11 @@ async def binding_mode(kube: Kube, storage_class: str | None) -> str | None:
         found = await kube.get("StorageClass", None, storage_class)
         mode = None if found is None else found.get("volumeBindingMode") or IMMEDIATE
     except ApiException as error:
-        if error.status != 403:
-            raise
-        log.warning("may not read StorageClass %s (%s): sandbox pods are created beside their claims",
-                    storage_class, error.reason)
+        # Waiting is only a saving: without the class, pods go at once.
+        log.warning("could not read StorageClass %s (%s %s): its sandbox pods are created beside their "
+                    "claims", storage_class, error.status, error.reason)
+        if error.status >= 500:
+            return None  # asked again next time
         mode = None
     _modes[storage_class] = (mode, time.monotonic() + MODE_TTL_SECONDS)
     return mode
