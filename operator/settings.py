@@ -11,7 +11,7 @@ import kopf
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from agentbox.operator.naming import MANAGED_BY, MANAGER
+from agentbox.operator.naming import MANAGED_BY, MANAGER, TENANT_LABEL
 
 FIELD_MANAGER = "agentbox-operator"
 ANNOTATION_PREFIX = "operator.agentbox.dev"
@@ -123,7 +123,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     # Only our own pods, claims and tenant namespaces travel over the watch streams, not the cluster's.
     for resource in ("v1/pods", "v1/persistentvolumeclaims"):
         settings.watching.label_selectors[resource] = f"{MANAGED_BY}={MANAGER}"
-    settings.watching.label_selectors["v1/namespaces"] = "agentbox.dev/tenant"
+    settings.watching.label_selectors["v1/namespaces"] = TENANT_LABEL
     settings.execution.max_workers = 2  # every handler is async; the pool only serves kopf internals
     settings.queueing.worker_limit = ours.concurrent_objects
     # A per-object worker holds its slot until it has been idle this long (kopf's default: 5 s), so the
