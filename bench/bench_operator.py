@@ -143,6 +143,7 @@ async def create_after_claims(api: client.ApiClient, ops: Kube, namespace: str, 
     """Each claim at the steady rate, its pod as soon as a watch sees the claim Bound."""
     bound: collections.defaultdict[str, asyncio.Event] = collections.defaultdict(asyncio.Event)
     pods: dict[str, dict[str, Any]] = {}
+    claims: dict[str, str] = {}
 
     async def follow_claims() -> None:
         core = client.CoreV1Api(api)
@@ -156,12 +157,11 @@ async def create_after_claims(api: client.ApiClient, ops: Kube, namespace: str, 
 
     def claim_only(name: str) -> list[dict[str, Any]]:
         claim, pods[name] = render(name)
+        claims[name] = claim["metadata"]["name"]
         return [claim]
 
     async def pod_once_bound(name: str) -> None:
-        claim = next(volume["persistentVolumeClaim"]["claimName"] for volume in pods[name]["spec"]["volumes"]
-                     if "persistentVolumeClaim" in volume)
-        await bound[claim].wait()
+        await bound[claims[name]].wait()
         await ops.create(pods[name])
 
     follower = asyncio.create_task(follow_claims())
@@ -370,7 +370,6 @@ async def main() -> int:
             running = RunningWatch(api, namespace)
             names = [f"s-{index:04d}" for index in range(args.sessions)]
             log(f"creating {len(names)} sessions at {args.rate}/s in {namespace}")
-            cpu_before = cpu_seconds(operator.process.pid)
             cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid, "benchmark": os.getpid()})
             cpu.start()
             requests_before = await apiserver_requests(api)
@@ -378,7 +377,6 @@ async def main() -> int:
             await running.wait_for(names, seconds=300)
             load = cpu.stop(len(names))
             requests = per_session(requests_before, await apiserver_requests(api), len(names))
-            cpu_per_session = (cpu_seconds(operator.process.pid) - cpu_before) / len(names)
             latencies = latency_ms(created, running.running_at)
             pod_latencies = latency_ms(created, running.pod_at)
 
@@ -397,7 +395,7 @@ async def main() -> int:
         "sessions": args.sessions, "rate_per_second": args.rate,
         "create_to_running_ms": latencies,
         "create_to_pod_created_ms": pod_latencies,
-        "operator_cpu_ms_per_session": round(1000 * cpu_per_session, 1),
+        "operator_cpu_ms_per_session": load["cpu_ms_per_session"]["operator"],
         "cpu_while_creating": load,
         "apiserver_requests_per_session": requests,
         "held_running_sessions": args.hold,

@@ -42,7 +42,7 @@ _latest: dict[tuple[str, str], dict[str, Any]] = {}
 # workspace.py); after that the pod is held, and the claim's watch event creates it.
 CLAIM_WAIT_SECONDS = 1.0
 _claim_bound: dict[tuple[str, str], asyncio.Event] = {}
-_held: dict[tuple[str, str], dict[str, Any]] = {}
+_held: dict[str, dict[str, Any]] = {}  # by the session's uid: a later session of the same name holds its own
 # The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
 _expiries = Later()
 # A full reconcile again after a held pod could not be created (its name taken, refused, an API error).
@@ -328,9 +328,9 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                     # pass below, which reads it, rather than going out now only to be replaced.
                     return None
                 if claim is not None and await workspace.pod_waits_for(kube, claim):
-                    with contextlib.suppress(TimeoutError):
+                    try:
                         await asyncio.wait_for(bound.wait(), CLAIM_WAIT_SECONDS)
-                    if not bound.is_set():
+                    except TimeoutError:
                         held_from_first_pass = True
                         return None
                 return await _first_pod(kube, first["Pod"], body)
@@ -365,10 +365,10 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
     pod = created.get("Pod") or found.get("Pod")
+    _held.pop(session.uid, None)
     if wants_pod and pod is None and await workspace.pod_waits_for(kube, pvc):
-        _held[(namespace, name)] = pod_for(desired)
+        _held[session.uid] = pod_for(desired)
     elif wants_pod:
-        _held.pop((namespace, name), None)
         try:
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
         except PodRejectedError as rejection:
@@ -376,11 +376,9 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
             await _write_status(kube, body, derive(observed, _now()))
             raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
-    else:
-        _held.pop((namespace, name), None)
-        if pod is not None:
-            await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
-            pod = None
+    elif pod is not None:
+        await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
+        pod = None
     observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
@@ -478,7 +476,7 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
-        _held.pop(key, None)
+        _held.pop(meta["uid"], None)
         _expiries.cancel(key)
         _retries.cancel(key)
         _settling.cancel(key)
@@ -505,10 +503,9 @@ async def release_pod(kube: Kube, settings: OperatorSettings, owner: dict[str, A
     meta = owner["metadata"]
     key = (meta["namespace"], meta["name"])
     async with _locks[key], metrics.reconciling("agentsession-pod"):
-        pod = _held.get(key)
-        if pod is None or (_owner_session(pod) or {}).get("metadata", {}).get("uid") != meta["uid"]:
-            return  # created meanwhile, or held for a later session of the same name
-        del _held[key]
+        pod = _held.pop(meta["uid"], None)
+        if pod is None:
+            return  # created meanwhile
         body = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
         if body is None:
             return
