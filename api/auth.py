@@ -19,6 +19,7 @@ import jwt
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from agentbox.api.db import ORG_ID_MAX_LENGTH, InvalidOrgId, check_org_id
 from agentbox.api.problems import ProblemError
 
 log = logging.getLogger("agentbox.api.auth")
@@ -201,8 +202,16 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
     metadata = claims.get("app_metadata")
     metadata = metadata if isinstance(metadata, dict) else {}
     org = metadata.get("org_id")
+    if org is not None and org != "":
+        # The org names a tenant namespace and a row-security context: a token whose org cannot be one
+        # is refused here, before any route uses it.
+        try:
+            check_org_id(org)
+        except InvalidOrgId:
+            raise InvalidToken("the token's app_metadata.org_id must be a DNS label (lowercase letters, "
+                               f"digits and '-') of at most {ORG_ID_MAX_LENGTH} characters") from None
     role = metadata.get("role")
-    return Principal(sub=sub, org=org if isinstance(org, str) and org else None,
+    return Principal(sub=sub, org=org or None,
                      role="admin" if role == "admin" else "user",
                      is_platform=top_level_role == "service_role")
 

@@ -42,3 +42,44 @@ async def test_no_org_in_the_token_is_a_403_problem(method, path):
     assert response.status_code == 403, response.text
     assert response.headers["content-type"] == "application/problem+json"
     assert "organisation" in response.json()["detail"] or "org admins" in response.json()["detail"]
+
+
+NOT_A_DNS_LABEL = ["Acme Corp", "../x", "a" * 64, "ACME", "acme-", "acme.corp", "-acme", "ac\u00e9me"]
+
+
+def _bearer_for_org(org: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {hs256(sub='u', app_metadata={'org_id': org, 'role': 'admin'})}"}
+
+
+async def _call(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+    database = Database("postgresql://nobody@127.0.0.1:1/none", connect_timeout=0.2)
+    services = Services(settings=Settings(encryption_keys=[]), database=database, verifier=TokenVerifier(
+        issuer=ISSUER, audience=AUDIENCE, leeway=30, hs256_secret=HS256_SECRET))
+    for placeholder, value in PATH_VALUES.items():
+        path = path.replace(placeholder, value)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(services_override=services)),
+                                 base_url="http://api.test") as api:
+        return await api.request(method, path, headers=headers,
+                                 json={} if method in ("POST", "PUT") else None)
+
+
+@pytest.mark.parametrize("org", NOT_A_DNS_LABEL)
+async def test_an_org_id_that_is_not_a_dns_label_is_a_401_problem(org):
+    response = await _call("GET", "/api/v1/mcp/configurations", _bearer_for_org(org))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "org_id" in response.json()["detail"] and "DNS label" in response.json()["detail"]
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+@pytest.mark.parametrize(("method", "path"), org_scoped_operations())
+async def test_every_org_scoped_route_refuses_a_malformed_org_id_before_using_it(method, path):
+    response = await _call(method, path, _bearer_for_org("Acme Corp"))
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+@pytest.mark.parametrize("org", [42, ["acme"], {"id": "acme"}])
+async def test_an_org_id_that_is_not_a_string_is_a_401_problem(org):
+    response = await _call("GET", "/api/v1/mcp/configurations", _bearer_for_org(org))
+    assert response.status_code == 401, response.text
