@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from agentbox.api.observability import Metrics, ObservabilityMiddleware
@@ -38,16 +39,23 @@ def services(request: Request) -> Services:
     return request.app.state.services
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from `receive` when a streamed body passes the limit. An HTTPException, because FastAPI turns
+    any other error met while reading the body into a 400 but re-raises these, so the app's problem
+    handler answers the 413."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(413, detail)
 
 
 class BodyLimitMiddleware:
-    """413 for a body over the limit, whether announced by Content-Length or only found while streaming."""
+    """413 for a body over the limit, whether announced by Content-Length or only found while streaming
+    (a chunked body has no Content-Length)."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.detail = f"the request body exceeds {max_bytes} bytes"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -66,7 +74,7 @@ class BodyLimitMiddleware:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _BodyTooLarge
+                    raise _BodyTooLarge(self.detail)
             return message
 
         async def tracking_send(message: Message) -> None:
@@ -82,8 +90,7 @@ class BodyLimitMiddleware:
             await self._too_large(scope, receive, send)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(None, 413, "Content Too Large",
-                                    f"the request body exceeds {self.max_bytes} bytes")
+        response = problem_response(None, 413, "Content Too Large", self.detail)
         await response(scope, receive, send)
 
 

@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     encryption_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
 
     max_body_bytes: int = Field(default=1_048_576, gt=0)
+    # The request line and headers: a request whose header block is still incomplete past this many
+    # bytes is refused by the server (h11) with 400 (api/__main__.py).
+    max_header_bytes: int = Field(default=32_768, ge=4096)
     log_level: str = "INFO"
 
     tenant_namespace_prefix: str = "tenant-"
