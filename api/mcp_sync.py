@@ -31,8 +31,6 @@ from agentbox.api.kube import MCP_CONFIGURATION_LABEL, Kube
 from agentbox.crds.fields import ToolFilter
 from agentbox.crds.mcpserver import (
     Auth,
-    Header,
-    HeaderSource,
     MCPServerSpec,
     SecretEnvVar,
     SecretKeySelector,
@@ -148,9 +146,10 @@ def check(config: Configuration, credentials: Credentials, *, token_required: bo
 def server_spec(config: Configuration, credentials: Credentials) -> MCPServerSpec:
     """The MCPServer spec: credentials referenced by Secret key, never included."""
     secret_ref = None if config.auth_type == "none" else SecretKeySelector(name=config.name, key=TOKEN_KEY)
-    headers = [Header(name=header["name"], value=header["value"]) for header in config.headers]
-    headers += [Header(name=name, value_from=HeaderSource(
-                    secret_key_ref=SecretKeySelector(name=config.name, key=header_key(name))))
+    # As data, validated with the spec, so an error names its place (headers.<index>.name).
+    headers: list[dict[str, Any]] = [{"name": header["name"], "value": header["value"]}
+                                     for header in config.headers]
+    headers += [{"name": name, "valueFrom": {"secretKeyRef": {"name": config.name, "key": header_key(name)}}}
                 for name in sorted(credentials.secret_headers)]
     stdio = None
     if config.transport == "stdio":
@@ -158,11 +157,11 @@ def server_spec(config: Configuration, credentials: Credentials) -> MCPServerSpe
                                  secret_key_ref=SecretKeySelector(name=config.name, key=env_key(name)))
                     for name in sorted(credentials.stdio_env)]
         stdio = Stdio(command=config.stdio_command or "", args=config.stdio_args, env_from=env_from)
-    return MCPServerSpec(
-        description=config.description, transport=config.transport, url=config.url, stdio=stdio,
-        auth=Auth(type=config.auth_type, secret_ref=secret_ref), headers=headers,
-        tools=ToolFilter(allow=config.tools_allow, deny=config.tools_deny),
-        timeout=f"{config.timeout_seconds}s")
+    return MCPServerSpec.model_validate({
+        "description": config.description, "transport": config.transport, "url": config.url, "stdio": stdio,
+        "auth": Auth(type=config.auth_type, secret_ref=secret_ref), "headers": headers,
+        "tools": ToolFilter(allow=config.tools_allow, deny=config.tools_deny),
+        "timeout": f"{config.timeout_seconds}s"})
 
 
 def secret_data(credentials: Credentials) -> dict[str, str]:

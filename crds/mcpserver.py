@@ -3,10 +3,11 @@
 The same models validate the API's request bodies and generate the CRD schema (`make crds`).
 """
 
+import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from agentbox.crds.conditions import MCPServerPhase
 from agentbox.crds.fields import (
@@ -25,8 +26,56 @@ API_VERSION = f"{GROUP}/{VERSION}"
 
 Transport = Literal["streamable-http", "sse", "stdio"]
 SecretKey = Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z0-9]+$", min_length=1, max_length=253)]
-HeaderName = Annotated[str, StringConstraints(pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", min_length=1,
-                                              max_length=128)]
+
+# A header name is an HTTP token (RFC 9110 section 5.1). A value is visible ASCII, space and tab: no CR
+# or LF (they would end the header and start another), no other control character, nothing the HTTP
+# clients could not encode as ASCII.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$"
+HEADER_VALUE_PATTERN = r"^[\t\x20-\x7e]*$"
+# Header names a configuration may not set (case-insensitive), because the HTTP client owns them or they
+# steer the connection rather than the request: message framing (Content-Length, Transfer-Encoding: a
+# request smuggling risk), hop-by-hop and connection control (Connection, Keep-Alive, TE, Trailer,
+# Upgrade, Expect), the target virtual host (Host), anything meant for a proxy (Proxy-*), and
+# Authorization, which `auth` sets. Cookie and other end-to-end headers are allowed.
+RESERVED_HEADER_NAMES = ("authorization", "connection", "content-length", "expect", "host", "keep-alive",
+                         "te", "trailer", "transfer-encoding", "upgrade")
+RESERVED_HEADER_PREFIX = "proxy-"
+RESERVED_HEADER_MESSAGE = (f"is reserved: the HTTP client or auth sets {', '.join(RESERVED_HEADER_NAMES)} "
+                           f"and {RESERVED_HEADER_PREFIX}* headers")
+_RESERVED_HEADER_RULE = (f"!(self.lowerAscii() in {list(RESERVED_HEADER_NAMES)}) && "
+                         f"!self.lowerAscii().startsWith('{RESERVED_HEADER_PREFIX}')")
+
+
+def not_reserved_header(name: str) -> str:
+    lowered = name.lower()
+    if lowered in RESERVED_HEADER_NAMES or lowered.startswith(RESERVED_HEADER_PREFIX):
+        raise ValueError(f"header {name!r} {RESERVED_HEADER_MESSAGE}")
+    return name
+
+
+def _header_name(name: str) -> str:
+    if not re.fullmatch(HEADER_NAME_PATTERN, name):
+        raise ValueError(f"{name!r} is not an HTTP header name (a token: letters, digits and "
+                         "!#$%&'*+-.^_`|~, nothing else)")
+    return not_reserved_header(name)
+
+
+def _header_value(value: str) -> str:
+    for position, character in enumerate(value):
+        if not (character == "\t" or " " <= character <= "~"):
+            raise ValueError(f"contains U+{ord(character):04X} at position {position}: a header value is "
+                             "visible ASCII, space and tab only (no CR, LF or other control characters)")
+    return value
+
+
+# The patterns and the rule are for the schemas (the CRD's, the API's OpenAPI); the validators check the
+# same with messages that say what is wrong.
+HeaderName = Annotated[str, StringConstraints(min_length=1, max_length=128), AfterValidator(_header_name),
+                       Field(json_schema_extra={"pattern": HEADER_NAME_PATTERN, "x-kubernetes-validations": [
+                           {"rule": _RESERVED_HEADER_RULE,
+                            "message": f"spec.headers[].name {RESERVED_HEADER_MESSAGE}"}]})]
+HeaderValue = Annotated[str, StringConstraints(max_length=8192), AfterValidator(_header_value),
+                        Field(json_schema_extra={"pattern": HEADER_VALUE_PATTERN})]
 
 
 class SecretKeySelector(KubeModel):
@@ -101,8 +150,7 @@ class Header(KubeModel):
          "message": "spec.headers[] needs exactly one of value and valueFrom"}]}}
 
     name: HeaderName = Field(description="Header name, e.g. X-Api-Key.")
-    value: Annotated[str, StringConstraints(max_length=8192)] | None = Field(
-        None, description="A literal (non-secret) value.")
+    value: HeaderValue | None = Field(None, description="A literal (non-secret) value.")
     value_from: HeaderSource | None = Field(None, description="A value read from a Secret.")
 
     @model_validator(mode="after")

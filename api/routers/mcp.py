@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 from fastapi import APIRouter, Depends, Request, Response
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from agentbox.api import egress, mcp_sync
 from agentbox.api.app import Services, services
@@ -45,15 +45,15 @@ from agentbox.api.routers.common import (
 )
 from agentbox.api.routers.models import ApiModel
 from agentbox.crds.fields import DnsLabel, Duration, ToolFilter, parse_duration
-from agentbox.crds.mcpserver import HeaderName, Transport
+from agentbox.crds.mcpserver import HeaderName, HeaderValue, Transport, not_reserved_header
 
 router = APIRouter(prefix="/api/v1/mcp", tags=["mcp"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.mcp")
 
 Url = Annotated[str, StringConstraints(pattern=r"^https?://[^\s]+$", max_length=2048)]
-HeaderValue = Annotated[str, StringConstraints(max_length=8192)]
 # Secret header names become Secret keys (`header-<name>`), so they keep to the characters keys allow.
-SecretHeaderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128)]
+SecretHeaderName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=128),
+                             AfterValidator(not_reserved_header)]
 EnvName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 Token = Annotated[str, StringConstraints(min_length=1, max_length=8192)]
 AuthType = Literal["none", "bearer", "oauth"]
@@ -63,6 +63,13 @@ WRITE_ONLY = "Write-only: stored encrypted, never returned."
 class PlainHeader(ApiModel):
     name: HeaderName
     value: HeaderValue
+
+
+class HeaderView(ApiModel):
+    """A stored header as answered: rows written before today's header rules still read back."""
+
+    name: str
+    value: str
 
 
 class StdioCommand(ApiModel):
@@ -154,7 +161,7 @@ class ConfigurationView(ApiModel):
     url: str | None
     stdio: StdioCommand | None
     auth_type: AuthType
-    headers: list[PlainHeader]
+    headers: list[HeaderView]
     tools: ToolFilter
     timeout: str
     credentials: CredentialsSet = Field(description="Which credentials are stored; never their values.")
@@ -180,7 +187,7 @@ def _view(row: asyncpg.Record, server: dict[str, Any] | None = None) -> Configur
         id=config.id, name=config.name, description=config.description, transport=config.transport,
         url=config.url, stdio=StdioCommand(command=config.stdio_command, args=config.stdio_args)
         if config.stdio_command is not None else None, auth_type=config.auth_type,
-        headers=[PlainHeader(**header) for header in config.headers],
+        headers=[HeaderView(**header) for header in config.headers],
         tools=ToolFilter(allow=config.tools_allow, deny=config.tools_deny),
         timeout=f"{config.timeout_seconds}s",
         credentials=CredentialsSet(bearer_token=row["has_bearer_token"],
@@ -494,6 +501,12 @@ async def _target(request: Request, principal: Principal, shared: Services,
     if config.auth_type == "oauth":
         raise ProblemError(422, "Unprocessable Content",
                            "OAuth configurations are tested through their OAuth connection, not here")
+    try:  # a row stored before today's rules (reserved or unsafe headers) is not sent as it is
+        mcp_sync.check(config, credentials)
+    except InvalidConfiguration as exc:
+        message = f"the stored configuration is invalid ({exc}); update it first"
+        raise ProblemError(422, "Unprocessable Content", message, errors=[
+            FieldError(field="body.configurationId", message=message, type="value_error")]) from exc
     headers = {header["name"]: header["value"] for header in config.headers}
     return config.transport, config.url, credentials, headers, float(config.timeout_seconds)
 
