@@ -1,10 +1,11 @@
-"""Where the API itself may connect on a user's say-so (the MCP connection test), and a connection pinned to
-the address that was checked.
+"""Where the API itself may connect on a user's say-so (the MCP connection test, the OAuth calls for MCP
+servers), and connections that go to the address that was checked.
 
 A URL's host is resolved once; every address it resolves to must be allowed, and the connection then goes
 to the first of those addresses with the original host name kept for the Host header and TLS (SNI and
 certificate check). A DNS answer that changes between the check and the connect (rebinding) cannot move
-the connection, and a request to any other host (a redirect elsewhere) is refused.
+the connection. The MCP connection test pins one host and refuses any other (a redirect elsewhere); the
+OAuth client checks every request's host the same way, a redirect's too.
 
 Never allowed: link-local addresses (169.254.0.0/16 and fe80::/10, where cloud metadata services live, and
 the IPv6 metadata range fd00:ec2::/32), unspecified, multicast and reserved addresses. Private networks
@@ -20,6 +21,7 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import httpx2
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -74,9 +76,19 @@ class Pin:
     address: Address
 
 
+def _aimed(request: Any, host: str, address: Address) -> Any:
+    """A copy of `request` (httpx or httpx2) that goes to `address`, its Host header and TLS name (SNI,
+    certificate check) still `host`. httpx has no resolver hook, so the URL's host is swapped for the
+    checked address; the caller's request keeps its URL (a redirect's Location resolves against it)."""
+    extensions = dict(request.extensions)
+    if request.url.scheme == "https":
+        extensions["sni_hostname"] = host
+    return type(request)(request.method, request.url.copy_with(host=str(address)), headers=request.headers,
+                         stream=request.stream, extensions=extensions)
+
+
 class PinnedTransport(httpx2.AsyncBaseTransport):
-    """Sends requests for `pin.host` to `pin.address` (Host header and TLS name unchanged); refuses any
-    other host. httpx has no resolver hook, so the URL's host is swapped for the checked address here."""
+    """Sends requests for `pin.host` to `pin.address`; refuses any other host."""
 
     def __init__(self, pin: Pin, inner: httpx2.AsyncBaseTransport | None = None) -> None:
         self.pin = pin
@@ -86,10 +98,7 @@ class PinnedTransport(httpx2.AsyncBaseTransport):
         if request.url.host != self.pin.host:
             raise httpx2.ConnectError(f"refusing to contact {request.url.host!r}: only {self.pin.host!r} "
                                       "was checked", request=request)
-        if request.url.scheme == "https":
-            request.extensions = {**request.extensions, "sni_hostname": self.pin.host}
-        request.url = request.url.copy_with(host=str(self.pin.address))
-        return await self.inner.handle_async_request(request)
+        return await self.inner.handle_async_request(_aimed(request, self.pin.host, self.pin.address))
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -106,3 +115,31 @@ def pinned_client_factory(pin: Pin) -> Any:
                                   follow_redirects=False)
 
     return factory
+
+
+class CheckedTransport(httpx.AsyncBaseTransport):
+    """For an httpx client that may reach any host: each request's host is resolved and checked
+    (resolve_allowed), then the request goes to that address. Raises RefusedAddress or Unresolvable."""
+
+    def __init__(self, *, allow_private: bool, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.allow_private = allow_private
+        # No idle connections kept: the pool knows a connection by its address only, so a connection
+        # opened (and its certificate checked) for one host name could otherwise carry another name's
+        # request to the same address.
+        self.inner = inner or httpx.AsyncHTTPTransport(
+            trust_env=False, limits=httpx.Limits(max_keepalive_connections=0))
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        address = await resolve_allowed(host, allow_private=self.allow_private)
+        return await self.inner.handle_async_request(_aimed(request, host, address))
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def checked_client(*, allow_private: bool, timeout: float) -> httpx.AsyncClient:
+    """An httpx client whose every request passes the address check (CheckedTransport). It follows no
+    redirect by itself; a request that asks to follow them has each hop checked."""
+    return httpx.AsyncClient(transport=CheckedTransport(allow_private=allow_private), timeout=timeout,
+                             follow_redirects=False, trust_env=False)

@@ -10,7 +10,9 @@
 
 Hand-written rather than authlib: PKCE, metadata checks and three form posts are short, and the checks
 this needs (issuer equality per URL built, S256 required, resource on every call) are policy either way.
-Functions without `http` are pure. Nothing here logs or returns a token in an error message.
+Functions without `http` are pure; the API hands them an egress.checked_client, so every URL a server
+names is held to the same address policy as the MCP connection test. Nothing here logs or returns a token
+in an error message.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from agentbox.api import egress
 from agentbox.api.db import InvalidOrgId, check_org_id
 
 TokenAuthMethod = Literal["none", "client_secret_basic", "client_secret_post"]
@@ -54,6 +57,11 @@ class DiscoveryError(OAuthError):
 
 class ProviderUnavailable(OAuthError):
     """The provider could not be reached, timed out, or answered 5xx. Retrying later may work."""
+
+
+class AddressRefused(OAuthError):
+    """A URL of the flow (the MCP server's, or one its metadata names) resolves to an address the API does
+    not contact (egress): loopback or private without the setting, link-local or metadata ever."""
 
 
 class ProviderError(OAuthError):
@@ -326,21 +334,14 @@ async def _unauthenticated_challenge(http: httpx.AsyncClient, url: str) -> str |
     body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
             "params": {"protocolVersion": MCP_PROTOCOL_VERSION, "capabilities": {},
                        "clientInfo": {"name": "agentbox", "version": "0.1.0"}}}
-    try:
-        response = await http.post(url, json=body, headers={"Accept": "application/json, text/event-stream",
-                                                            "MCP-Protocol-Version": MCP_PROTOCOL_VERSION})
-    except httpx.HTTPError as exc:
-        raise ProviderUnavailable(f"the MCP server {url} could not be reached "
-                                  f"({type(exc).__name__})") from exc
+    response = await _send(http, "POST", url, "the MCP server", json=body, headers={
+        "Accept": "application/json, text/event-stream", "MCP-Protocol-Version": MCP_PROTOCOL_VERSION})
     return response.headers.get("www-authenticate") if response.status_code == 401 else None
 
 
 async def _get_json(http: httpx.AsyncClient, url: str) -> Any:
     """A metadata document, or None when the server says there is none (4xx)."""
-    try:
-        response = await http.get(url, headers={"Accept": "application/json"})
-    except httpx.HTTPError as exc:
-        raise ProviderUnavailable(f"{url} could not be reached ({type(exc).__name__})") from exc
+    response = await _send(http, "GET", url, "the metadata document", headers={"Accept": "application/json"})
     if response.status_code >= 500:
         raise ProviderUnavailable(f"{url} answered {response.status_code}")
     if response.status_code != 200:
@@ -383,12 +384,8 @@ async def register_client(http: httpx.AsyncClient, metadata: ServerMetadata, red
     request = {"client_name": client_name, "redirect_uris": [redirect_uri],
                "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
                "token_endpoint_auth_method": preferred}
-    try:
-        response = await http.post(metadata.registration_endpoint, json=request,
-                                   headers={"Accept": "application/json"})
-    except httpx.HTTPError as exc:
-        raise ProviderUnavailable(f"client registration could not reach {metadata.issuer} "
-                                  f"({type(exc).__name__})") from exc
+    response = await _send(http, "POST", metadata.registration_endpoint, "the registration endpoint",
+                           json=request, headers={"Accept": "application/json"})
     if response.status_code >= 500:
         raise ProviderUnavailable(f"client registration at {metadata.issuer} answered {response.status_code}")
     payload = _json_object(response)
@@ -455,7 +452,7 @@ async def revoke(http: httpx.AsyncClient, revocation_endpoint: str, client: Clie
                  hint: Literal["access_token", "refresh_token"]) -> None:
     """RFC 7009: 200 means revoked (or already invalid, which is the same to us)."""
     response = await _post_form(http, revocation_endpoint, client, {"token": token, "token_type_hint": hint},
-                                what="token revocation")
+                                what="the revocation endpoint")
     if response.status_code != 200:
         raise _provider_error(_json_object(response), f"token revocation answered {response.status_code}")
 
@@ -487,13 +484,23 @@ async def _post_form(http: httpx.AsyncClient, url: str, client: Client, form: di
         form["client_id"] = client.client_id
         if client.auth_method == "client_secret_post" and client.client_secret is not None:
             form["client_secret"] = client.client_secret
-    try:
-        response = await http.post(url, data=form, auth=auth, headers={"Accept": "application/json"})
-    except httpx.HTTPError as exc:
-        raise ProviderUnavailable(f"{what} could not be reached ({type(exc).__name__})") from exc
+    response = await _send(http, "POST", url, what, data=form, auth=auth,
+                           headers={"Accept": "application/json"})
     if response.status_code >= 500:
         raise ProviderUnavailable(f"{what} answered {response.status_code}")
     return response
+
+
+async def _send(http: httpx.AsyncClient, method: str, url: str, what: str, **kwargs: Any) -> httpx.Response:
+    """One request to a server of the flow; `what` names it in the errors."""
+    try:
+        return await http.request(method, url, **kwargs)
+    except egress.RefusedAddress as exc:
+        raise AddressRefused(f"{what} {url} is refused: {exc}") from exc
+    except egress.Unresolvable as exc:
+        raise ProviderUnavailable(f"{what} {url} could not be reached ({exc})") from exc
+    except httpx.HTTPError as exc:
+        raise ProviderUnavailable(f"{what} {url} could not be reached ({type(exc).__name__})") from exc
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

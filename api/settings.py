@@ -50,7 +50,8 @@ class Settings(BaseSettings):
     kube_timeout_seconds: float = Field(default=10, gt=0)
     readiness_timeout_seconds: float = Field(default=2, gt=0)
     mcp_test_timeout_seconds: float = Field(default=15, gt=0, le=120)
-    # POST /api/v1/mcp/test refuses private-network and loopback addresses unless this is true (development
+    # POST /api/v1/mcp/test and the OAuth calls for MCP servers (discovery, client registration, token and
+    # revocation requests) refuse private-network and loopback addresses unless this is true (development
     # and tests); link-local and metadata addresses are refused always (agentbox.api.egress).
     mcp_test_allow_private_networks: bool = False
 

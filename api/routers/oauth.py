@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from kubernetes_asyncio.client.exceptions import ApiException
 from pydantic import Field
 
-from agentbox.api import audit, mcp_sync, oauth
+from agentbox.api import audit, egress, mcp_sync, oauth
 from agentbox.api.app import Services, services
 from agentbox.api.auth import InvalidToken, KeysUnavailable, Principal, org_admin, tenant_member
 from agentbox.api.crypto import CipherContext, KeyRing
@@ -41,7 +41,7 @@ from agentbox.api.db import Database, DatabaseUnavailable
 from agentbox.api.kube import KubeError, tenant_namespace
 from agentbox.api.mcp_sync import token_cipher
 from agentbox.api.observability import current_request_id
-from agentbox.api.problems import ProblemError, problem_response, problem_responses, title_for
+from agentbox.api.problems import FieldError, ProblemError, problem_response, problem_responses, title_for
 from agentbox.api.routers.common import (
     AuditedRoute,
     audit_details,
@@ -69,9 +69,11 @@ Scope = Annotated[str, Field(pattern=r"^[\x21\x23-\x5b\x5d-\x7e]{1,200}$")]  # R
 def _http(shared: Services) -> httpx.AsyncClient:
     client = shared.extras.get("oauth_http")
     if client is None:
-        # No redirects: a metadata or token endpoint that redirects elsewhere is not followed blindly.
-        client = shared.extras["oauth_http"] = httpx.AsyncClient(
-            timeout=shared.settings.oauth_http_timeout_seconds, follow_redirects=False)
+        # Every URL of the flow comes from a user or a remote server: each request's address is checked
+        # (the connection test's policy and setting), and no redirect is followed.
+        client = shared.extras["oauth_http"] = egress.checked_client(
+            allow_private=shared.settings.mcp_test_allow_private_networks,
+            timeout=shared.settings.oauth_http_timeout_seconds)
     return client
 
 
@@ -120,6 +122,10 @@ def _upstream_problem(exc: oauth.OAuthError) -> ProblemError:
     if isinstance(exc, oauth.ProviderUnavailable):
         return ProblemError(502, "Bad Gateway", f"the OAuth provider is unavailable: {exc}",
                             headers={"Retry-After": "10"})
+    if isinstance(exc, oauth.AddressRefused):
+        # The configuration leads there (its URL, or what its server's metadata names).
+        return ProblemError(422, "Unprocessable Content", str(exc), errors=[
+            FieldError(field="body.configurationId", message=str(exc), type="value_error")])
     return ProblemError(502, "Bad Gateway", str(exc))
 
 
@@ -478,7 +484,9 @@ async def callback(request: Request, shared: Services = Depends(services),
         tokens = await oauth.exchange_code(http, row["token_endpoint"], client, code=code, verifier=verifier,
                                            redirect_uri=row["redirect_uri"], resource=resource)
     except oauth.OAuthError as exc:
-        code_name = exc.error if isinstance(exc, oauth.ProviderError) else "temporarily_unavailable"
+        # RFC 6749's codes: a refused address (the endpoint's DNS changed since init) will not pass later.
+        code_name = (exc.error if isinstance(exc, oauth.ProviderError) else
+                     "server_error" if isinstance(exc, oauth.AddressRefused) else "temporarily_unavailable")
         await recorder.write(db, recorder.event(org, user, "failed", target, str(exc)[:500],
                                                 issuer=row["issuer"]))
         return _to_frontend(shared, "error", 502, configuration=configuration_id, error=code_name,

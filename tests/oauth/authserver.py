@@ -34,6 +34,9 @@ class Behaviour:
     access_token_lifetime: int = 3600
     token_delay: float = 0.0
     iss_parameter: bool = True  # RFC 9207: promised in the metadata and sent with every redirect
+    # Metadata fields published instead of this server's own (e.g. an endpoint at another address).
+    metadata_overrides: dict[str, str] = field(default_factory=dict)
+    resource_metadata_url: str | None = None  # the challenge's resource_metadata, instead of /prm
 
 
 @dataclass
@@ -79,7 +82,8 @@ class AuthServer:
             return JSONResponse({"jsonrpc": "2.0", "id": 1, "result": {}})
         challenge = 'Bearer error="invalid_token"'
         if self.behaviour.prm_location == "header":
-            challenge += f', resource_metadata="{self.base_url}/prm", scope="mcp:tools"'
+            prm = self.behaviour.resource_metadata_url or f"{self.base_url}/prm"
+            challenge += f', resource_metadata="{prm}", scope="mcp:tools"'
         return JSONResponse({"error": "unauthorized"}, status_code=401,
                             headers={"WWW-Authenticate": challenge})
 
@@ -112,7 +116,7 @@ class AuthServer:
             document["registration_endpoint"] = f"{self.issuer}/register"
         if self.behaviour.pkce_methods is not None:
             document["code_challenge_methods_supported"] = self.behaviour.pkce_methods
-        return document
+        return document | self.behaviour.metadata_overrides
 
     async def oauth_metadata(self, request: Request) -> Response:
         self.calls["oauth-metadata"] += 1

@@ -49,7 +49,8 @@ async def test_tokens_reach_only_the_secret_and_reauth_shows_on_the_mcpserver(po
             server.base_url = base
             await superuser.execute("INSERT INTO organizations (id, name) VALUES ($1, 'Org')", org)
             shared = Services(settings=Settings(encryption_keys=[generate_key_entry("k1")],
-                                                tenant_namespace_prefix="t-"),
+                                                tenant_namespace_prefix="t-",
+                                                mcp_test_allow_private_networks=True),  # loopback provider
                               database=database, kube=cluster,
                               verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
                                                      hs256_secret=HS256_SECRET))

@@ -69,6 +69,7 @@ async def other_replica_database(postgres):
 
 @contextlib.asynccontextmanager
 async def api_for(database: Database, **settings) -> AsyncIterator[tuple[httpx.AsyncClient, Services]]:
+    settings.setdefault("mcp_test_allow_private_networks", True)  # the authorization server is on loopback
     shared = Services(
         settings=Settings(encryption_keys=[KEY_ENTRY], frontend_url=FRONTEND, public_url="http://api.test",
                           **settings),
@@ -499,3 +500,78 @@ async def test_revoke_at_the_provider_and_forget_the_tokens(database, superuser)
                                                                       ("mcp.oauth.revoke", "success")]
         other = await audit_rows(superuser, OTHER_ORG)
         assert (other[-1]["action"], other[-1]["outcome"]) == ("mcp.oauth.revoke", "denied")
+
+
+# Where the API connects: every URL of the flow is held to the connection test's address policy ----------
+
+LOOPBACK_REFUSED = {"mcp_test_allow_private_networks": False}  # the default outside development
+
+
+def refused_problem(response: httpx.Response, *what: str) -> None:
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert all(part in problem["detail"] for part in what), problem["detail"]
+    assert "which the API does not contact" in problem["detail"]
+    assert problem["errors"][0]["field"] == "body.configurationId"
+
+
+async def test_init_does_not_contact_a_loopback_mcp_server_unless_private_networks_are_allowed(
+        database, superuser):
+    async with provider() as server, api_for(database, **LOOPBACK_REFUSED) as (api, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        states = await superuser.fetchval("SELECT count(*) FROM oauth_states")
+        response = await api.post("/api/v1/mcp/oauth/init", headers=ADMIN,
+                                  json={"configurationId": str(configuration_id)})
+        refused_problem(response, "the MCP server", server.resource, "a loopback address (127.0.0.1)")
+        assert sum(server.calls.values()) == 0
+        assert await superuser.fetchval("SELECT count(*) FROM oauth_states") == states
+
+
+@pytest.mark.parametrize(("behaviour", "what"), [
+    (Behaviour(resource_metadata_url="https://169.254.169.254/latest/meta-data/"), "the metadata document"),
+    (Behaviour(metadata_overrides={"registration_endpoint": "https://169.254.169.254/register"}),
+     "the registration endpoint"),
+    (Behaviour(metadata_overrides={"registration_endpoint": "https://[fe80::1]/register"}),
+     "the registration endpoint"),
+], ids=["resource-metadata", "registration", "registration-ipv6"])
+async def test_urls_the_servers_name_are_checked_too(database, superuser, behaviour, what):
+    # Private networks allowed (the provider is on loopback); link-local addresses are refused always.
+    async with provider(behaviour) as server, api_for(database) as (api, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        response = await api.post("/api/v1/mcp/oauth/init", headers=ADMIN,
+                                  json={"configurationId": str(configuration_id)})
+        refused_problem(response, what, "a link-local (cloud metadata) address")
+        assert server.calls["register"] == 0
+
+
+async def test_the_code_is_not_exchanged_at_a_token_endpoint_on_a_refused_address(database, superuser):
+    behaviour = Behaviour(metadata_overrides={"token_endpoint": "https://169.254.169.254/token"})
+    async with provider(behaviour) as server, api_for(database) as (api, _):
+        configuration_id = await new_configuration(superuser, server.resource)
+        callback = await api.get(await authorize(api, server, configuration_id))
+        assert callback.status_code == 303, callback.text
+        outcome = parse_qs(urlsplit(callback.headers["location"]).query)
+        assert outcome["error"] == ["server_error"] and "link-local" in outcome["message"][0]
+        assert server.calls["token"] == 0
+        assert await stored_tokens(superuser, configuration_id) == (None, None)
+
+
+async def test_refresh_and_revoke_check_the_stored_endpoints_address_again(database, superuser):
+    # Connected while loopback was allowed; a replica that refuses it (as if the provider's name now
+    # resolved to a loopback address) neither refreshes nor revokes there.
+    async with provider() as server:
+        async with api_for(database) as (api, _):
+            configuration_id = await new_configuration(superuser, server.resource)
+            await connect(api, server, configuration_id)
+        before = await stored_tokens(superuser, configuration_id)
+        async with api_for(database, **LOOPBACK_REFUSED) as (api, _):
+            response = await refresh_request(api, configuration_id, force=True)
+            refused_problem(response, "the token endpoint", f"{server.issuer}/token", "a loopback address")
+            assert server.calls["refresh"] == 0 and await stored_tokens(superuser, configuration_id) == before
+            revoked = await api.post("/api/v1/mcp/oauth/revoke", headers=ADMIN,
+                                     json={"configurationId": str(configuration_id)})
+            assert revoked.status_code == 200 and revoked.json()["revokedAtServer"] is False
+            assert "the revocation endpoint" in revoked.json()["detail"]
+            assert "a loopback address" in revoked.json()["detail"]
+            assert server.calls["revoke"] == 0
