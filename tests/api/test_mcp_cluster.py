@@ -354,3 +354,72 @@ async def test_the_mcpservers_status_shows_in_the_configuration(setup):
                       if item["id"] == config_id)
         assert (one["status"], one["statusMessage"]) == (phase.lower(), message or None)
         assert listed["status"] == one["status"]
+
+
+async def test_reserved_names_and_unsafe_values_in_headers_are_refused_and_change_nothing(setup):
+    api, cluster, superuser = setup
+    created = await api.post(BASE, headers=ADMIN_A, json={**GITHUB, "name": "header-rules"})
+    assert created.status_code == 201, created.text
+    config_id, namespace = created.json()["id"], f"tenant-{ORG_A}"
+    before = await superuser.fetchrow("SELECT * FROM mcp_configurations WHERE id = $1", uuid.UUID(config_id))
+    server_before = await cluster.get_mcp_server(namespace, "header-rules")
+    cases = [
+        ({"headers": [{"name": "Host", "value": "metadata.internal"}]}, "body.headers.0.name"),
+        ({"headers": [{"name": "X-Plain", "value": "a\r\nX-Injected: 1"}]}, "body.headers.0.value"),
+        ({"secretHeaders": {"Transfer-Encoding": "chunked"}}, "body.secretHeaders.Transfer-Encoding"),
+        ({"secretHeaders": {"X-Api-Key": "key\nX-Injected: 1"}}, "body.secretHeaders.X-Api-Key"),
+    ]
+    for change, field in cases:
+        for method, path in (("POST", BASE), ("PUT", f"{BASE}/{config_id}")):
+            name = "header-rules" if method == "PUT" else "header-rules-new"
+            response = await api.request(method, path, headers=ADMIN_A,
+                                         json={**GITHUB, "name": name, **change})
+            assert response.status_code == 422, (method, change, response.text)
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.json()["errors"][0]["field"].startswith(field), response.text
+    assert await superuser.fetchrow("SELECT * FROM mcp_configurations WHERE id = $1",
+                                    uuid.UUID(config_id)) == before
+    assert await cluster.get_mcp_server(namespace, "header-rules-new") is None
+    after = await cluster.get_mcp_server(namespace, "header-rules")
+    assert after["spec"] == server_before["spec"]
+
+
+async def test_the_apiserver_refuses_mcpservers_with_reserved_or_unsafe_headers(setup):
+    _, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+
+    async def create(name: str, header: dict) -> None:
+        await cluster.custom.create_namespaced_custom_object("agentbox.dev", "v1alpha1", namespace,
+                                                             "mcpservers", {
+            "apiVersion": "agentbox.dev/v1alpha1", "kind": "MCPServer", "metadata": {"name": name},
+            "spec": {"transport": "sse", "url": "https://mcp.example.com/sse", "headers": [header]}})
+
+    for header, message in [({"name": "Host", "value": "metadata.internal"}, "is reserved"),
+                            ({"name": "proxy-authorization", "value": "Basic eA=="}, "is reserved"),
+                            ({"name": "TRANSFER-ENCODING", "value": "chunked"}, "is reserved"),
+                            ({"name": "X-Plain", "value": "a\r\nX-Injected: 1"}, "should match"),
+                            ({"name": "X-Plain", "value": "bell\u0007"}, "should match")]:
+        try:
+            await create("refused-headers", header)
+        except client.ApiException as error:
+            assert error.status == 422 and message in json.loads(error.body)["message"], error.body
+        else:
+            raise AssertionError(f"the apiserver admitted {header}")
+    await create("ordinary-headers", {"name": "Cookie", "value": "session=abc; theme=dark\tx"})
+    admitted = await cluster.get_mcp_server(namespace, "ordinary-headers")
+    assert admitted["spec"]["headers"][0]["name"] == "Cookie"
+
+
+async def test_a_row_stored_before_the_header_rules_still_reads_but_is_not_sent(setup):
+    api, _, superuser = setup
+    config_id = await superuser.fetchval(
+        "INSERT INTO mcp_configurations (org_id, name, transport, url, headers) "
+        "VALUES ($1, 'legacy-headers', 'streamable-http', 'http://127.0.0.1:9/mcp', $2::jsonb) RETURNING id",
+        ORG_A, json.dumps([{"name": "Host", "value": "metadata.internal"}]))
+    read = await api.get(f"{BASE}/{config_id}", headers=USER_A)
+    assert read.status_code == 200, read.text
+    assert read.json()["headers"] == [{"name": "Host", "value": "metadata.internal"}]
+    tested = await api.post("/api/v1/mcp/test", headers=ADMIN_A, json={"configurationId": str(config_id)})
+    assert tested.status_code == 422, tested.text
+    assert tested.json()["errors"][0]["field"] == "body.configurationId"
+    assert "headers.0.name" in tested.json()["detail"] and "reserved" in tested.json()["detail"]
