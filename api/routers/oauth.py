@@ -484,7 +484,7 @@ async def callback(request: Request, shared: Services = Depends(services),
         tokens = await oauth.exchange_code(http, row["token_endpoint"], client, code=code, verifier=verifier,
                                            redirect_uri=row["redirect_uri"], resource=resource)
     except oauth.OAuthError as exc:
-        # RFC 6749's codes: a refused address (the endpoint's DNS changed since init) will not pass later.
+        # RFC 6749's codes; a refused address (the name resolves elsewhere since init) is no outage.
         code_name = (exc.error if isinstance(exc, oauth.ProviderError) else
                      "server_error" if isinstance(exc, oauth.AddressRefused) else "temporarily_unavailable")
         await recorder.write(db, recorder.event(org, user, "failed", target, str(exc)[:500],

@@ -136,7 +136,7 @@ async def test_the_served_api_refuses_a_chunked_body_over_the_limit_with_a_413_p
 async def test_the_served_api_refuses_a_header_block_over_the_limit(api_port):
     assert await raw_request(api_port, HEADER_LIMIT // 2) == "HTTP/1.1 200 OK"
     assert await raw_request(api_port, HEADER_LIMIT // 2, piece=512) == "HTTP/1.1 200 OK"
-    # h11 answers 400 (not 431) once the incomplete header block passes the limit.
+    # uvicorn answers h11's refusal of an incomplete header block past the limit with 400 (not 431).
     assert await raw_request(api_port, HEADER_LIMIT * 2, piece=512) == "HTTP/1.1 400 Bad Request"
     assert await raw_request(api_port, 16 * 1024 * 1024, piece=65536) == "HTTP/1.1 400 Bad Request"
     # The server is still there for the next caller.
