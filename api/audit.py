@@ -20,7 +20,8 @@ import hashlib
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -157,11 +158,23 @@ class ChainBreak:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A chain's head as it stood when it was signed outside the database (agentbox.api.audit_checkpoints).
+    The verifier holds the chain to it: the row at `seq` must still be there, with this hash."""
+
+    org_id: str | None
+    seq: int
+    hash: bytes
+    at: datetime
+
+
+@dataclass(frozen=True)
 class ChainReport:
     org_id: str | None
     rows_checked: int
     head_seq: int | None
     first_broken: ChainBreak | None
+    checkpoint: Checkpoint | None = None  # the newest checkpoint the chain was held to
 
     @property
     def ok(self) -> bool:
@@ -178,32 +191,96 @@ SELECT id, seq, prev_hash, hash,
 """
 
 
-async def verify_chain(db: Database, org_id: str | None) -> ChainReport:
+def _context(db: Database, org_id: str | None) -> AbstractAsyncContextManager[asyncpg.Connection]:
+    return db.platform() if org_id is None else db.tenant(org_id)
+
+
+async def verify_chain(db: Database, org_id: str | None,
+                       checkpoints: Iterable[Checkpoint] = ()) -> ChainReport:
     """Walk `org_id`'s chain (None: the platform's) from its start or retention anchor to its head, and
-    report the first row that was edited, removed, reordered or forked."""
-    context = db.platform() if org_id is None else db.tenant(org_id)
-    async with context as conn:
+    report the first row that was edited, removed, reordered or forked. Given trusted `checkpoints` of
+    the chain, also report a chain that no longer reaches one (its newest rows removed and its head moved
+    back) or whose row at a checkpoint's seq has another hash (rewritten): the chain alone cannot show
+    either, since whoever controls the database can make what is left consistent again."""
+    pinned = [checkpoint for checkpoint in checkpoints if checkpoint.org_id == org_id]
+    newest = max(pinned, key=lambda checkpoint: checkpoint.seq, default=None)
+    async with _context(db, org_id) as conn:
         # The head first: rows committed after it have larger seq and are left for the next run.
         state = await conn.fetchrow("SELECT * FROM audit_chain_state()")
         if state is None or state["head_seq"] is None:
-            return ChainReport(org_id, 0, None, None)
-        expected_seq = (state["anchor_seq"] or 0) + 1
+            return ChainReport(org_id, 0, None, _short_of(newest, 0), newest)
+        anchor_seq = state["anchor_seq"] or 0
         expected_prev = bytes(state["anchor_hash"]) if state["anchor_hash"] is not None else GENESIS_HASH
         head_seq, head_hash = state["head_seq"], bytes(state["head_hash"])
+        # Checkpoints before the retention anchor went with their archived partition; one at the anchor
+        # is held to it.
+        for checkpoint in pinned:
+            if checkpoint.seq == anchor_seq and checkpoint.hash != expected_prev:
+                return ChainReport(org_id, 0, head_seq, _rewritten(checkpoint, None), newest)
+        at_seq = {checkpoint.seq: checkpoint for checkpoint in pinned if checkpoint.seq > anchor_seq}
+        expected_seq = anchor_seq + 1
         checked = 0
-        async for row in conn.cursor(_CHAIN_ROWS, org_id, expected_seq - 1, head_seq, prefetch=2000):
+        async for row in conn.cursor(_CHAIN_ROWS, org_id, anchor_seq, head_seq, prefetch=2000):
             problem = _check_link(row, expected_seq, expected_prev)
+            checkpoint = at_seq.get(row["seq"])
+            if problem is None and checkpoint is not None and bytes(row["hash"]) != checkpoint.hash:
+                problem = _rewritten(checkpoint, row["id"])
             if problem is not None:
-                return ChainReport(org_id, checked, head_seq, problem)
+                return ChainReport(org_id, checked, head_seq, problem, newest)
             checked += 1
             expected_seq, expected_prev = row["seq"] + 1, bytes(row["hash"])
         if expected_seq <= head_seq:
             return ChainReport(org_id, checked, head_seq, ChainBreak(
-                expected_seq, None, f"rows seq {expected_seq}..{head_seq} are missing at the end"))
+                expected_seq, None, f"rows seq {expected_seq}..{head_seq} are missing at the end"), newest)
         if expected_prev != head_hash:
             return ChainReport(org_id, checked, head_seq, ChainBreak(
-                head_seq, None, "the last row's hash differs from the recorded chain head"))
-        return ChainReport(org_id, checked, head_seq, None)
+                head_seq, None, "the last row's hash differs from the recorded chain head"), newest)
+        return ChainReport(org_id, checked, head_seq, _short_of(newest, head_seq), newest)
+
+
+def _short_of(checkpoint: Checkpoint | None, head_seq: int) -> ChainBreak | None:
+    if checkpoint is None or checkpoint.seq <= head_seq:
+        return None
+    return ChainBreak(head_seq + 1, None, (
+        f"the chain ends at seq {head_seq} but the checkpoint signed at {checkpoint.at.isoformat()} reaches "
+        f"seq {checkpoint.seq}: rows {head_seq + 1}..{checkpoint.seq} were removed and the head moved back"))
+
+
+def _rewritten(checkpoint: Checkpoint, row_id: int | None) -> ChainBreak:
+    return ChainBreak(checkpoint.seq, row_id, (
+        f"the hash at seq {checkpoint.seq} differs from the checkpoint signed at "
+        f"{checkpoint.at.isoformat()}: the chain up to here was rewritten"))
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    org_id: str | None  # None: the platform's chain
+    seq: int
+    hash: bytes
+
+
+async def chain_heads(db: Database) -> list[ChainHead]:
+    """Every chain's head (migrations/0007_audit_checkpoints.sql), for the checkpointer."""
+    async with db.platform() as conn:
+        rows = await conn.fetch("SELECT chain, seq, hash FROM audit_chain_heads_all()")
+    return [ChainHead(row["chain"] or None, row["seq"], bytes(row["hash"])) for row in rows]
+
+
+async def still_holds(db: Database, checkpoint: Checkpoint) -> bool:
+    """Whether the chain still contains `checkpoint`: its row at that seq has the signed hash (or has been
+    archived past the retention anchor, where the database can no longer show it)."""
+    async with _context(db, checkpoint.org_id) as conn:
+        found = await conn.fetchrow(
+            "SELECT s.anchor_seq, s.anchor_hash, r.rows, r.same FROM audit_chain_state() s, "
+            "LATERAL (SELECT count(*) AS rows, count(*) FILTER (WHERE hash = $3) AS same FROM audit_logs "
+            "         WHERE org_id IS NOT DISTINCT FROM $1 AND seq = $2) r",
+            checkpoint.org_id, checkpoint.seq, checkpoint.hash)
+    if found["rows"]:
+        return found["same"] == found["rows"]  # more than one row at a seq is a fork: not the signed one
+    anchor_seq = found["anchor_seq"] or 0
+    if checkpoint.seq == anchor_seq:
+        return bytes(found["anchor_hash"]) == checkpoint.hash
+    return checkpoint.seq < anchor_seq
 
 
 def _check_link(row: asyncpg.Record, expected_seq: int, expected_prev: bytes) -> ChainBreak | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import asyncpg
@@ -12,6 +13,7 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from agentbox.api.db import DatabaseUnavailable
 from agentbox.api.observability import current_request_id
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -128,6 +130,19 @@ async def _on_unstorable_text(request: Request, exc: Exception) -> JSONResponse:
                             errors=errors)
 
 
+# How long a client should wait before retrying a request that met a database outage or restart.
+DATABASE_RETRY_AFTER_SECONDS = 2
+
+
+async def _on_database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The one place a database outage becomes an answer, whichever route met it. Its description
+    # (agentbox.api.db: the error type and asyncpg's message, never the DSN) stays in the log.
+    logging.getLogger("agentbox.api.db").warning("database unavailable: answering 503",
+                                                 extra={"error": str(exc)})
+    return problem_response(request, 503, "Service Unavailable", "the database is unavailable; retry shortly",
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+
+
 async def internal_error(scope: Scope, receive: Receive, send: Send) -> None:
     """The ASGI answer to an unhandled error (the observability middleware calls it, request id known)."""
     response = problem_response(None, 500, "Internal Server Error", "an unexpected error occurred")
@@ -138,6 +153,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _on_problem)
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(DatabaseUnavailable, _on_database_unavailable)
     for error in UNSTORABLE_TEXT:
         app.add_exception_handler(error, _on_unstorable_text)
 

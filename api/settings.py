@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -74,11 +75,20 @@ class Settings(BaseSettings):
 
     # How often the audit table's coming monthly partitions are ensured (also once at start-up).
     audit_partition_interval_seconds: float = Field(default=86_400, gt=0)
+    # Signed audit checkpoints (agentbox.api.audit_checkpoints): every interval, each chain's head is
+    # signed with this Ed25519 key (PEM, or base64 of the 32-byte private key), which the database never
+    # holds; the latest signature per chain is kept in the directory and every new one is logged. The
+    # verifier also trusts the listed public keys (base64 of 32 bytes, comma separated or a JSON list:
+    # keys rotated out, or all it has when this API only verifies).
+    audit_checkpoint_signing_key: SecretStr | None = None
+    audit_checkpoint_dir: Path | None = None
+    audit_checkpoint_trusted_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    audit_checkpoint_interval_seconds: float = Field(default=300, gt=0)
 
     prompt_max_chars: int = Field(default=20_000, gt=0)
     composed_prompt_max_chars: int = Field(default=60_000, gt=0)
 
-    @field_validator("encryption_keys", mode="before")
+    @field_validator("encryption_keys", "audit_checkpoint_trusted_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -94,6 +104,13 @@ class Settings(BaseSettings):
         if value is not None and not value.strip():
             raise ValueError("AGENTBOX_JWT_ISSUER must not be blank")
         return value
+
+    @model_validator(mode="after")
+    def _a_directory_for_signed_checkpoints(self) -> Settings:
+        if self.audit_checkpoint_signing_key is not None and self.audit_checkpoint_dir is None:
+            raise ValueError("AGENTBOX_AUDIT_CHECKPOINT_SIGNING_KEY needs AGENTBOX_AUDIT_CHECKPOINT_DIR "
+                             "(where the latest checkpoint of each chain is kept)")
+        return self
 
     @model_validator(mode="after")
     def _a_key_source_when_an_issuer_is_set(self) -> Settings:

@@ -141,6 +141,8 @@ up() {
   secret_file db-app-password 'import secrets; print(secrets.token_urlsafe(24))' >/dev/null
   secret_file jwt-secret 'import secrets; print(secrets.token_urlsafe(48))' >/dev/null
   secret_file encryption-keys 'import base64, os; print("dev1:" + base64.b64encode(os.urandom(32)).decode())' >/dev/null
+  # Signs the audit checkpoints (an Ed25519 private key, base64 of its 32 bytes); they are kept in .dev.
+  secret_file audit-checkpoint-key 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' >/dev/null
 
   say "database roles and migrations"
   AGENTBOX_DB_OWNER_PASSWORD=$(cat "$dev/db-owner-password") AGENTBOX_DB_APP_PASSWORD=$(cat "$dev/db-app-password") \
@@ -185,6 +187,8 @@ up() {
     KUBECONFIG="$dev/identity/api.kubeconfig" AGENTBOX_PORT="$api_port" AGENTBOX_DATABASE_URL="$app_dsn" \
     AGENTBOX_JWT_ISSUER="$issuer" AGENTBOX_JWT_HS256_SECRET="$(cat "$dev/jwt-secret")" \
     AGENTBOX_ENCRYPTION_KEYS="$(cat "$dev/encryption-keys")" AGENTBOX_RUNNER_TRANSPORT=port-forward \
+    AGENTBOX_AUDIT_CHECKPOINT_SIGNING_KEY="$(cat "$dev/audit-checkpoint-key")" \
+    AGENTBOX_AUDIT_CHECKPOINT_DIR="$dev/audit-checkpoints" \
     -- "$py" -m agentbox.api
   wait_http "$api_url/readyz" 60 "the API" "$dev/logs/api.log"
   echo "    API ready at $api_url" >&2

@@ -6,6 +6,8 @@
 #   hack/postgres.sh url DIR         print the superuser DSN of the server in DIR
 #   hack/postgres.sh stop DIR        stop the server, keep its data (to provoke an outage)
 #   hack/postgres.sh start DIR       start a stopped server again on the same port
+#   hack/postgres.sh restart DIR     fast restart (pg_ctl restart -m fast): every connection is cut, the
+#                                    server is back within a moment on the same port
 #   hack/postgres.sh down DIR        stop the server and remove DIR
 #
 # Durability is off (fsync, synchronous_commit, full_page_writes): the data is disposable by design.
@@ -17,7 +19,7 @@ PG_BIN=/usr/lib/postgresql/${PG_VERSION}/bin
 
 die() { echo "postgres.sh: $*" >&2; exit 1; }
 
-usage() { die "usage: $0 up DIR [PORT] | url DIR | stop DIR | start DIR | down DIR"; }
+usage() { die "usage: $0 up DIR [PORT] | url DIR | stop DIR | start DIR | restart DIR | down DIR"; }
 
 # Run a command as the server's user: `postgres` when we are root, else ourselves.
 as_server_user() {
@@ -65,6 +67,12 @@ start_server() {
     sleep 0.1
   done
   die "server in $dir did not become ready: $(tail -n 1 "$dir/postgres.log" 2>/dev/null)"
+}
+
+restart_server() {
+  local dir=$1
+  as_server_user "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -m fast -w -t 60 restart >/dev/null \
+    || die "server in $dir failed to restart: $(tail -n 1 "$dir/postgres.log" 2>/dev/null)"
 }
 
 print_url() {
@@ -130,6 +138,7 @@ case "$command" in
   url)   print_url "$dir" ;;
   stop)  [ -d "$dir/data" ] || die "no server in $dir"; stop_server "$dir" ;;
   start) [ -d "$dir/data" ] || die "no server in $dir"; is_running "$dir" || start_server "$dir" ;;
+  restart) [ -d "$dir/data" ] || die "no server in $dir"; restart_server "$dir" ;;
   down)  [ -d "$dir/data" ] && stop_server "$dir"; rm -rf "${dir:?}" ;;
   *)     usage ;;
 esac

@@ -1,7 +1,9 @@
-"""The audit log of the caller's org (admins): filtered, cursor-paginated reads and chain verification.
-While the app runs, a background task keeps the audit table's monthly partitions created ahead of time
-(at start-up, then every AGENTBOX_AUDIT_PARTITION_INTERVAL_SECONDS, a day by default): without next
-month's partition, every audited request would fail when the month turns."""
+"""The audit log of the caller's org (admins): filtered, cursor-paginated reads, chain verification, and
+the chain's latest signed checkpoint. While the app runs, background tasks keep the audit table's monthly
+partitions created ahead of time (at start-up, then every AGENTBOX_AUDIT_PARTITION_INTERVAL_SECONDS, a
+day by default: without next month's partition, every audited request would fail when the month turns)
+and, with a signing key, sign each chain's head every AGENTBOX_AUDIT_CHECKPOINT_INTERVAL_SECONDS
+(agentbox.api.audit_checkpoints)."""
 
 from __future__ import annotations
 
@@ -20,10 +22,11 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from pydantic import AfterValidator
 
 from agentbox.api import audit
-from agentbox.api.app import Services
+from agentbox.api.app import Services, services
+from agentbox.api.audit_checkpoints import CheckpointError, Checkpoints, key_id, public_key_text
 from agentbox.api.auth import Principal, authenticate
 from agentbox.api.db import DatabaseUnavailable
-from agentbox.api.problems import ProblemError, problem_responses
+from agentbox.api.problems import FieldError, ProblemError, problem_responses
 from agentbox.api.routers.common import audited_transaction, background_task, database
 from agentbox.api.routers.models import ApiModel
 
@@ -43,11 +46,46 @@ async def keep_partitions(shared: Services) -> None:
         await asyncio.sleep(delay)
 
 
+async def keep_checkpoints(shared: Services, checkpoints: Checkpoints) -> None:
+    """Sign the chains' heads now and then every interval, for as long as it runs."""
+    interval = shared.settings.audit_checkpoint_interval_seconds
+    while True:
+        try:
+            await checkpoints.take(shared.database)
+            delay = interval
+        except (DatabaseUnavailable, asyncpg.PostgresError, OSError):
+            log.warning("could not take the audit checkpoints; retrying", exc_info=True)
+            delay = min(PARTITION_RETRY_SECONDS, interval)
+        await asyncio.sleep(delay)
+
+
+def checkpoints(shared: Services) -> Checkpoints:
+    """The app's audit checkpoints, built once from settings (by the lifespan, when there is one); a 503
+    problem while they are misconfigured."""
+    built = shared.extras.get("audit_checkpoints")
+    if built is None:
+        try:
+            built = shared.extras["audit_checkpoints"] = Checkpoints.from_settings(shared.settings)
+        except CheckpointError as exc:
+            log.error("audit checkpoints are not usable: %s", exc)
+            raise ProblemError(503, "Service Unavailable",
+                               f"audit checkpoints are misconfigured: {exc}") from exc
+    return built
+
+
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     shared: Services = app.state.services
-    async with background_task("audit-partitions",
-                               keep_partitions(shared) if shared.database is not None else None):
+    # Built here first, so a malformed key stops the start instead of leaving the chains unsigned.
+    configured = shared.extras["audit_checkpoints"] = Checkpoints.from_settings(shared.settings)
+    if configured.keys.signing is not None:  # what anyone checking a checkpoint needs, and nothing more
+        public = configured.keys.signing.public_key()
+        log.info("audit checkpoints are signed with key %s", key_id(public),
+                 extra={"key_id": key_id(public), "public_key": public_key_text(public)})
+    with_database = shared.database is not None
+    async with background_task("audit-partitions", keep_partitions(shared) if with_database else None), \
+            background_task("audit-checkpoints", keep_checkpoints(shared, configured)
+                            if with_database and configured.signing else None):
         yield
 
 
@@ -81,11 +119,27 @@ class ChainBreakView(ApiModel):
     reason: str
 
 
+class CheckpointRef(ApiModel):
+    seq: int
+    signed_at: datetime
+
+
 class ChainReportView(ApiModel):
     ok: bool
     rows_checked: int
     head_seq: int | None
     first_broken: ChainBreakView | None
+    # The newest signed checkpoint the chain was held to (the stored one, or the one given); null: none.
+    checkpoint: CheckpointRef | None
+
+
+class CheckpointView(ApiModel):
+    seq: int
+    hash: str
+    signed_at: datetime
+    key_id: str
+    # The signed checkpoint itself (a JWT, EdDSA): keep it, and hand it back to /verify?checkpoint= later.
+    token: str
 
 
 def _reader(principal: Principal = Depends(authenticate)) -> Principal:
@@ -147,13 +201,48 @@ async def list_audit(request: Request, principal: Principal = Depends(_reader),
     return AuditPage(items=items, next_cursor=_cursor(items[-1].seq) if len(rows) > limit else None)
 
 
-@router.get("/verify", response_model=ChainReportView, responses=problem_responses(401, 403, 503))
-async def verify_audit(request: Request, principal: Principal = Depends(_reader)) -> ChainReportView:
+@router.get("/verify", response_model=ChainReportView, responses=problem_responses(401, 403, 422, 503))
+async def verify_audit(request: Request, principal: Principal = Depends(_reader),
+                       shared: Services = Depends(services),
+                       checkpoint: Annotated[str | None, Query(max_length=4096)] = None) -> ChainReportView:
+    """Walk the chain and hold it to its latest stored checkpoint and to `checkpoint`, a signed checkpoint
+    the caller kept (from GET /api/v1/audit/checkpoint or the API's log)."""
+    org = None if principal.is_platform else principal.org
+    configured = checkpoints(shared)
+    pinned: list[audit.Checkpoint] = []
     try:
-        report = await audit.verify_chain(database(request), None if principal.is_platform else principal.org)
-    except DatabaseUnavailable as exc:
-        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly") from exc
-    broken = report.first_broken
+        if (stored := await configured.latest(org)) is not None:
+            pinned.append(stored.checkpoint)
+    except CheckpointError as exc:  # the report then names no checkpoint: the caller can pass their own
+        log.error("verifying without it: %s", exc)
+    if checkpoint is not None:
+        try:
+            pinned.append(configured.keys.verify(checkpoint, org).checkpoint)
+        except CheckpointError as exc:
+            raise ProblemError(422, "Unprocessable Content", f"query.checkpoint: {exc}", errors=[
+                FieldError(field="query.checkpoint", message=str(exc), type="value_error")]) from exc
+    report = await audit.verify_chain(database(request), org, pinned)
+    broken, held_to = report.first_broken, report.checkpoint
     return ChainReportView(ok=report.ok, rows_checked=report.rows_checked, head_seq=report.head_seq,
                            first_broken=None if broken is None else ChainBreakView(
-                               seq=broken.seq, id=broken.id, reason=broken.reason))
+                               seq=broken.seq, id=broken.id, reason=broken.reason),
+                           checkpoint=None if held_to is None else CheckpointRef(seq=held_to.seq,
+                                                                                 signed_at=held_to.at))
+
+
+@router.get("/checkpoint", response_model=CheckpointView, responses=problem_responses(401, 403, 404, 503))
+async def latest_checkpoint(principal: Principal = Depends(_reader),
+                            shared: Services = Depends(services)) -> CheckpointView:
+    """The latest signed checkpoint of the caller's chain, read from outside the database."""
+    org = None if principal.is_platform else principal.org
+    configured = checkpoints(shared)
+    try:
+        latest = await configured.latest(org)
+    except CheckpointError as exc:
+        log.error("%s", exc)
+        raise ProblemError(404, "Not Found", "the stored checkpoint of this chain does not verify") from exc
+    if latest is None:
+        raise ProblemError(404, "Not Found", "no signed checkpoint of this chain yet" if configured.store
+                           else "audit checkpoints are not kept here (AGENTBOX_AUDIT_CHECKPOINT_DIR)")
+    return CheckpointView(seq=latest.checkpoint.seq, hash=latest.checkpoint.hash.hex(),
+                          signed_at=latest.checkpoint.at, key_id=latest.key_id, token=latest.token)

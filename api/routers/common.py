@@ -124,9 +124,6 @@ async def audited_transaction(request: Request, principal: Principal,
             request.app.state.services.metrics.audit_writes.labels("success").inc()
     except KubeError as exc:
         raise kube_problem(exc) from exc
-    except DatabaseUnavailable as exc:
-        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly",
-                           headers={"Retry-After": "2"}) from exc
 
 
 def _outcome(exc: BaseException) -> tuple[audit.Outcome, str]:
@@ -136,6 +133,8 @@ def _outcome(exc: BaseException) -> tuple[audit.Outcome, str]:
         status, reason = exc.status_code, str(exc.detail)
     elif isinstance(exc, UNSTORABLE_TEXT):
         status, reason = 422, f"a text value {NUL_MESSAGE}"
+    elif isinstance(exc, DatabaseUnavailable):
+        status, reason = 503, str(exc)
     elif isinstance(exc, RequestValidationError):
         fields = sorted({".".join(str(p) for p in error.get("loc", ())) for error in exc.errors()})
         status, reason = 422, f"invalid request: {', '.join(fields)}"

@@ -7,6 +7,7 @@ The RBAC tests run the operator as a local process authenticated as the chart's 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import secrets
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import pytest_asyncio
 import yaml
 from e2e.stack import REPO, chart_identity, delete_tenant, operator_process, tools_for
 from fixtures.cluster import KubectlError
+
+from agentbox.api.audit_checkpoints import load_signing_key
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart's tests too
 
@@ -105,6 +108,44 @@ async def test_oauth_settings_and_extra_env_reach_the_api(kube):
         assert entry in env
 
 
+async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database_never_sees(kube):
+    def api_of(objects: list[dict]) -> tuple[dict, dict | None]:
+        deployment = next(o for o in objects
+                          if o["kind"] == "Deployment" and o["metadata"]["name"] == "abx-agentbox-api")
+        secret = next((o for o in objects if o["kind"] == "Secret"
+                       and o["metadata"]["name"] == "abx-agentbox-audit-checkpoint"), None)
+        return deployment["spec"]["template"]["spec"], secret
+
+    pod, secret = api_of(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED)))
+    container = pod["containers"][0]
+    assert {"name": "AGENTBOX_AUDIT_CHECKPOINT_SIGNING_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "abx-agentbox-audit-checkpoint", "key": "signing-key"}}} in container["env"]
+    assert {"name": "AGENTBOX_AUDIT_CHECKPOINT_DIR", "value": "/var/lib/agentbox/audit-checkpoints"} \
+        in container["env"]
+    assert {"name": "audit-checkpoints", "mountPath": "/var/lib/agentbox/audit-checkpoints"} \
+        in container["volumeMounts"]
+    assert {"name": "audit-checkpoints", "emptyDir": {}} in pod["volumes"]
+    assert secret["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    load_signing_key(base64.b64decode(secret["data"]["signing-key"]).decode())  # an Ed25519 key the API takes
+
+    trusted = base64.b64encode(bytes(32)).decode()
+    pod, secret = api_of(documents(await helm(
+        kube, "template", "abx", str(CHART), *REQUIRED, "--set", "api.auditCheckpoints.existingSecret=mine",
+        "--set", f"api.auditCheckpoints.trustedKeys[0]={trusted}",
+        "--set", "api.auditCheckpoints.existingClaim=anchors")))
+    env = pod["containers"][0]["env"]
+    assert secret is None
+    assert {"name": "AGENTBOX_AUDIT_CHECKPOINT_SIGNING_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "mine", "key": "signing-key"}}} in env
+    assert {"name": "AGENTBOX_AUDIT_CHECKPOINT_TRUSTED_KEYS", "value": trusted} in env
+    assert {"name": "audit-checkpoints", "persistentVolumeClaim": {"claimName": "anchors"}} in pod["volumes"]
+
+    pod, secret = api_of(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                              "--set", "api.auditCheckpoints.enabled=false")))
+    assert secret is None and not any("AUDIT_CHECKPOINT" in e["name"] for e in pod["containers"][0]["env"])
+    assert [v["name"] for v in pod["volumes"]] == ["tmp"]
+
+
 @pytest.mark.parametrize(("values", "named"), [
     (["--set", "operator.replicas=0"], "at '/operator/replicas'"),
     (["--set", "api.service.type=Sideways"], "at '/api/service/type'"),
@@ -119,6 +160,8 @@ async def test_oauth_settings_and_extra_env_reach_the_api(kube):
     (["--set", "api.publicUrl=agentbox.example.test"], "at '/api/publicUrl'"),
     (["--set", "api.extraEnv[0].name=PATH", "--set", "api.extraEnv[0].value=/tmp"],
      "at '/api/extraEnv/0/name'"),
+    (["--set", "api.auditCheckpoints.trustedKeys[0]=not-a-key"], "at '/api/auditCheckpoints/trustedKeys/0'"),
+    (["--set", "api.auditCheckpoints.intervalSeconds=0"], "at '/api/auditCheckpoints/intervalSeconds'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
@@ -153,7 +196,8 @@ async def test_install_then_uninstall_keeps_only_what_the_user_chose(kube, names
     installed = await namespaced_leftovers(kube, namespace)
     for expected in [f"Deployment/{release}-agentbox-operator", f"Deployment/{release}-agentbox-api",
                      f"Service/{release}-agentbox-api", f"Secret/{release}-agentbox-encryption",
-                     f"Secret/{release}-agentbox-database", f"PodDisruptionBudget/{release}-agentbox-api",
+                     f"Secret/{release}-agentbox-database", f"Secret/{release}-agentbox-audit-checkpoint",
+                     f"PodDisruptionBudget/{release}-agentbox-api",
                      f"NetworkPolicy/{release}-agentbox-operator"]:
         assert expected in installed
     cluster_scoped = ("clusterroles,clusterrolebindings,clusterkopfpeerings -l "
@@ -170,16 +214,23 @@ async def test_install_then_uninstall_keeps_only_what_the_user_chose(kube, names
                              "--set", "database.existingSecret=no-such-secret")
     assert 'database.existingSecret: Secret "no-such-secret" not found' in error
 
-    # An upgrade keeps the generated encryption key (losing it loses every stored credential).
-    key = await kube.kubectl("get", "secret", f"{release}-agentbox-encryption", "-n", namespace,
-                             "-o", "jsonpath={.data.keys}")
+    # An upgrade keeps the generated keys (losing the encryption key loses every stored credential; a new
+    # audit checkpoint key would no longer verify the checkpoints signed before).
+    kept = {f"{release}-agentbox-encryption": "{.data.keys}",
+            f"{release}-agentbox-audit-checkpoint": "{.data.signing-key}"}
+
+    async def kept_keys() -> dict[str, str]:
+        return {name: await kube.kubectl("get", "secret", name, "-n", namespace, "-o", f"jsonpath={path}")
+                for name, path in kept.items()}
+
+    before = await kept_keys()
+    assert all(before.values())
     await helm(kube, "upgrade", release, str(CHART), "--namespace", namespace, *values)
-    assert await kube.kubectl("get", "secret", f"{release}-agentbox-encryption", "-n", namespace,
-                              "-o", "jsonpath={.data.keys}") == key
+    assert await kept_keys() == before
 
     uninstalled = await helm(kube, "uninstall", release, "--namespace", namespace, "--wait")
-    assert f"{release}-agentbox-encryption" in uninstalled  # helm says what it kept
-    assert await namespaced_leftovers(kube, namespace) == [f"Secret/{release}-agentbox-encryption"]
+    assert all(name in uninstalled for name in kept)  # helm says what it kept
+    assert sorted(await namespaced_leftovers(kube, namespace)) == sorted(f"Secret/{name}" for name in kept)
     assert (await kube.kubectl("get", *cluster_scoped.split(), "-o", "name")).strip() == ""
     crds = await kube.kubectl("get", "crd", "-o", "name")
     assert "agentsessions.agentbox.dev" in crds and "mcpservers.agentbox.dev" in crds

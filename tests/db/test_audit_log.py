@@ -1,12 +1,12 @@
 """The audit log on the real PostgreSQL (security.md, "Audit log"): append-only and hash-chained per org."""
 
 import asyncio
-from datetime import UTC
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
 
-from agentbox.api.audit import AuditEvent, ensure_partitions, record, verify_chain
+from agentbox.api.audit import AuditEvent, Checkpoint, ensure_partitions, record, still_holds, verify_chain
 from agentbox.api.db import Database
 
 from .conftest import create_orgs
@@ -211,6 +211,15 @@ async def test_retiring_a_past_month_keeps_the_chain_verifiable_from_its_anchor(
     after = await record(app_db, event("retire"))
     report = await verify_chain(app_db, "retire")
     assert report.ok and report.rows_checked == 2 and report.head_seq == after.seq == 5
+    # A signed checkpoint at the anchor is held to the anchor; one before it went with the archive.
+    async with app_db.tenant("retire") as conn:
+        anchor_hash = bytes((await conn.fetchrow("SELECT * FROM audit_chain_state()"))["anchor_hash"])
+    now = datetime.now(UTC)
+    for checkpoint, holds in ((Checkpoint("retire", 3, anchor_hash, now), True),
+                              (Checkpoint("retire", 3, bytes(32), now), False),
+                              (Checkpoint("retire", 2, bytes(32), now), True)):
+        assert (await verify_chain(app_db, "retire", [checkpoint])).ok is holds
+        assert await still_holds(app_db, checkpoint) is holds
 
 
 async def _tamper(postgres, statement: str, *args) -> None:
