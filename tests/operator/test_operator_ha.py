@@ -108,7 +108,6 @@ async def test_one_replica_reconciles_and_a_killed_one_hands_over_within_seconds
     reconcilers = [p for p in processes if handled(p, tenant, "first")]
     assert len(reconcilers) == 1, logs()
     active, standby = reconcilers[0], next(p for p in processes if p is not reconcilers[0])
-    assert "Pausing operations in favour of" in standby.log.read_text(), logs()
 
     active.process.kill()  # SIGKILL: no chance to take its record out of the peering
     await active.process.wait()
