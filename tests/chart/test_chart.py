@@ -173,6 +173,7 @@ async def test_the_api_is_granted_exactly_what_it_uses(kube, values, expected):
 
 @pytest.mark.parametrize(("values", "named"), [
     (["--set", "operator.replicas=0"], "at '/operator/replicas'"),
+    (["--set", "operator.peeringLifetimeSeconds=2"], "at '/operator/peeringLifetimeSeconds'"),
     (["--set", "api.service.type=Sideways"], "at '/api/service/type'"),
     (["--set", "jwt.issuer=not-a-url"], "at '/jwt/issuer'"),
     (["--set", "database.url=mysql://x/y"], "at '/database/url'"),
