@@ -6,6 +6,7 @@ Thin async calls over kubernetes_asyncio, each under a timeout; an apiserver fai
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -55,6 +56,7 @@ class Kube:
         self.core = client.CoreV1Api(api)
         self.custom = client.CustomObjectsApi(api)
         self.version = client.VersionApi(api)
+        self.authorization = client.AuthorizationV1Api(api)
 
     @classmethod
     async def connect(cls, *, request_timeout: float = 10) -> Kube:
@@ -82,23 +84,36 @@ class Kube:
 
     # Tenant namespaces -------------------------------------------------------------------------------
 
-    async def ensure_tenant_namespace(self, namespace: str, org: str) -> bool:
-        """Create the namespace (True) or accept an existing one carrying this org's label (False)."""
+    async def ensure_tenant_namespace(self, namespace: str, org: str) -> None:
+        """Create the namespace, or accept an existing one carrying this org's label."""
         body = client.V1Namespace(metadata=client.V1ObjectMeta(
             name=namespace, labels={**MANAGED_BY, TENANT_LABEL: org}))
         try:
             await self._call(self.core.create_namespace, body)
-            return True
+            return
         except KubeError as exc:
             if exc.status != 409:
                 raise
         existing = await self._call(self.core.read_namespace, namespace)
         if (existing.metadata.labels or {}).get(TENANT_LABEL) != org:
             raise KubeError(409, f"namespace {namespace} exists and is not {org}'s tenant namespace")
-        return False
 
-    async def delete_namespace(self, namespace: str) -> None:
-        await self._ignore_missing(self.core.delete_namespace, namespace)
+    async def wait_for_tenant_access(self, namespace: str, seconds: float, interval: float = 0.2) -> bool:
+        """Whether the API may write Secrets in the tenant namespace within `seconds`. Its rights
+        there come from a RoleBinding the operator adds to a new tenant namespace (the chart grants none
+        cluster-wide), so they arrive a moment after the namespace. Asked with a SelfSubjectAccessReview,
+        which every identity may make about itself."""
+        review = client.V1SelfSubjectAccessReview(spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(namespace=namespace, verb="create",
+                                                            resource="secrets")))
+        deadline = asyncio.get_running_loop().time() + seconds
+        while True:
+            answer = await self._call(self.authorization.create_self_subject_access_review, review)
+            if answer.status.allowed:
+                return True
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(interval)
 
     # AgentSessions -----------------------------------------------------------------------------------
 

@@ -173,8 +173,10 @@ up() {
     stop_process operator "agentbox.operator"
     echo "$server" >"$dev/cluster-server"
   fi
+  # The chart's operator environment (its Deployment's), then what differs for a local process.
+  local operator_env; mapfile -t operator_env <"$dev/identity/operator.env"
   start_process operator "agentbox.operator" \
-    KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_API_NAMESPACE="$system_namespace" AGENTBOX_METRICS_PORT=0 \
+    "${operator_env[@]}" KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_METRICS_PORT=0 \
     -- "$py" -m agentbox.operator --peering agentbox --liveness "http://127.0.0.1:${AGENTBOX_DEV_OPERATOR_PORT:-8081}/healthz"
   if [ "$AGENTBOX_CLUSTER_KIND" = kwok ]; then  # kind runs session pods for real
     running session-runners "session_runners.py" || rm -f "$dev/session-runners.ready"

@@ -1,7 +1,9 @@
 """`python -m agentbox.operator`: the kopf operator with liveness, peering and JSON logs."""
 
 import argparse
+import secrets
 import sys
+import time
 
 import kopf
 
@@ -12,11 +14,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="agentbox-operator", description=__doc__)
     parser.add_argument("--peering", default="agentbox", help="peering name for active/standby HA")
     parser.add_argument("--standalone", action="store_true", help="run without peering")
-    parser.add_argument("--priority", type=int, default=0, help="peering priority (higher wins)")
+    parser.add_argument("--priority", type=int, default=None,
+                        help="peering priority (higher wins); default: ranked by start time, below 0")
     parser.add_argument("--liveness", default="http://127.0.0.1:8081/healthz", help="liveness endpoint URL")
     parser.add_argument("-n", "--namespace", action="append", default=[],
                         help="namespace or glob to serve (repeatable); all namespaces when omitted")
     return parser.parse_args(argv)
+
+
+def start_priority() -> int:
+    """A peering priority of this replica's own: kopf pauses every replica that sees a live peer of equal
+    priority, so replicas started alike (a Deployment's) all paused and none reconciled. Ranked by start
+    time rather than at random: a replica that starts later (a rollout, a restart) waits as the standby
+    instead of taking over from one mid-work; the random part tells apart replicas started in the same
+    millisecond. Always negative, so an operator given an explicit priority (0 or more) outranks them.
+    (kopf's peering rather than a Lease: it is built in and already pauses and resumes kopf's watchers.)"""
+    return -(time.time_ns() // 1_000_000 * 1000 + secrets.randbelow(1000))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     import agentbox.operator.handlers  # noqa: F401  (registers the handlers)
 
     # kopf makes peering mandatory whenever a name is given, so standalone runs pass none.
-    kopf.run(standalone=args.standalone, priority=args.priority,
+    priority = start_priority() if args.priority is None else args.priority
+    kopf.run(standalone=args.standalone, priority=priority,
              peering_name=None if args.standalone else args.peering,
              liveness_endpoint=args.liveness, clusterwide=not args.namespace, namespaces=args.namespace)
     return 0

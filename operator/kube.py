@@ -27,6 +27,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "LimitRange": ("/api/v1", "limitranges", True),
     "Namespace": ("/api/v1", "namespaces", False),
     "NetworkPolicy": ("/apis/networking.k8s.io/v1", "networkpolicies", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "StorageClass": ("/apis/storage.k8s.io/v1", "storageclasses", False),
     "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings", False),
     agentsession.KIND: (f"/apis/{agentsession.API_VERSION}", agentsession.PLURAL, True),

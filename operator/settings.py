@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import kopf
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from agentbox.operator.naming import MANAGED_BY, MANAGER, TENANT_LABEL
@@ -47,6 +47,21 @@ class OperatorSettings(BaseSettings):
                                                           "(and namespace); the rest queue")
     worker_idle_seconds: float = Field(0.5, gt=0, description="How long an object's worker outlives its "
                                                               "last event before freeing its slot")
+    # kopf's default is 60 s: a replica killed without a clean exit (SIGKILL, a lost node) kept its standby
+    # paused for up to a minute. kopf refreshes the record 5-10 s before it expires (at least every second).
+    peering_lifetime_seconds: int = Field(10, ge=5, description="How long a replica's peering record counts "
+                                                               "as alive: the longest a standby waits for a "
+                                                               "killed active replica")
+    # The tenant namespaces' RoleBinding that lets the API in (empty: none is made).
+    api_service_account: str = Field("", description="The API's ServiceAccount (in api_namespace)")
+    api_tenant_role: str = Field("", description="The ClusterRole the API gets in each tenant namespace")
+
+    @model_validator(mode="after")
+    def _api_binding_named_in_full(self) -> "OperatorSettings":
+        if bool(self.api_service_account) != bool(self.api_tenant_role):
+            raise ValueError("AGENTBOX_API_SERVICE_ACCOUNT and AGENTBOX_API_TENANT_ROLE are set together "
+                             "(the API's RoleBinding in tenant namespaces needs both) or not at all")
+        return self
 
 
 class MemoryDiffBaseStorage(kopf.DiffBaseStorage):
@@ -117,6 +132,7 @@ def configure_kopf(settings: kopf.OperatorSettings, ours: OperatorSettings) -> N
     settings.persistence.diffbase_storage = MemoryDiffBaseStorage()
     settings.persistence.finalizer = FINALIZER
     settings.posting.level = logging.INFO
+    settings.peering.lifetime = ours.peering_lifetime_seconds
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.inactivity_timeout = 600

@@ -1,4 +1,5 @@
-"""The baseline of a tenant namespace: Pod Security "restricted", quota, limits, default deny."""
+"""The baseline of a tenant namespace: Pod Security "restricted", quota, limits, default deny, and the
+API's access."""
 
 from typing import Any
 
@@ -47,3 +48,13 @@ def build_default_deny(namespace: str) -> dict[str, Any]:
     return {"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": _metadata(DEFAULT_DENY_NAME, namespace),
             "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"], "egress": [dns_egress()]}}
+
+
+def build_api_binding(namespace: str, role: str, account: str, account_namespace: str) -> dict[str, Any]:
+    """Lets the control-plane API in: its rights on Secrets, sessions and MCP servers hold only in tenant
+    namespaces (the ClusterRole `role`, bound here), never cluster-wide. Named after the role, as a
+    binding's roleRef cannot change."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _metadata(role, namespace),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": account_namespace}]}

@@ -1,5 +1,5 @@
-"""Tenant namespaces (labelled agentbox.dev/tenant): Pod Security "restricted", quota, limit range and a
-default-deny NetworkPolicy with DNS egress."""
+"""Tenant namespaces (labelled agentbox.dev/tenant): Pod Security "restricted", quota, limit range, a
+default-deny NetworkPolicy with DNS egress, and the RoleBinding that lets the API in."""
 
 import asyncio
 from typing import Any
@@ -19,16 +19,19 @@ async def tenant_namespace(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any
     kube, settings = memo.kube, memo.settings
     async with metrics.reconciling("tenant"):
         await kube.apply(tenant.build_namespace_labels(name))
-        results = await asyncio.gather(
-            kube.ensure(tenant.build_quota(name, settings.tenant_quota), owner_uid=None),
-            kube.ensure(tenant.build_limit_range(name), owner_uid=None),
-            kube.ensure(tenant.build_default_deny(name), owner_uid=None))
+        baseline = [tenant.build_quota(name, settings.tenant_quota), tenant.build_limit_range(name),
+                    tenant.build_default_deny(name)]
+        if settings.api_tenant_role:
+            baseline.append(tenant.build_api_binding(name, settings.api_tenant_role,
+                                                     settings.api_service_account, settings.api_namespace))
+        results = await asyncio.gather(*(kube.ensure(manifest, owner_uid=None) for manifest in baseline))
         conflicts = [result for result in results if isinstance(result, Conflict)]
         for conflict in conflicts:
             kopf.warn(body, reason="NameConflict", message=conflict.message)
         if not conflicts:
-            kopf.info(body, reason="TenantBaselineApplied",
-                      message="pod security restricted, quota, limit range and default-deny policy in place")
+            access = ", API access" if settings.api_tenant_role else ""
+            kopf.info(body, reason="TenantBaselineApplied", message="pod security restricted, quota, limit "
+                      f"range, default-deny policy{access} in place")
 
 
 @kopf.on.event("", "v1", "namespaces", labels={naming.TENANT_LABEL: kopf.PRESENT})

@@ -1,7 +1,8 @@
 """The Helm chart: lint, the values schema, install and uninstall on the local cluster, and its RBAC.
 
 The RBAC tests run the operator as a local process authenticated as the chart's operator ServiceAccount
-(a TokenRequest token, authorization on), so "enough" and "not more than needed" are both shown for real.
+(a TokenRequest token, authorization on), and the API's Kubernetes client as the chart's API ServiceAccount,
+so "enough" and "not more than needed" are both shown for real.
 """
 
 from __future__ import annotations
@@ -10,16 +11,22 @@ import asyncio
 import base64
 import json
 import secrets
+import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import yaml
-from e2e.stack import REPO, chart_identity, delete_tenant, operator_process, tools_for
-from fixtures.cluster import KubectlError
+from e2e.stack import REPO, Process, chart_identity, delete_tenant, operator_process, tools_for
+from fixtures.cluster import TEST_NAMESPACE_LABEL, KubectlError
+from kubernetes_asyncio import client, config
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from agentbox.api.audit_checkpoints import load_signing_key
+from agentbox.api.kube import Kube as ApiKube
+from agentbox.api.kube import KubeError, tenant_namespace
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart's tests too
 
@@ -77,9 +84,9 @@ async def test_template_renders_restricted_pods_and_rbac_without_wildcards(kube)
 
 async def test_only_an_api_outside_the_cluster_may_port_forward(kube):
     def api_objects(rendered: str) -> tuple[list[dict], list[dict]]:
-        api = {o["kind"]: o for o in documents(rendered) if o["metadata"]["name"] == "abx-agentbox-api"}
-        container = api["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-        return api["ClusterRole"]["rules"], container["env"]
+        objects = {(o["kind"], o["metadata"]["name"]): o for o in documents(rendered)}
+        container = objects["Deployment", "abx-agentbox-api"]["spec"]["template"]["spec"]["containers"][0]
+        return objects["ClusterRole", "abx-agentbox-api-tenant"]["rules"], container["env"]
 
     in_cluster_rules, in_cluster_env = api_objects(await helm(kube, "template", "abx", str(CHART), *REQUIRED))
     assert {"name": "AGENTBOX_RUNNER_TRANSPORT", "value": "service"} in in_cluster_env
@@ -146,8 +153,66 @@ async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database
     assert [v["name"] for v in pod["volumes"]] == ["tmp"]
 
 
+Grant = tuple[str, str, str, str]  # (apiGroup, resource, verb, where: "cluster" or "tenant namespaces")
+
+
+def grants_of(objects: list[dict], namespace: str, account: str) -> set[Grant]:
+    """Everything a ServiceAccount may do under the rendered chart: through its bindings (cluster-wide or in
+    one namespace), and through the role the operator binds to it in each tenant namespace."""
+    roles = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["kind"] in ("ClusterRole", "Role")}
+    subject = {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+    granted: list[tuple[dict, str]] = []
+    for binding in (o for o in objects if o["kind"] in ("ClusterRoleBinding", "RoleBinding")):
+        if subject in binding["subjects"]:
+            where = "cluster" if binding["kind"] == "ClusterRoleBinding" else binding["metadata"]["namespace"]
+            granted.append((roles[binding["roleRef"]["kind"], binding["roleRef"]["name"]], where))
+    operator = next(o for o in objects
+                    if o["kind"] == "Deployment" and o["metadata"]["name"].endswith("-operator"))
+    env = {e["name"]: e for e in operator["spec"]["template"]["spec"]["containers"][0]["env"]}
+    if env.get("AGENTBOX_API_SERVICE_ACCOUNT", {}).get("value") == account:
+        assert env["AGENTBOX_API_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+        granted.append((roles["ClusterRole", env["AGENTBOX_API_TENANT_ROLE"]["value"]], "tenant namespaces"))
+    grants = set()
+    for role, where in granted:
+        for rule in role["rules"]:
+            assert "resourceNames" not in rule, rule  # none here: the set below would overstate a grant
+            grants |= {(group, resource, verb, where) for group in rule["apiGroups"]
+                       for resource in rule["resources"] for verb in rule["verbs"]}
+    return grants
+
+
+def grant(group: str, resources: str, verbs: str, where: str) -> set[Grant]:
+    return {(group, resource, verb, where) for resource in resources.split() for verb in verbs.split()}
+
+
+# What the API does (api/kube.py, api/watch_cache.py, api/routers/oauth.py, api/portforward.py), and where.
+API_GRANTS = (grant("", "namespaces", "get create", "cluster")  # onboarding an org
+              | grant("agentbox.dev", "agentsessions mcpservers", "list watch", "cluster")  # the read caches
+              | grant("agentbox.dev", "agentsessions", "get create patch delete", "tenant namespaces")
+              | grant("agentbox.dev", "mcpservers", "get create update patch delete", "tenant namespaces")
+              | grant("agentbox.dev", "mcpservers/status", "patch", "tenant namespaces")
+              | grant("", "secrets", "get create update delete", "tenant namespaces"))
+PORT_FORWARD_GRANTS = grant("", "pods/portforward", "get create", "tenant namespaces")
+
+
+@pytest.mark.parametrize(("values", "expected"), [([], API_GRANTS),
+                                                  (["--set", "api.runnerTransport=port-forward"],
+                                                   API_GRANTS | PORT_FORWARD_GRANTS)])
+async def test_the_api_is_granted_exactly_what_it_uses(kube, values, expected):
+    objects = documents(await helm(kube, "template", "abx", str(CHART), "--namespace", "abx-system",
+                                   *REQUIRED, *values))
+    assert grants_of(objects, "abx-system", "abx-agentbox-api") == expected
+    # The operator binds that role and no other.
+    operator_role = next(o for o in objects
+                         if o["kind"] == "ClusterRole" and o["metadata"]["name"] == "abx-agentbox-operator")
+    assert [rule for rule in operator_role["rules"] if "bind" in rule["verbs"]] == [
+        {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles"], "verbs": ["bind"],
+         "resourceNames": ["abx-agentbox-api-tenant"]}]
+
+
 @pytest.mark.parametrize(("values", "named"), [
     (["--set", "operator.replicas=0"], "at '/operator/replicas'"),
+    (["--set", "operator.peeringLifetimeSeconds=2"], "at '/operator/peeringLifetimeSeconds'"),
     (["--set", "api.service.type=Sideways"], "at '/api/service/type'"),
     (["--set", "jwt.issuer=not-a-url"], "at '/jwt/issuer'"),
     (["--set", "database.url=mysql://x/y"], "at '/database/url'"),
@@ -202,7 +267,7 @@ async def test_install_then_uninstall_keeps_only_what_the_user_chose(kube, names
         assert expected in installed
     cluster_scoped = ("clusterroles,clusterrolebindings,clusterkopfpeerings -l "
                       f"app.kubernetes.io/instance={release}")
-    assert len((await kube.kubectl("get", *cluster_scoped.split(), "-o", "name")).split()) == 5
+    assert len((await kube.kubectl("get", *cluster_scoped.split(), "-o", "name")).split()) == 6
 
     # A second release in the same namespace is refused before it creates anything.
     error = await helm_fails(kube, "install", f"{release}b", str(CHART), "--namespace", namespace, *values)
@@ -242,6 +307,7 @@ RBAC_RELEASE = "abx-rbac"
 RBAC_NAMESPACE = "abx-rbac-system"
 OPERATOR_ACCOUNT = f"system:serviceaccount:{RBAC_NAMESPACE}:{RBAC_RELEASE}-agentbox-operator"
 API_ACCOUNT = f"system:serviceaccount:{RBAC_NAMESPACE}:{RBAC_RELEASE}-agentbox-api"
+RBAC_TENANT_PREFIX = "tenant-rbac"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
@@ -263,35 +329,120 @@ async def can(kube, account: str, *check: str) -> bool:
     return answer == "yes"
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def rbac_operator(kube, chart_identities, tmp_path_factory) -> AsyncIterator[Process]:
+    """The operator as the chart runs it (its ServiceAccount and environment), serving tenant-rbac*. Like any
+    operator of the chart it gives every tenant namespace its baseline, the API's RoleBinding included."""
+    chart = await chart_identity.render_operator(tools_for(kube), RBAC_RELEASE, RBAC_NAMESPACE)
+    log = tmp_path_factory.mktemp("rbac-operator") / "operator.log"
+    async with operator_process(chart_identities["operator"], f"{RBAC_TENANT_PREFIX}*", log,
+                                chart.env) as operator:
+        yield operator
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def api_kube(chart_identities) -> AsyncIterator[ApiKube]:
+    """The API's own Kubernetes client, authenticated as the chart's API ServiceAccount."""
+    configuration = client.Configuration()
+    await config.load_kube_config(config_file=str(chart_identities["api"]),
+                                  client_configuration=configuration)
+    async with client.ApiClient(configuration) as api:
+        yield ApiKube(api)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def rbac_tenant(kube, rbac_operator, api_kube) -> AsyncIterator[str]:
+    """A tenant namespace onboarded as the API onboards an org: created under the API's account, then
+    awaited until the operator has let the API in (what POST /api/v1/orgs waits for)."""
+    org = f"{RBAC_TENANT_PREFIX.removeprefix('tenant-')}{secrets.token_hex(3)}"
+    namespace = tenant_namespace(org)
+    await api_kube.ensure_tenant_namespace(namespace, org)
+    try:
+        await kube.kubectl("label", "namespace", namespace, f"{TEST_NAMESPACE_LABEL}=true")
+        started = time.monotonic()
+        assert await api_kube.wait_for_tenant_access(namespace, 15), rbac_operator.tail(40)
+        print(f"the API may work in a new tenant namespace after {time.monotonic() - started:.2f} s")
+        yield namespace
+    finally:
+        await delete_tenant(kube, namespace)
+
+
+TENANT = "<the tenant namespace>"
+
+
 @pytest.mark.parametrize(("account", "check"), [
     (OPERATOR_ACCOUNT, ["list", "secrets", "--all-namespaces"]),
     (OPERATOR_ACCOUNT, ["delete", "namespaces"]),
     (OPERATOR_ACCOUNT, ["create", "namespaces"]),
     (OPERATOR_ACCOUNT, ["create", "clusterroles"]),
+    (OPERATOR_ACCOUNT, ["create", "clusterrolebindings"]),
+    (OPERATOR_ACCOUNT, ["bind", "clusterroles/cluster-admin"]),
+    (OPERATOR_ACCOUNT, ["escalate", "clusterroles"]),
     (OPERATOR_ACCOUNT, ["create", "pods", "--subresource=exec", "-n", "default"]),
     (OPERATOR_ACCOUNT, ["create", "agentsessions.agentbox.dev", "-n", "default"]),
     (OPERATOR_ACCOUNT, ["update", "customresourcedefinitions"]),
     (OPERATOR_ACCOUNT, ["create", "serviceaccounts", "--subresource=token", "-n", "default"]),
-    (API_ACCOUNT, ["create", "pods", "-n", "default"]),
-    (API_ACCOUNT, ["patch", "agentsessions.agentbox.dev", "--subresource=status", "-n", "default"]),
-    (API_ACCOUNT, ["create", "rolebindings", "-n", "default"]),
     (API_ACCOUNT, ["get", "nodes"]),
-    # The chart's identities are those of processes outside the cluster (port-forward): that much, no more.
-    (API_ACCOUNT, ["get", "pods", "-n", "tenant-x"]),
-    (API_ACCOUNT, ["create", "pods", "--subresource=exec", "-n", "tenant-x"]),
-    (API_ACCOUNT, ["create", "pods", "--subresource=attach", "-n", "tenant-x"]),
+    # In a tenant namespace: no pods of its own, no way into them but port-forward, no Secret listing.
+    (API_ACCOUNT, ["create", "pods", "-n", TENANT]),
+    (API_ACCOUNT, ["get", "pods", "-n", TENANT]),
+    (API_ACCOUNT, ["create", "pods", "--subresource=exec", "-n", TENANT]),
+    (API_ACCOUNT, ["create", "pods", "--subresource=attach", "-n", TENANT]),
+    (API_ACCOUNT, ["patch", "agentsessions.agentbox.dev", "--subresource=status", "-n", TENANT]),
+    (API_ACCOUNT, ["create", "rolebindings", "-n", TENANT]),
+    (API_ACCOUNT, ["list", "secrets", "-n", TENANT]),
+    # Anywhere else: no Secrets, no sessions, no port-forward; and no namespace may be changed or go.
+    (API_ACCOUNT, ["get", "secrets", "-n", "kube-system"]),
+    (API_ACCOUNT, ["create", "secrets", "-n", "default"]),
+    (API_ACCOUNT, ["list", "secrets", "--all-namespaces"]),
+    (API_ACCOUNT, ["create", "agentsessions.agentbox.dev", "-n", "default"]),
+    (API_ACCOUNT, ["get", "pods", "--subresource=portforward", "-n", "kube-system"]),
+    (API_ACCOUNT, ["delete", "namespaces"]),
+    (API_ACCOUNT, ["patch", "namespaces"]),
 ])
-async def test_the_chart_grants_no_more_than_needed(kube, chart_identities, account, check):
-    assert not await can(kube, account, *check)
+async def test_the_chart_grants_no_more_than_needed(kube, rbac_tenant, account, check):
+    assert not await can(kube, account, *(rbac_tenant if arg == TENANT else arg for arg in check))
 
 
-async def test_the_accounts_can_do_their_daily_work(kube, chart_identities):
-    assert await can(kube, OPERATOR_ACCOUNT, "create", "pods", "-n", "tenant-x")
+async def test_the_accounts_can_do_their_daily_work(kube, rbac_tenant):
+    assert await can(kube, OPERATOR_ACCOUNT, "create", "pods", "-n", rbac_tenant)
     assert await can(kube, OPERATOR_ACCOUNT, "patch", "agentsessions.agentbox.dev", "--subresource=status",
-                     "-n", "tenant-x")
-    assert await can(kube, API_ACCOUNT, "create", "agentsessions.agentbox.dev", "-n", "tenant-x")
+                     "-n", rbac_tenant)
+    assert await can(kube, OPERATOR_ACCOUNT, "bind", f"clusterroles/{RBAC_RELEASE}-agentbox-api-tenant")
+    assert await can(kube, API_ACCOUNT, "create", "agentsessions.agentbox.dev", "-n", rbac_tenant)
+    for verb in ("get", "create", "update", "delete"):
+        assert await can(kube, API_ACCOUNT, verb, "secrets", "-n", rbac_tenant)
     for verb in ("get", "create"):  # a websocket port-forward needs both
-        assert await can(kube, API_ACCOUNT, verb, "pods", "--subresource=portforward", "-n", "tenant-x")
+        assert await can(kube, API_ACCOUNT, verb, "pods", "--subresource=portforward", "-n", rbac_tenant)
+
+
+async def test_the_api_keeps_credentials_in_tenant_namespaces_and_nowhere_else(kube, api_kube, rbac_tenant,
+                                                                               namespace):
+    # Its own flow in a tenant namespace: an MCP server's credentials written, replaced, read, removed.
+    labels = {"agentbox.dev/mcp-configuration": "c1"}
+    spec = {"transport": "streamable-http", "url": "http://127.0.0.1:9/mcp"}
+    await api_kube.apply_mcp_server(rbac_tenant, "tools", spec, {"token": "one"}, labels)
+    await api_kube.apply_mcp_secret(rbac_tenant, "tools", {"token": "two"}, labels)
+    secret = await api_kube.get_secret(rbac_tenant, "tools")
+    assert secret is not None and base64.b64decode(secret.data["token"]) == b"two"
+    await api_kube.delete_mcp_server(rbac_tenant, "tools")
+    assert await api_kube.get_secret(rbac_tenant, "tools") is None
+
+    # Elsewhere (`namespace` is a plain one): refused, Secrets that exist included.
+    await kube.kubectl("create", "secret", "generic", "planted", "-n", namespace, "--from-literal=key=value")
+    for where, name in ((namespace, "planted"), ("kube-system", "planted")):
+        with pytest.raises(KubeError) as refused:
+            await api_kube.get_secret(where, name)
+        assert refused.value.status == 403
+    with pytest.raises(KubeError) as refused:
+        await api_kube.apply_mcp_secret(namespace, "tools", {"token": "one"}, labels)
+    assert refused.value.status == 403
+    assert not await api_kube.wait_for_tenant_access(namespace, 0)
+    # No namespace may go: neither a plain one nor a tenant's.
+    for target in (namespace, rbac_tenant):
+        with pytest.raises(ApiException) as refused:
+            await api_kube.core.delete_namespace(target)
+        assert refused.value.status == 403
 
 
 @dataclass(frozen=True)
@@ -305,32 +456,23 @@ class OperatorRun:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
-async def operator_run(kube, chart_identities, tmp_path_factory) -> OperatorRun:
-    org = f"rbac{secrets.token_hex(3)}"
-    tenant = f"tenant-{org}"
-    await kube.kubectl("create", "namespace", tenant)
-    await kube.kubectl("label", "namespace", tenant, f"agentbox.dev/tenant={org}",
-                       "agentbox.dev/test-namespace=true")
+async def operator_run(kube, rbac_operator, rbac_tenant) -> OperatorRun:
     session = {"apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
-               "metadata": {"name": "s1", "namespace": tenant},
-               "spec": {"tenant": {"org": org, "user": "ada@example.com"}, "agent": {"runtime": "scripted"}}}
-    log = tmp_path_factory.mktemp("rbac-operator") / "operator.log"
-    async with operator_process(chart_identities["operator"], tenant, log) as operator:
-        try:
-            await kube.kubectl("apply", "-f", "-", input=json.dumps(session))
-            try:
-                await kube.kubectl("wait", "agentsession/s1", "-n", tenant, "--for=condition=Ready",
-                                   "--timeout=90s")
-                ready = True
-            except KubectlError:
-                ready = False
-            children = await kube.kubectl("get", "pods,pvc,services,configmaps,secrets,networkpolicies",
-                                          "-n", tenant, "-l", "agentbox.dev/session=s1", "-o", "name")
-            baseline = await kube.kubectl("get", "resourcequotas,limitranges,networkpolicies", "-n", tenant,
-                                          "-o", "name")
-            return OperatorRun(ready, children.split(), baseline.split(), operator.tail(400))
-        finally:
-            await delete_tenant(kube, tenant)
+               "metadata": {"name": "s1", "namespace": rbac_tenant},
+               "spec": {"tenant": {"org": rbac_tenant.removeprefix("tenant-"), "user": "ada@example.com"},
+                        "agent": {"runtime": "scripted"}}}
+    await kube.kubectl("apply", "-f", "-", input=json.dumps(session))
+    try:
+        await kube.kubectl("wait", "agentsession/s1", "-n", rbac_tenant, "--for=condition=Ready",
+                           "--timeout=90s")
+        ready = True
+    except KubectlError:
+        ready = False
+    children = await kube.kubectl("get", "pods,pvc,services,configmaps,secrets,networkpolicies",
+                                  "-n", rbac_tenant, "-l", "agentbox.dev/session=s1", "-o", "name")
+    baseline = await kube.kubectl("get", "resourcequotas,limitranges,networkpolicies,rolebindings",
+                                  "-n", rbac_tenant, "-o", "name")
+    return OperatorRun(ready, children.split(), baseline.split(), rbac_operator.tail(400))
 
 
 async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(operator_run):
@@ -338,9 +480,11 @@ async def test_the_operator_under_the_charts_account_brings_a_session_to_ready(o
     kinds = {name.split("/")[0] for name in operator_run.children}
     assert {"pod", "persistentvolumeclaim", "service", "configmap", "secret",
             "networkpolicy.networking.k8s.io"} <= kinds, operator_run.children
-    # The tenant baseline is the operator's too.
+    # The tenant baseline is the operator's too, the API's way in among it.
     assert any(name.startswith("resourcequota/") for name in operator_run.baseline), operator_run.baseline
     assert any(name.startswith("limitrange/") for name in operator_run.baseline), operator_run.baseline
+    assert (f"rolebinding.rbac.authorization.k8s.io/{RBAC_RELEASE}-agentbox-api-tenant"
+            in operator_run.baseline), operator_run.baseline
 
 
 async def test_the_operator_is_refused_nothing_under_the_charts_account(operator_run):

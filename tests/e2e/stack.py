@@ -99,12 +99,14 @@ async def http_ok(url: str) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def operator_process(kubeconfig: Path, scope: str, log: Path) -> AsyncIterator[Process]:
-    """The operator as the chart runs it, but standalone and limited to `scope` (a namespace glob)."""
+async def operator_process(kubeconfig: Path, scope: str, log: Path,
+                           chart_env: dict[str, str] | None = None) -> AsyncIterator[Process]:
+    """The operator as the chart runs it (`chart_env`: its container's environment, from
+    chart_identity.render_operator), but standalone and limited to `scope` (a namespace glob)."""
     liveness = free_port()
     process = Process("operator", [sys.executable, "-m", "agentbox.operator", "--standalone", "-n", scope,
                                    "--liveness", f"http://127.0.0.1:{liveness}/healthz"],
-                      {"KUBECONFIG": str(kubeconfig), "AGENTBOX_METRICS_PORT": "0",
+                      {**(chart_env or {}), "KUBECONFIG": str(kubeconfig), "AGENTBOX_METRICS_PORT": "0",
                        "AGENTBOX_EXPIRY_CHECK_SECONDS": "1", "AGENTBOX_CONFLICT_RETRY_SECONDS": "2"}, log)
     try:
         await process.start()
@@ -138,10 +140,13 @@ class Stack:
 async def running_stack(kube: Kube, app_dsn: str, workdir: Path, *, release: str, system_namespace: str,
                         scope: str, tenant_prefix: str) -> AsyncIterator[Stack]:
     """Operator, session stand-ins and API, each under the chart's identity where the chart has one."""
-    identities = await chart_identity.write_identities(tools_for(kube), release, system_namespace,
-                                                       workdir / "identity", duration="1h")
+    tools = tools_for(kube)
+    identities = await chart_identity.write_identities(tools, release, system_namespace, workdir / "identity",
+                                                       duration="1h")
+    chart_operator = await chart_identity.render_operator(tools, release, system_namespace)
     stack = Stack(api_url="", hs256_secret=secrets.token_urlsafe(48), kube=kube)
-    async with operator_process(identities["operator"], scope, workdir / "operator.log") as operator:
+    async with operator_process(identities["operator"], scope, workdir / "operator.log",
+                                chart_operator.env) as operator:
         stack.processes.append(operator)
         async with _runners_and_api(stack, kube, identities, app_dsn, workdir, tenant_prefix):
             yield stack

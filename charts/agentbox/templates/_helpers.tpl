@@ -26,6 +26,8 @@ app.kubernetes.io/component: {{ .component }}
 
 {{- define "agentbox.operatorName" -}}{{ include "agentbox.fullname" . }}-operator{{- end -}}
 {{- define "agentbox.apiName" -}}{{ include "agentbox.fullname" . }}-api{{- end -}}
+{{/* The API's rights inside tenant namespaces: the operator binds it in each one. */}}
+{{- define "agentbox.apiTenantRole" -}}{{ include "agentbox.fullname" . }}-api-tenant{{- end -}}
 
 {{- define "agentbox.databaseSecret" -}}
 {{- .Values.database.existingSecret | default (printf "%s-database" (include "agentbox.fullname" .)) -}}
