@@ -45,7 +45,7 @@ log = logging.getLogger("agentbox.runner")
 
 HANDSHAKE_SECONDS = 60  # npx-style adapters can be slow on a cold start
 CANCEL_KEYS = {"\x03", "\x1b"}  # Ctrl-C and Escape in a raw message cancel the running turn
-# An agent that ran this long before it exited had started: its count of failed starts begins again.
+# An agent that worked this long before it exited had started: its count of failed starts begins again.
 STABLE_SECONDS = 30
 FIRST_BACKOFF_SECONDS = 0.2
 # A broken connection is often an agent on its way out: how long to wait for its exit code.
@@ -155,6 +155,7 @@ class AgentBridge:
         self._conn: Any = None
         self._session_id: str | None = None
         self._agent: AgentProcess | None = None
+        self._ready_at: float | None = None  # when the running agent opened its session
         self._advertised: list[Any] = []
         self._auth_method: str | None = None
         self._turn: asyncio.Task[None] | None = None
@@ -191,7 +192,7 @@ class AgentBridge:
             return
         failures, backoff = 0, FIRST_BACKOFF_SECONDS
         while True:
-            started = time.monotonic()
+            self._ready_at = None
             try:
                 failure = await self._run_agent_once()
             except AgentNeedsAuth as refusal:
@@ -204,8 +205,8 @@ class AgentBridge:
                 continue
             self.last_failure = failure
             log.error("%s", failure.describe())
-            if time.monotonic() - started > STABLE_SECONDS:
-                failures, backoff = 0, FIRST_BACKOFF_SECONDS  # it ran for a while: restart promptly
+            if self._ready_at is not None and time.monotonic() - self._ready_at > STABLE_SECONDS:
+                failures, backoff = 0, FIRST_BACKOFF_SECONDS  # it worked for a while: restart promptly
             failures += 1
             if failures >= self.settings.agent_restart_limit:
                 self._fail(f"gave up after {failures} failed starts in a row: "
@@ -256,6 +257,7 @@ class AgentBridge:
             log.exception("agent %s failed the ACP handshake", self.argv[0])
             return f"failed the ACP handshake: {describe_error(error)}", None
         self._conn, self._session_id, self._agent = conn, session_id, agent
+        self._ready_at = time.monotonic()
         self._set_state("ready")
         log.info("agent started: %s (pid %s)", self.argv[0], agent.pid)
         exited = asyncio.create_task(agent.wait())
@@ -318,8 +320,12 @@ class AgentBridge:
         restarted runner, and give up (the session turns NeedsAuth)."""
         log.error("%s", refusal)
         self._report_needs_auth(refusal)
-        if self.settings.needs_auth_file is not None:
-            await asyncio.to_thread(self.settings.needs_auth_file.write_text, refusal)
+        remembered = self.settings.needs_auth_file
+        if remembered is not None:
+            try:
+                await asyncio.to_thread(remembered.write_text, refusal)
+            except OSError as error:  # a restarted runner meets the refusal again: slower, no worse
+                log.error("cannot remember the refusal in %s: %s", remembered, error.strerror)
         self._give_up(Verdict(EXIT_NEEDS_AUTH, refusal))
 
     def _fail(self, message: str) -> None:
