@@ -32,8 +32,8 @@ class RunnerSettings(BaseSettings):
     # How permission requests from the agent are answered: the pod is the sandbox, so allow by default.
     permission_policy: Literal["allow", "deny"] = "allow"
     agent_restart_max_seconds: float = Field(10.0, gt=0)
-    # Failed starts in a row (an agent that exits, or fails the ACP handshake, within a few seconds) before
-    # the runner gives up: it then exits with EXIT_AGENT_FAILED and the session reads Failed.
+    # Failed starts in a row (an agent that cannot be run, fails the ACP handshake, or exits before it has
+    # worked 30 s) before the runner gives up: it exits with EXIT_AGENT_FAILED and the session reads Failed.
     agent_restart_limit: int = Field(5, ge=1)
     # Stopping the agent: SIGTERM to its whole process group, SIGKILL to what is left after this long.
     agent_stop_grace_seconds: float = Field(5.0, gt=0)
