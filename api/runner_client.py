@@ -30,6 +30,15 @@ def _pod_unreachable(exc: httpx.TransportError) -> ProblemError:
                         headers={"Retry-After": "2"})
 
 
+def _why(response: httpx.Response) -> str:
+    """The runner's own reason for a server error (the agent needs authentication, it failed...)."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    return f": {detail[:1000]}" if isinstance(detail, str) and detail else ""
+
+
 class RunnerClient:
     def __init__(self, http: httpx.AsyncClient, *, forwarder: PortForwarder | None = None) -> None:
         self._http = http
@@ -60,9 +69,11 @@ class RunnerClient:
                                                 headers={"Authorization": f"Bearer {token}"})
         except httpx.HTTPError as exc:
             raise self._failed(exc) from exc
-        if response.status_code >= 500 or response.status_code in (401, 403):
+        if response.status_code in (401, 403):
             # A 401/403 from the runner means our token is stale: the caller's fault it is not.
             raise RunnerUnavailable(f"the session's runner answered {response.status_code}")
+        if response.status_code >= 500:
+            raise RunnerUnavailable(f"the session's runner answered {response.status_code}{_why(response)}")
         return response
 
     async def events(self, base_url: str, token: str) -> AsyncIterator[bytes]:

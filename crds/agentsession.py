@@ -161,8 +161,8 @@ class AgentSessionSpec(KubeModel):
 class AgentSessionStatus(KubeModel):
     """The observed state of the sandbox, written by the operator."""
 
-    phase: SessionPhase | None = Field(None, description="Pending, Starting, Running, Suspended, Expired, "
-                                                         "Failed or Terminating.")
+    phase: SessionPhase | None = Field(None, description="Pending, Starting, Running, NeedsAuth, Suspended, "
+                                                         "Expired, Failed or Terminating.")
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready, PodScheduled, WorkspaceReady, MCPReady, Suspended.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]})

@@ -25,6 +25,7 @@ class SessionPhase(StrEnum):
     PENDING = "Pending"
     STARTING = "Starting"
     RUNNING = "Running"
+    NEEDS_AUTH = "NeedsAuth"  # the agent refuses to work without credentials the session does not give it
     SUSPENDED = "Suspended"
     EXPIRED = "Expired"
     FAILED = "Failed"
@@ -48,6 +49,8 @@ class Reason(StrEnum):
     CONTAINER_CONFIG_ERROR = "ContainerConfigError"
     POD_FAILED = "PodFailed"
     POD_REJECTED = "PodRejected"
+    AGENT_NEEDS_AUTH = "AgentNeedsAuth"
+    AGENT_FAILED = "AgentFailed"
     NAME_CONFLICT = "NameConflict"
     INVALID_SPEC = "InvalidSpec"
     RECONCILE_ERROR = "ReconcileError"

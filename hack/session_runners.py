@@ -12,6 +12,12 @@ is not ready before its runner): the API reaches it as it reaches a real pod,
 `AGENTBOX_RUNNER_TRANSPORT=port-forward` through the Kubernetes API. When the pod goes (suspend, delete),
 its processes stop.
 
+As a kubelet would, when a stand-in's runner exits (it gives up on its agent: 69, or 77 for an agent that
+needs authentication) its exit code and termination message go into the pod's status as the runner
+container's last state, not ready, and the stand-in starts again; the pod reads ready again once the new
+runner's /readyz does. The runner's termination message file and its remembered auth refusal (on the
+pod's /tmp emptyDir in a real pod) live in DIR too, the latter per pod uid.
+
 --ready-file is written once the first pass over the pods is done. Logs go to DIR/<namespace>/<pod>/.
 """
 
@@ -30,6 +36,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -46,6 +53,7 @@ POLL_SECONDS = 0.5
 STARTUP_GRACE_SECONDS = 30.0
 LIVE_PHASES = ("Pending", "Running")
 KWOK_GROUP, KWOK_VERSION, PORT_FORWARDS = "kwok.x-k8s.io", "v1alpha1", "portforwards"
+RUNNER_CONTAINER = "runner"
 
 
 def free_port() -> int:
@@ -77,6 +85,40 @@ async def connect_when_listening(port: int, keep_trying: Callable[[], bool],
             await asyncio.sleep(0.1)
 
 
+def runner_exited(status: dict, exit_code: int, message: str, when: str) -> dict:
+    """The pod status patch a kubelet makes when the runner container exits and is started again: the exit
+    is its last state, and neither it nor the pod is ready (a status as the API serialises it)."""
+    containers = []
+    for container in status.get("containerStatuses") or []:
+        if container["name"] == RUNNER_CONTAINER:
+            running = (container.get("state") or {}).get("running") or {}
+            ended = {"exitCode": exit_code, "reason": "Error" if exit_code else "Completed",
+                     "startedAt": running.get("startedAt", when), "finishedAt": when,
+                     **({"message": message} if message else {})}
+            container = {**container, "ready": False, "started": True,
+                         "restartCount": container.get("restartCount", 0) + 1,
+                         "state": {"running": {"startedAt": when}}, "lastState": {"terminated": ended}}
+        containers.append(container)
+    return {"containerStatuses": containers, "conditions": _readiness(status, ready=False)}
+
+
+def runner_ready_again(status: dict) -> dict:
+    """The pod status patch once the restarted runner is ready again."""
+    containers = [{**container, "ready": True} if container["name"] == RUNNER_CONTAINER else container
+                  for container in status.get("containerStatuses") or []]
+    return {"containerStatuses": containers, "conditions": _readiness(status, ready=True)}
+
+
+def _readiness(status: dict, ready: bool) -> list[dict]:
+    conditions = []
+    for condition in status.get("conditions") or []:
+        if condition["type"] in ("Ready", "ContainersReady"):
+            condition = {"type": condition["type"], "status": "True" if ready else "False",
+                         "lastTransitionTime": condition.get("lastTransitionTime")}
+        conditions.append(condition)
+    return conditions
+
+
 @dataclass
 class StandIn:
     """The processes standing in for one pod, and the relay kwok forwards the pod's port to."""
@@ -88,6 +130,18 @@ class StandIn:
     processes: list[asyncio.subprocess.Process] = field(default_factory=list)
     relay: asyncio.Server | None = None
     runner_start: asyncio.Task | None = None  # the runner starts once the gateway listens
+    runner: asyncio.subprocess.Process | None = None
+    termination_log: Path | None = None
+    readiness: asyncio.Task | None = None  # after a runner's exit: marks the pod ready once it is again
+
+    def runner_exit(self) -> tuple[int, str] | None:
+        """The runner's exit code and termination message, once it has exited."""
+        if self.runner is None or self.runner.returncode is None:
+            return None
+        message = ""
+        if self.termination_log is not None and self.termination_log.exists():
+            message = self.termination_log.read_text()
+        return self.runner.returncode, message
 
     @property
     def runner_url(self) -> str:
@@ -115,9 +169,10 @@ class StandIn:
     async def stop(self) -> None:
         if self.relay is not None:
             self.relay.close()
-        if self.runner_start is not None:
-            self.runner_start.cancel()
-            await asyncio.gather(self.runner_start, return_exceptions=True)
+        for task in (self.runner_start, self.readiness):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for process in self.processes:
             if process.returncode is None:
                 process.terminate()
@@ -210,7 +265,8 @@ async def start_runner_after_gateway(stand_in: StandIn, gateway_port: int, env: 
                     STARTUP_GRACE_SECONDS)
         raise RuntimeError("the gateway did not start")
     gateway[1].close()
-    stand_in.processes.append(await spawn("agentbox.sandbox.runner", env, workdir, workdir / "runner.log"))
+    stand_in.runner = await spawn("agentbox.sandbox.runner", env, workdir, workdir / "runner.log")
+    stand_in.processes.append(stand_in.runner)
 
 
 class Supervisor:
@@ -230,18 +286,57 @@ class Supervisor:
             if (pod.metadata.namespace.startswith(self.namespace_prefix) and pod.status.phase in LIVE_PHASES
                     and not pod.metadata.deletion_timestamp):
                 wanted[(pod.metadata.namespace, pod.metadata.labels[SESSION_LABEL])] = pod
+        restarted = set()
         for key, stand_in in list(self.stand_ins.items()):
             pod = wanted.get(key)
             if pod is None or pod.metadata.uid != stand_in.pod_uid or not stand_in.alive():
                 log.info("stopping the stand-in of %s/%s", *key)
                 del self.stand_ins[key]
+                exited = stand_in.runner_exit()  # on its own, before the stop ends it
                 await stand_in.stop()
+                if pod is not None and pod.metadata.uid == stand_in.pod_uid and exited is not None:
+                    await self._runner_exited(pod, *exited)
+                    restarted.add(key)
         for key, pod in wanted.items():
             if key not in self.stand_ins:
                 try:
-                    self.stand_ins[key] = await self.start(pod)
+                    self.stand_ins[key] = stand_in = await self.start(pod)
                 except (ApiException, OSError, ValueError) as error:
                     log.warning("cannot stand in for %s/%s yet: %s", *key, error)
+                    continue
+                if key in restarted:
+                    stand_in.readiness = asyncio.create_task(self._ready_again(stand_in, pod))
+
+    async def _pod_status(self, pod: client.V1Pod) -> dict:
+        fresh = await self.core.read_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace)
+        return self.core.api_client.sanitize_for_serialization(fresh.status)
+
+    async def _runner_exited(self, pod: client.V1Pod, exit_code: int, message: str) -> None:
+        log.info("the runner of pod %s/%s exited with code %s", pod.metadata.namespace, pod.metadata.name,
+                 exit_code)
+        when = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            patch = runner_exited(await self._pod_status(pod), exit_code, message, when)
+            await self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace,
+                                                        {"status": patch})
+        except ApiException as error:  # the pod went meanwhile
+            log.warning("cannot record the runner's exit on pod %s: %s", pod.metadata.name, error.reason)
+
+    async def _ready_again(self, stand_in: StandIn, pod: client.V1Pod) -> None:
+        """Poll the restarted runner's /readyz, as the pod's readiness probe would, until it is ready."""
+        async with aiohttp.ClientSession() as http:
+            while True:
+                await asyncio.sleep(POLL_SECONDS)
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"{stand_in.runner_url}/readyz") as response:
+                        if response.status == 200:
+                            break
+        try:
+            patch = runner_ready_again(await self._pod_status(pod))
+            await self.core.patch_namespaced_pod_status(pod.metadata.name, pod.metadata.namespace,
+                                                        {"status": patch})
+        except ApiException as error:  # the pod went meanwhile
+            log.warning("cannot mark pod %s ready again: %s", pod.metadata.name, error.reason)
 
     async def _volume_files(self, pod: client.V1Pod) -> tuple[dict[str, bytes], dict[str, str]]:
         """The contents of the pod's Secret and ConfigMap volumes, key by key."""
@@ -272,6 +367,8 @@ class Supervisor:
             await stand_in.stop()
             raise
         layout = await asyncio.to_thread(lay_out_pod_files, workdir, secret_files, config_files)
+        stand_in.termination_log = workdir / "termination-log"
+        stand_in.termination_log.unlink(missing_ok=True)  # a new file for each start, as the kubelet makes
         base_env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTBOX_")}
         # As in the image, `python` on PATH is the sandbox's own interpreter: a stdio MCP server configured
         # as `python -m ...` (agentbox.sandbox.demo_tools) starts the same way here and in a real pod.
@@ -282,7 +379,10 @@ class Supervisor:
                   "AGENTBOX_RUNNER_TOKEN_FILE": str(layout.secrets / "runner-token"),
                   "AGENTBOX_SYSTEM_PROMPT_FILE": str(layout.config / "system-prompt.md"),
                   "AGENTBOX_GATEWAY_URL": f"http://127.0.0.1:{gateway_port}/mcp",
-                  "AGENTBOX_WORKSPACE": str(layout.workspace)}
+                  "AGENTBOX_WORKSPACE": str(layout.workspace),
+                  "AGENTBOX_TERMINATION_MESSAGE_FILE": str(stand_in.termination_log),
+                  # The pod's /tmp emptyDir outlives the runner's restarts, not the pod.
+                  "AGENTBOX_NEEDS_AUTH_FILE": str(workdir / f"needs-auth-{pod.metadata.uid}")}
         gateway = {**base_env, "AGENTBOX_GATEWAY_CONFIG": str(layout.gateway_config),
                    "AGENTBOX_GATEWAY_PORT": str(gateway_port)}
         try:

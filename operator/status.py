@@ -10,9 +10,15 @@ from agentbox.crds.conditions import ConditionType as Kind
 from agentbox.crds.fields import parse_duration
 from agentbox.operator import naming
 from agentbox.operator.build.mcp import Problem
+from agentbox.operator.build.pod import RUNNER_CONTAINER
 
 IMAGE_PULL_REASONS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull"}
+# CreateContainerConfigError covers "container has runAsNonRoot and image will run as root" as well.
 CONFIG_ERROR_REASONS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+# The exit codes of a runner that gave up on its agent, its termination message saying why
+# (agentbox.sandbox.runner.failures, which the operator cannot import: the values are repeated here).
+RUNNER_EXIT_REASONS = {69: Reason.AGENT_FAILED, 77: Reason.AGENT_NEEDS_AUTH}
+FAILURE_PHASES = {Reason.AGENT_NEEDS_AUTH: SessionPhase.NEEDS_AUTH}  # every other failure is Failed
 
 
 @dataclass(frozen=True)
@@ -80,21 +86,45 @@ def next_deadline(observed: Observed) -> datetime | None:
 
 
 def pod_failure(pod: dict[str, Any]) -> tuple[Reason, str] | None:
-    """A pod that will not get better on its own: the session turns Failed right away."""
+    """A pod that will not get better on its own: the session turns Failed (or NeedsAuth) right away."""
     status = pod.get("status") or {}
     if status.get("phase") == "Failed":
         return Reason.POD_FAILED, status.get("message") or status.get("reason") or "pod failed"
     for container in [*status.get("initContainerStatuses", []), *status.get("containerStatuses", [])]:
-        waiting = (container.get("state") or {}).get("waiting") or {}
-        reason = waiting.get("reason")
-        detail = f"container {container.get('name')}: {reason}: {waiting.get('message', '')}".rstrip(": ")
-        if reason in IMAGE_PULL_REASONS:
-            return Reason.IMAGE_PULL_FAILED, detail
-        if reason == "CrashLoopBackOff":
-            return Reason.CRASH_LOOP, detail
-        if reason in CONFIG_ERROR_REASONS:
-            return Reason.CONTAINER_CONFIG_ERROR, detail
+        failure = container_failure(container)
+        if failure is not None:
+            return failure
     return None
+
+
+def container_failure(container: dict[str, Any]) -> tuple[Reason, str] | None:
+    """What a container's status, as the kubelet writes it, says is wrong for good; None if nothing."""
+    name = container.get("name")
+    state = container.get("state") or {}
+    waiting = state.get("waiting") or {}
+    # The termination that counts: the current one, else the last one before the restart under way.
+    terminated = state.get("terminated") or (container.get("lastState") or {}).get("terminated") or {}
+    code = terminated.get("exitCode")
+    if name == RUNNER_CONTAINER and code in RUNNER_EXIT_REASONS and not container.get("ready"):
+        return RUNNER_EXIT_REASONS[code], terminated.get("message") or f"the runner exited with code {code}"
+    reason = waiting.get("reason")
+    detail = f"container {name}: {reason}: {waiting.get('message', '')}".rstrip(": ")
+    if reason in IMAGE_PULL_REASONS:
+        return Reason.IMAGE_PULL_FAILED, detail
+    if reason in CONFIG_ERROR_REASONS:
+        return Reason.CONTAINER_CONFIG_ERROR, detail
+    if terminated.get("reason") == "StartError" and not state.get("running"):  # the image cannot run it
+        return Reason.CONTAINER_CONFIG_ERROR, f"container {name}: {_termination(terminated)}"
+    if reason == "CrashLoopBackOff":
+        return Reason.CRASH_LOOP, f"{detail}; {_termination(terminated)}" if terminated else detail
+    return None
+
+
+def _termination(terminated: dict[str, Any]) -> str:
+    """How a container last ended: exit code, the kubelet's reason, and its termination message (the
+    runner's own, or the tail of its log: terminationMessagePolicy FallbackToLogsOnError)."""
+    text = f"exited with code {terminated.get('exitCode')} ({terminated.get('reason', 'unknown')})"
+    return f"{text}: {terminated['message'].strip()}" if terminated.get("message") else text
 
 
 def _pod_condition(pod: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -186,7 +216,8 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     elif observed.blocked:
         phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *observed.blocked)
     elif failure:
-        phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *failure)
+        phase = FAILURE_PHASES.get(failure[0], SessionPhase.FAILED)
+        ready = _condition(Kind.READY, False, *failure)
     elif pod_ready:
         phase, ready = SessionPhase.RUNNING, _condition(Kind.READY, True, Reason.SESSION_READY,
                                                         "the agent API is ready")

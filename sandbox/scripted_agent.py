@@ -4,13 +4,23 @@ Each prompt is one command; anything else is echoed back.
   write <path> <text>      write a file inside the session's working directory
   tool <name> [json-args]  call an MCP tool through the session's first HTTP MCP server (the gateway)
   ask <title>              request permission from the client and report the outcome
-  sleep <seconds>          wait, then answer
-  crash                    exit in the middle of the turn
+  sleep <seconds>          wait, then answer (a cancel ends it early)
+  error <text>             fail the turn with a JSON-RPC internal error whose data carries <text>
+  hang                     never end the turn, whatever the client says (session/cancel included)
+  crash                    say so on stderr and exit with code 3 in the middle of the turn
   system-prompt            answer with the system prompt the session was opened with
 
 With AGENTBOX_SCRIPTED_REQUIRE_AUTH set (non-empty) it advertises one ACP auth method, `scripted-api-key`,
 and refuses `session/new` with the auth-required error until the client authenticates with it; that
 succeeds only when AGENTBOX_SCRIPTED_API_KEY is set, the way Gemini CLI's API-key method wants its key.
+
+Failure modes, for the runner's tests (environment variables):
+  AGENTBOX_SCRIPTED_EXIT_AT_START=<code>   write STARTUP_STDERR_LINES lines to stderr and exit at once
+  AGENTBOX_SCRIPTED_REFUSE_PROMPTS=1       open sessions, then refuse every session/prompt with the
+                                           auth-required error, as claude-agent-acp does without a key
+  AGENTBOX_SCRIPTED_CHILD_PID_FILE=<path>  start a child that ignores SIGTERM and outlives this process
+                                           unless killed (as codex-acp's launcher starts its binary);
+                                           its pid goes to <path>
 """
 
 from __future__ import annotations
@@ -18,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +61,10 @@ from acp.schema import (
     ToolCallUpdate,
 )
 
+STARTUP_STDERR_LINES = 25
+# A child that only SIGKILL ends, holding the agent's stderr as a launched binary would.
+STUBBORN_CHILD = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"
+
 AUTH_METHOD = EnvVarAuthMethod(type="env_var", id="scripted-api-key", name="Scripted API key",
                                vars=[AuthEnvVar(name="AGENTBOX_SCRIPTED_API_KEY")])
 
@@ -76,6 +92,7 @@ class ScriptedAgent(Agent):
         self.sessions: dict[str, ScriptedSession] = {}
         self.client: Client | None = None
         self.requires_auth = bool(os.environ.get("AGENTBOX_SCRIPTED_REQUIRE_AUTH"))
+        self.refuses_prompts = bool(os.environ.get("AGENTBOX_SCRIPTED_REFUSE_PROMPTS"))
         self.authenticated = False
 
     def on_connect(self, conn: Client) -> None:
@@ -114,13 +131,20 @@ class ScriptedAgent(Agent):
             self.sessions[session_id].cancelled = True
 
     async def prompt(self, session_id: str, prompt: list, **kwargs: Any) -> PromptResponse:
+        if self.refuses_prompts:
+            raise RequestError(-32000, "Invalid API key · Please run /login", {"reason": "no credentials"})
         session = self.sessions[session_id]
         session.cancelled = False
         text = "".join(getattr(block, "text", "") for block in prompt).strip()
         command, _, rest = text.partition(" ")
         if command == "crash":
             await self.say(session_id, "crashing now")
+            print("scripted agent: crashing on purpose", file=sys.stderr, flush=True)
             os._exit(3)
+        if command == "hang":
+            await asyncio.Event().wait()
+        if command == "error":
+            raise RequestError.internal_error({"details": rest})
         handler = {"write": self.write, "tool": self.tool, "ask": self.ask, "sleep": self.sleep,
                    "system-prompt": self.show_system_prompt}.get(command)
         reply = await handler(session_id, session, rest.strip()) if handler else f"echo: {text}"
@@ -201,6 +225,15 @@ def _write_inside(root: Path, relative: str, content: str) -> str:
 
 
 def main() -> None:
+    if code := os.environ.get("AGENTBOX_SCRIPTED_EXIT_AT_START"):
+        for line in range(1, STARTUP_STDERR_LINES):
+            print(f"scripted agent: startup line {line}", file=sys.stderr)
+        print(f"scripted agent: fatal: exiting at start with code {code}", file=sys.stderr, flush=True)
+        sys.exit(int(code))
+    if pid_file := os.environ.get("AGENTBOX_SCRIPTED_CHILD_PID_FILE"):
+        child = subprocess.Popen([sys.executable, "-c", STUBBORN_CHILD], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL)
+        Path(pid_file).write_text(str(child.pid))
     asyncio.run(run_agent(ScriptedAgent()))
 
 

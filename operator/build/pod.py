@@ -13,6 +13,11 @@ from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 
 SANDBOX_UID = 65532
 WORKSPACE_DIR = "/workspace"
+RUNNER_CONTAINER = "runner"
+# Where the runner says why it gave up on its agent when it exits (read back by status.container_failure).
+TERMINATION_MESSAGE_PATH = "/dev/termination-log"
+# An auth refusal the runner remembers across its container's restarts: on the pod's /tmp emptyDir.
+NEEDS_AUTH_FILE = "/tmp/agentbox-runner-needs-auth"  # noqa: S108 (an emptyDir, not the host's /tmp)
 
 
 def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
@@ -51,6 +56,8 @@ def runner_env(session: Session) -> list[dict[str, Any]]:
            {"name": "AGENTBOX_SYSTEM_PROMPT_FILE", "value": f"{CONFIG_DIR}/{SYSTEM_PROMPT_KEY}"},
            {"name": "AGENTBOX_GATEWAY_URL", "value": f"http://{GATEWAY_HOST}:{GATEWAY_PORT}/mcp"},
            {"name": "AGENTBOX_WORKSPACE", "value": WORKSPACE_DIR},
+           {"name": "AGENTBOX_TERMINATION_MESSAGE_FILE", "value": TERMINATION_MESSAGE_PATH},
+           {"name": "AGENTBOX_NEEDS_AUTH_FILE", "value": NEEDS_AUTH_FILE},
            {"name": "HOME", "value": "/tmp"}]  # noqa: S108 (an emptyDir)
     if agent.model:
         env.append({"name": "AGENTBOX_AGENT_MODEL", "value": agent.model})
@@ -87,12 +94,16 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         # An empty items list would project every key, so no credentials means no secret volume at all.
         "volumeMounts": _mounts("mcp-secrets" if mcp_keys else None, workspace=False)}
     runner = {
-        "name": "runner", "image": spec.agent.image or image, "imagePullPolicy": pull_policy,
+        "name": RUNNER_CONTAINER, "image": spec.agent.image or image, "imagePullPolicy": pull_policy,
         "command": ["python", "-m", "agentbox.sandbox.runner"],
         "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
         "env": runner_env(session), "workingDir": WORKSPACE_DIR,
         # Ready only while the agent can take a message (not starting, not refusing to authenticate).
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        # The runner's own message when it gives up (it exits 69 or 77); the tail of its log when it dies
+        # some other way.
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "resources": spec.resources or runner_resources, "securityContext": container_security_context(),
         "volumeMounts": _mounts("runner-secrets", workspace=True)}
     pod_spec: dict[str, Any] = {

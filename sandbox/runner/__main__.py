@@ -62,15 +62,19 @@ def serve(settings: RunnerSettings, token: str, system_prompt: str, launch: Agen
     from agentbox.sandbox.runner.app import create_app  # after settings are known to be usable
 
     conversation = Conversation(settings.runtime)
-    bridge = AgentBridge(conversation, argv=launch.argv, env=launch.env, workspace=settings.workspace,
-                         gateway_url=settings.gateway_url, system_prompt=system_prompt,
-                         auth_policy=AuthPolicy(settings.runtime, settings.agent_auth_method, launch.env),
-                         permission_policy=settings.permission_policy,
-                         restart_max_seconds=settings.agent_restart_max_seconds,
-                         ready_wait_seconds=settings.agent_ready_wait_seconds)
+    bridge = AgentBridge(conversation, argv=launch.argv, env=launch.env, settings=settings,
+                         system_prompt=system_prompt,
+                         auth_policy=AuthPolicy(settings.runtime, settings.agent_auth_method, launch.env))
     app = create_app(conversation, bridge, token=token, workspace=settings.workspace,
                      upload_max_bytes=settings.upload_max_bytes)
-    uvicorn.run(app, host=settings.runner_host, port=settings.runner_port, log_config=None, access_log=False)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.runner_host, port=settings.runner_port,
+                                           log_config=None, access_log=False))
+    bridge.on_verdict = lambda verdict: setattr(server, "should_exit", True)
+    server.run()
+    if bridge.verdict is not None:
+        # The runner gave up on its agent: the exit code and message are how the operator learns why.
+        bridge.verdict.write(settings.termination_message_file)
+        sys.exit(bridge.verdict.exit_code)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,13 @@ from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
-from agentbox.sandbox.runner.bridge import AgentBridge, AgentBusy, AgentNeedsAuth, AgentUnavailable
+from agentbox.sandbox.runner.bridge import (
+    AgentBridge,
+    AgentBusy,
+    AgentFailed,
+    AgentNeedsAuth,
+    AgentUnavailable,
+)
 from agentbox.sandbox.runner.conversation import Conversation
 from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
@@ -49,26 +55,27 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
 
     authorized = [Depends(require_token)]
 
-    def agent_state() -> str:
-        if bridge.needs_auth is not None:
-            return "needs_auth"
-        return "ready" if bridge.ready.is_set() else "starting"
-
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "agent": agent_state()}
+        return {"status": "ok", "agent": bridge.state}
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """The pod's readiness: 200 only while the agent can take a message, so a session whose agent is
-        starting, restarting or refusing to authenticate does not read Ready."""
-        state = agent_state()
-        body = {"agent": state} | ({"detail": bridge.needs_auth} if state == "needs_auth" else {})
-        return JSONResponse(body, status_code=200 if state == "ready" else 503)
+        starting, restarting, refusing to authenticate or given up on does not read Ready."""
+        body = {"agent": bridge.state} | ({"detail": bridge.detail} if bridge.detail else {})
+        return JSONResponse(body, status_code=200 if bridge.state == "ready" else 503)
 
     @app.get("/status", dependencies=authorized)
     async def status() -> dict:
-        return conversation.status_json()
+        """agentapi's status (stable, running; needs_auth or failed when the agent cannot take a message),
+        with the agent's own state and its last failure, if any."""
+        body = conversation.status_json() | {"agent": bridge.state, "restarts": bridge.restarts}
+        if bridge.detail:
+            body["detail"] = bridge.detail
+        if bridge.last_failure is not None:
+            body["last_error"] = bridge.last_failure.as_json()
+        return body
 
     @app.get("/messages", dependencies=authorized)
     async def messages() -> dict:
@@ -80,7 +87,7 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
             await bridge.send(body.content, body.type)
         except AgentBusy as error:
             raise HTTPException(409, str(error)) from error
-        except AgentNeedsAuth as error:  # no Retry-After: only new settings help
+        except (AgentNeedsAuth, AgentFailed) as error:  # no Retry-After: only a new pod helps
             raise HTTPException(503, str(error)) from error
         except AgentUnavailable as error:
             raise HTTPException(503, str(error), {"Retry-After": "2"}) from error

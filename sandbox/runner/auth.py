@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agentbox.sandbox.runner.failures import describe_error
+
 AUTH_METHOD_VARIABLE = "AGENTBOX_AGENT_AUTH_METHOD"
 AUTH_REQUIRED_CODE = -32000  # ACP's auth_required error
 
@@ -30,6 +32,12 @@ DEFAULT_AUTH_METHODS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("openai-api-key", ("OPENAI_API_KEY",)),
     ),
     "scripted": (("scripted-api-key", ("AGENTBOX_SCRIPTED_API_KEY",)),),
+}
+
+# Runtimes that read their credentials by themselves, with no method to authenticate with: what a refusal
+# tells the user to set.
+SELF_READ_CREDENTIALS: dict[str, tuple[str, ...]] = {
+    "claude-code": ("ANTHROPIC_API_KEY", "CLAUDE_CODE_OAUTH_TOKEN"),
 }
 
 
@@ -57,12 +65,20 @@ class AuthPolicy:
                 return method_id
         return None
 
-    def refusal(self, advertised: Sequence[Any], tried: str | None, error: Exception) -> str:
-        """What the runner reports when the agent will not open a session for lack of authentication."""
+    def refusal(self, advertised: Sequence[Any], tried: str | None, error: Exception,
+                refused: str | None = None) -> str:
+        """What the runner reports when the agent will not work for lack of authentication. `refused`: the
+        request it refused after the session opened (claude-agent-acp refuses the first session/prompt)."""
         ids = [method.id for method in advertised]
-        what = f"authenticate({tried!r}) failed" if tried else "no auth method was chosen"
-        parts = [f"the agent requires authentication: {what} ({error})"]
-        if ids:
+        if refused:
+            what = f"it refused {refused}" + (f" after authenticate({tried!r})" if tried else "")
+        else:
+            what = f"authenticate({tried!r}) failed" if tried else "no auth method was chosen"
+        parts = [f"the agent requires authentication: {what} ({describe_error(error)})"]
+        if self.runtime in SELF_READ_CREDENTIALS:  # its advertised methods are logins a person does
+            variables = " or ".join(SELF_READ_CREDENTIALS[self.runtime])
+            parts.append(f"{self.runtime} reads {variables}: set one in the session's agent.env")
+        elif ids:
             parts.append(f"it advertises {', '.join(ids)}; set {AUTH_METHOD_VARIABLE} in the session's "
                          "agent.env to one of them, with the credentials it needs")
         else:

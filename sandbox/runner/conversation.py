@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 Role = Literal["user", "agent"]
-Status = Literal["stable", "running"]
+# agentapi's two (a turn runs, or the agent waits for a message), and the two ways it cannot take one.
+Status = Literal["stable", "running", "needs_auth", "failed"]
 SUBSCRIBER_QUEUE = 1000
 
 
@@ -78,7 +79,7 @@ class Conversation:
     def set_status(self, status: Status) -> None:
         if status != self.status:
             self.status = status
-            if status == "stable":
+            if status != "running":  # the turn is over: the next one starts a new agent message
                 self._reply = None
             self._publish(Event("status_change", {"status": status, "agent_type": self.agent_type}))
 

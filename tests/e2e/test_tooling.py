@@ -126,3 +126,28 @@ async def test_a_stand_in_waits_for_a_port_to_listen_while_it_is_worth_waiting()
     assert connection is not None
     connection[1].close()
     (await opening).close()
+
+
+def test_a_stand_in_runner_s_exit_reads_in_the_pod_as_a_kubelet_writes_it():
+    ready_since = "2026-11-26T11:00:10Z"
+    status = {"conditions": [{"type": "PodScheduled", "status": "True"},
+                             {"type": "Ready", "status": "True", "lastTransitionTime": ready_since},
+                             {"type": "ContainersReady", "status": "True"}],
+              "containerStatuses": [
+                  {"name": "runner", "ready": True, "restartCount": 0, "image": "i", "imageID": "",
+                   "state": {"running": {"startedAt": "2026-11-26T11:00:00Z"}}}],
+              "initContainerStatuses": [{"name": "gateway", "ready": True}]}
+    exited = session_runners.runner_exited(status, 77, "the agent requires authentication",
+                                           "2026-11-26T12:00:00Z")
+    [runner] = exited["containerStatuses"]
+    assert runner["ready"] is False and runner["restartCount"] == 1
+    assert runner["state"] == {"running": {"startedAt": "2026-11-26T12:00:00Z"}}
+    assert runner["lastState"] == {"terminated": {
+        "exitCode": 77, "reason": "Error", "message": "the agent requires authentication",
+        "startedAt": "2026-11-26T11:00:00Z", "finishedAt": "2026-11-26T12:00:00Z"}}
+    assert [(c["type"], c["status"]) for c in exited["conditions"]] == [
+        ("PodScheduled", "True"), ("Ready", "False"), ("ContainersReady", "False")]
+    again = session_runners.runner_ready_again({**status, **exited})
+    assert again["containerStatuses"][0]["ready"] is True
+    assert again["containerStatuses"][0]["lastState"] == runner["lastState"], "the last exit stays on record"
+    assert [c["status"] for c in again["conditions"]] == ["True", "True", "True"]

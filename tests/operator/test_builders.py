@@ -112,6 +112,16 @@ def test_pod_layout_matches_the_sandbox_interface():
     assert pod["metadata"]["annotations"] == {naming.CONFIG_HASH_ANNOTATION: "abc"}
 
 
+def test_the_runner_says_why_it_gave_up_where_the_kubelet_reads_it():
+    (runner,) = make_pod(make_session())["spec"]["containers"]
+    env = {item["name"]: item.get("value") for item in runner["env"]}
+    assert runner["terminationMessagePath"] == env["AGENTBOX_TERMINATION_MESSAGE_FILE"]
+    assert runner["terminationMessagePath"] == "/dev/termination-log"
+    assert runner["terminationMessagePolicy"] == "FallbackToLogsOnError"  # a crash says something too
+    # A refusal outlives the container's restarts on the pod's /tmp emptyDir, not on the workspace.
+    assert env["AGENTBOX_NEEDS_AUTH_FILE"].startswith("/tmp/")
+
+
 def test_pod_passes_scheduling_fields_and_resources_through():
     tolerations = [{"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}]
     pod = make_pod(

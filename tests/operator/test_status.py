@@ -8,7 +8,15 @@ from agentbox.crds.agentsession import AgentSessionSpec
 from agentbox.crds.conditions import Reason
 from agentbox.operator import naming
 from agentbox.operator.build.mcp import Problem
-from agentbox.operator.status import Observed, derive, expiry, pod_failure
+from agentbox.operator.status import (
+    RUNNER_EXIT_REASONS,
+    Observed,
+    container_failure,
+    derive,
+    expiry,
+    pod_failure,
+)
+from agentbox.sandbox.runner import failures as runner_failures
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -182,3 +190,98 @@ def test_transition_times_move_only_on_change():
 
 def test_pod_failure_ignores_healthy_waiting():
     assert pod_failure(pod(ready=False, waiting="ContainerCreating")) is None
+
+
+# -- the runner's container, as a kubelet writes it ---------------------------------------------------
+REFUSAL = "the agent requires authentication: it refused session/prompt (Invalid API key [-32000])"
+
+
+def runner_status(state, last=None, ready=False, name="runner"):
+    status = {"name": name, "ready": ready, "restartCount": 1 if last else 0, "state": state}
+    if last:
+        status["lastState"] = {"terminated": last}
+    return status
+
+
+def terminated(code, message=None, reason="Error"):
+    return {"exitCode": code, "reason": reason, **({"message": message} if message else {}),
+            "startedAt": "2026-11-26T11:59:10Z", "finishedAt": "2026-11-26T11:59:20Z"}
+
+
+def pod_with(*container_statuses, ready=False):
+    observed = pod(ready=ready)
+    observed["status"]["containerStatuses"] = list(container_statuses)
+    return observed
+
+
+BACK_OFF = {"waiting": {"reason": "CrashLoopBackOff",
+                        "message": "back-off 10s restarting failed container=runner pod=s-abc"}}
+RUNNING = {"running": {"startedAt": "2026-11-26T11:59:30Z"}}
+
+
+def test_the_runner_s_exit_codes_are_the_ones_the_sandbox_uses():
+    assert RUNNER_EXIT_REASONS == {runner_failures.EXIT_AGENT_FAILED: Reason.AGENT_FAILED,
+                                   runner_failures.EXIT_NEEDS_AUTH: Reason.AGENT_NEEDS_AUTH}
+
+
+@pytest.mark.parametrize("state", [
+    {"terminated": terminated(77, REFUSAL)},  # just exited
+    BACK_OFF,  # waiting to be restarted: the kubelet backs off
+    RUNNING,  # restarted: it remembers the refusal and stays unready
+], ids=["terminated", "back-off", "restarted"])
+def test_a_runner_refused_for_authentication_makes_the_session_need_auth(state):
+    last = None if "terminated" in state else terminated(77, REFUSAL)
+    status = derive(observe(pod=pod_with(runner_status(state, last)), pvc=BOUND, mcp_problems=()), NOW)
+    assert status["phase"] == "NeedsAuth"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"], ready["message"]) == ("False", "AgentNeedsAuth", REFUSAL)
+
+
+def test_a_runner_that_gave_up_on_its_agent_fails_the_session_with_its_reason():
+    message = "gave up after 5 failed starts in a row: agent codex-acp exited with code 1"
+    status = derive(observe(pod=pod_with(runner_status(BACK_OFF, terminated(69, message))), pvc=BOUND,
+                            mcp_problems=()), NOW)
+    assert status["phase"] == "Failed"
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["reason"], ready["message"]) == ("AgentFailed", message)
+
+
+def test_a_runner_whose_agent_recovered_is_running_whatever_its_last_exit():
+    recovered = pod_with(runner_status(RUNNING, terminated(69, "gave up ..."), ready=True), ready=True)
+    assert derive(observe(pod=recovered, pvc=BOUND, mcp_problems=()), NOW)["phase"] == "Running"
+
+
+@pytest.mark.parametrize(("container", "reason", "message"), [
+    # Any other crash loop says how the container last ended: its log's tail (FallbackToLogsOnError).
+    (runner_status(BACK_OFF, terminated(1, "AGENTBOX_RUNNER_TOKEN_FILE /var/run/x: is empty\n")),
+     Reason.CRASH_LOOP, "container runner: CrashLoopBackOff: back-off 10s restarting failed container=runner "
+                        "pod=s-abc; exited with code 1 (Error): AGENTBOX_RUNNER_TOKEN_FILE /var/run/x: "
+                        "is empty"),
+    (runner_status(BACK_OFF), Reason.CRASH_LOOP,
+     "container runner: CrashLoopBackOff: back-off 10s restarting failed container=runner pod=s-abc"),
+    # An image that cannot run the runner's command.
+    (runner_status(BACK_OFF, terminated(128, 'exec: "python": executable file not found in $PATH',
+                                        reason="StartError")),
+     Reason.CONTAINER_CONFIG_ERROR,
+     'container runner: exited with code 128 (StartError): exec: "python": executable file not found in '
+     '$PATH'),
+    (runner_status({"waiting": {"reason": "CreateContainerConfigError",
+                                "message": "container has runAsNonRoot and image will run as root (pod: "
+                                           "\"s-abc_tenant-acme(1)\", container: runner)"}}),
+     Reason.CONTAINER_CONFIG_ERROR,
+     'container runner: CreateContainerConfigError: container has runAsNonRoot and image will run as root '
+     '(pod: "s-abc_tenant-acme(1)", container: runner)'),
+    (runner_status({"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image \"x:1\""}}),
+     Reason.IMAGE_PULL_FAILED, 'container runner: ImagePullBackOff: Back-off pulling image "x:1"'),
+    # The runner's exit codes mean nothing from another container.
+    (runner_status(BACK_OFF, terminated(77), name="gateway"), Reason.CRASH_LOOP,
+     "container gateway: CrashLoopBackOff: back-off 10s restarting failed container=runner pod=s-abc; "
+     "exited with code 77 (Error)"),
+])
+def test_a_container_s_state_says_why_the_session_failed(container, reason, message):
+    assert container_failure(container) == (reason, message)
+
+
+def test_a_container_starting_or_running_is_no_failure():
+    assert container_failure(runner_status({"waiting": {"reason": "ContainerCreating"}})) is None
+    assert container_failure(runner_status(RUNNING, terminated(1, "crashed once"))) is None

@@ -145,25 +145,6 @@ async def test_the_agent_crashing_mid_turn_is_reported_and_it_is_restarted(http,
     assert ("agent", "echo: after the crash") in [(d.get("role"), d.get("message")) for _, d in events]
 
 
-async def test_an_agent_that_cannot_start_leaves_the_runner_up_and_answers_503(tmp_path, processes):
-    runner = runner_process(tmp_path, "http://127.0.0.1:9/mcp", AGENTBOX_RUNTIME="custom",
-                            AGENTBOX_AGENT_COMMAND='["/nonexistent/agent-binary"]',
-                            AGENTBOX_AGENT_READY_WAIT_SECONDS="0.5")
-    processes.append(runner.proc.start())
-    wait_until(lambda: httpx.get(f"{runner.base}/healthz", timeout=1).status_code == 200, what="runner up")
-    async with httpx.AsyncClient(base_url=runner.base, headers=runner.headers(), timeout=30) as http:
-        async with http.stream("GET", "/events") as stream:
-            async with asyncio.timeout(10):
-                async for kind, data in sse_events(stream):
-                    if kind == "agent_error":
-                        assert "failed" in data["message"] and "restarting" in data["message"]
-                        break
-        response = await http.post("/message", json={"content": "anyone there?"})
-        assert response.status_code == 503 and response.headers["retry-after"] == "2"
-        assert httpx.get(f"{runner.base}/healthz").json()["agent"] == "starting"
-        assert httpx.get(f"{runner.base}/readyz").status_code == 503
-
-
 def test_a_gemini_session_reads_its_prompt_from_a_private_home_removed_when_the_runner_stops(tmp_path):
     scratch = tmp_path / "tmp"
     scratch.mkdir()

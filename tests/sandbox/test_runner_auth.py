@@ -55,13 +55,22 @@ def test_the_refusal_names_the_methods_and_what_to_set():
                   EnvVarAuthMethod(type="env_var", id="vertex-ai", name="Vertex AI",
                                    vars=[AuthEnvVar(name="GOOGLE_API_KEY")])]
     message = AuthPolicy("gemini", None, {}).refusal(advertised, None, RequestError.auth_required())
-    assert "no auth method was chosen (Authentication required)" in message
+    assert "no auth method was chosen (Authentication required [-32000])" in message
     assert "it advertises oauth-personal, gemini-api-key, vertex-ai" in message
     assert "set AGENTBOX_AGENT_AUTH_METHOD in the session's agent.env" in message
     assert "gemini-api-key reads GEMINI_API_KEY" in message
     assert "vertex-ai reads GOOGLE_API_KEY" in message, "what the agent declares beats the built-in hint"
     tried = AuthPolicy("gemini", None, {}).refusal(advertised, "gemini-api-key", RuntimeError("bad key"))
     assert "authenticate('gemini-api-key') failed (bad key)" in tried
+
+
+def test_a_refused_prompt_names_the_variables_claude_code_reads_not_its_logins():
+    refusal = RequestError(-32000, "Invalid API key", {"hint": "run /login"})
+    message = AuthPolicy("claude-code", None, {}).refusal(
+        [AuthMethodAgent(id="claude-login", name="Log in")], None, refusal, refused="session/prompt")
+    assert message == ("the agent requires authentication: it refused session/prompt (Invalid API key "
+                       '[-32000]: {"hint": "run /login"}); claude-code reads ANTHROPIC_API_KEY or '
+                       "CLAUDE_CODE_OAUTH_TOKEN: set one in the session's agent.env")
 
 
 def test_only_the_auth_required_code_counts():
@@ -73,7 +82,9 @@ def test_only_the_auth_required_code_counts():
 # -- real processes ------------------------------------------------------------------------------------
 # No gateway: the scripted agent only connects to one when a turn calls a tool.
 def start_runner(runners: list, tmp_path, **env: str):
-    runner = runner_process(tmp_path, "http://127.0.0.1:9/mcp", AGENTBOX_SCRIPTED_REQUIRE_AUTH="1", **env)
+    # A refused runner exits after AGENTBOX_EXIT_DELAY_SECONDS (test_runner_failures); here it stays up.
+    runner = runner_process(tmp_path, "http://127.0.0.1:9/mcp", AGENTBOX_SCRIPTED_REQUIRE_AUTH="1",
+                            AGENTBOX_EXIT_DELAY_SECONDS="60", **env)
     runners.append(runner)  # stopped by the fixture even if it never gets ready
     runner.proc.start()
     wait_until(lambda: httpx.get(f"{runner.base}/healthz", timeout=1).json()["agent"] != "starting",
@@ -115,7 +126,7 @@ async def test_a_refusing_agent_is_reported_and_not_retried(tmp_path, runners, e
         assert (await http.get("/healthz")).json()["agent"] == "needs_auth"
         unready = await http.get("/readyz")
         assert unready.status_code == 503 and unready.json()["agent"] == "needs_auth"
-        assert (await http.get("/status")).json()["status"] == "stable"
+        assert (await http.get("/status")).json()["status"] == "needs_auth"
         response = await http.post("/message", json={"content": "hi"})
         assert response.status_code == 503 and "retry-after" not in response.headers
         detail = response.json()["detail"]
@@ -127,7 +138,7 @@ async def test_a_refusing_agent_is_reported_and_not_retried(tmp_path, runners, e
             events = sse_events(stream)
             async for kind, data in events:
                 if kind == "status_change":
-                    assert data["status"] == "stable"
+                    assert data["status"] == "needs_auth"
                     break
             kind, data = await anext(events)
             assert (kind, data["message"]) == ("agent_error", detail), "the standing error opens the stream"

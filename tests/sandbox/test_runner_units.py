@@ -14,6 +14,8 @@ from agentbox.sandbox.runner import conversation as conversation_module
 from agentbox.sandbox.runner.bridge import choose_permission
 from agentbox.sandbox.runner.commands import CommandError, agent_command
 from agentbox.sandbox.runner.conversation import Conversation
+from agentbox.sandbox.runner.failures import EXIT_NEEDS_AUTH, Verdict
+from agentbox.sandbox.runner.process import StderrTail
 from agentbox.sandbox.runner.settings import RunnerSettings
 from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
@@ -141,3 +143,21 @@ async def test_a_subscriber_that_stops_reading_is_cut_off_not_waited_for(monkeyp
         items = [slow.get_nowait() for _ in range(slow.qsize())]
         assert items[-1] is None, "the slow client is told its stream ends"
         assert other.qsize() == 0
+
+
+def test_the_stderr_tail_keeps_the_last_lines_each_cut_short():
+    tail = StderrTail(lines=3, line_chars=10)
+    tail.feed(b"one\ntwo\n\nthree\nfo")
+    tail.feed(b"ur is longer than ten\nfi")
+    assert tail.lines() == ["three", "four is lo", "fi"], "blank lines dropped, the partial last line kept"
+    tail.feed(b"x" * 100)  # a line that never ends is kept by its start, not held whole
+    assert tail.lines()[-1] == "fixxxxxxxx"
+    tail.feed(b"\xff\xfe bytes\n")
+    assert tail.lines()[-1] == "\ufffd\ufffd bytes"
+
+
+def test_a_termination_message_fits_what_the_kubelet_keeps(tmp_path):
+    target = tmp_path / "termination-log"
+    Verdict(EXIT_NEEDS_AUTH, "é" * 5000).write(target)
+    assert target.read_text() == "é" * 2000, "cut at 4000 bytes, never inside a character"
+    Verdict(EXIT_NEEDS_AUTH, "nowhere to go").write(None)  # outside a pod: the exit code alone
