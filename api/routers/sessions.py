@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from agentbox.api.app import Services, services
 from agentbox.api.auth import Principal, tenant_member
 from agentbox.api.kube import MANAGED_BY, Kube, KubeError, tenant_namespace, user_label
+from agentbox.api.observability import current_request_id
 from agentbox.api.problems import ProblemError, field_errors, not_found, problem_responses
 from agentbox.api.routers.common import (
     AuditedRoute,
@@ -40,7 +41,7 @@ from agentbox.crds.agentsession import (
     Workspace,
 )
 from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
-from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, USER_LABEL
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, REQUEST_ID_ANNOTATION, USER_LABEL
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
@@ -96,6 +97,12 @@ class RunnerStatus(ApiModel):
 def _ready(session: dict[str, Any]) -> bool:
     conditions = (session.get("status") or {}).get("conditions") or []
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def _traced() -> dict[str, dict[str, str]]:
+    """Metadata naming the request that makes a change, so the operator's Events and logs can name it."""
+    request_id = current_request_id()
+    return {"annotations": {REQUEST_ID_ANNOTATION: request_id}} if request_id else {}
 
 
 def _view(session: dict[str, Any]) -> SessionView:
@@ -170,7 +177,8 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
             try:
                 resource = AgentSession(
                     metadata=ObjectMeta(name=name, namespace=namespace, labels={
-                        **MANAGED_BY, ORG_LABEL: principal.org, USER_LABEL: user_label(principal.sub)}),
+                        **MANAGED_BY, ORG_LABEL: principal.org, USER_LABEL: user_label(principal.sub)},
+                        **_traced()),
                     spec=AgentSessionSpec(tenant=Tenant(org=principal.org, user=principal.sub),
                                           agent=body.agent, workspace=body.workspace,
                                           mcp_servers=body.mcp_servers, system_prompt=composed.text,
@@ -232,8 +240,8 @@ async def _set_suspend(request: Request, principal: Principal, shared: Services,
     audit_target(request, f"session/{name}")
     await _owned(client, shared, principal, name)
     async with audited_transaction(request, principal):
-        patched = await client.patch_session(_namespace(shared, principal), name,
-                                             {"spec": {"lifecycle": {"suspend": suspend}}})
+        change = {"metadata": _traced(), "spec": {"lifecycle": {"suspend": suspend}}}
+        patched = await client.patch_session(_namespace(shared, principal), name, change)
     return _view(_written(shared, patched))
 
 

@@ -5,7 +5,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 from collections import defaultdict
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -38,18 +40,59 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 # The newest version of every session seen on the watch or in our own write responses: reconciles start
 # from it instead of re-reading the session (one GET fewer per trigger).
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
+# The session each known child name belongs to, for the log lines about a session's pod and claim.
+_sessions_by_child: dict[tuple[str, str], tuple[str, str]] = {}
 # A new session's first pass waits this long for its claim to bind before creating its pod (see
 # workspace.py); after that the pod is held, and the claim's watch event creates it.
 CLAIM_WAIT_SECONDS = 1.0
 _claim_bound: dict[tuple[str, str], asyncio.Event] = {}
 _held: dict[str, dict[str, Any]] = {}  # by the session's uid: a later session of the same name holds its own
+
+
+def request_id(body: Mapping[str, Any] | None) -> str | None:
+    """The id of the API request behind the session's current state (absent for kubectl's changes)."""
+    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(naming.REQUEST_ID_ANNOTATION)
+
+
+def _traced(body: Mapping[str, Any], message: str) -> str:
+    """An Event's message naming that request (kopf posts Events with no annotations of their own)."""
+    known = request_id(body)
+    return f"{message} (request {known})" if known else message
+
+
+def _about(key: tuple[str, str]) -> dict[str, Any]:
+    """The fields of our own log lines about a session."""
+    known = request_id(_latest.get(key))
+    return {"session": f"{key[0]}/{key[1]}", **({"request_id": known} if known else {})}
+
+
+class RequestIdFilter(logging.Filter):
+    """kopf's log lines about a session, its pod or its claim (kopf puts the object's reference on each
+    record as `k8s_ref`) carry the session's request id, a field of the JSON line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ref = getattr(record, "k8s_ref", None) or {}
+        where = (ref.get("namespace"), ref.get("name"))
+        if ref.get("kind") == agentsession.KIND:
+            body = _latest.get(where)
+            known = request_id(body) if body and body["metadata"].get("uid") == ref.get("uid") else None
+        elif ref.get("kind") in ("Pod", "PersistentVolumeClaim") and where in _sessions_by_child:
+            known = request_id(_latest.get(_sessions_by_child[where]))
+        else:
+            known = None
+        if known and not hasattr(record, "request_id"):
+            record.request_id = known
+        return True
+
+
+logging.getLogger("kopf.objects").addFilter(RequestIdFilter())
 # The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
-_expiries = Later()
+_expiries = Later(about=_about)
 # A full reconcile again after a held pod could not be created (its name taken, refused, an API error).
-_retries = Later()
+_retries = Later(about=_about)
 # A pod's progress short of Running is written a moment late: a pod scheduled and started at once then
 # costs one status write instead of two (each a tenth of the apiserver's work for a session, profiled).
-_settling = Later()
+_settling = Later(about=_about)
 SETTLE_SECONDS = 0.15
 
 
@@ -69,6 +112,8 @@ def remember(body: dict[str, Any]) -> None:
         body = {**body, "metadata": meta}
     key = (meta["namespace"], meta["name"])
     known = _latest.get(key)
+    if known is None:
+        _sessions_by_child[(key[0], naming.child_name(key[1]))] = key
     if known is None or known["metadata"].get("uid") != meta.get("uid") or _version(body) >= _version(known):
         _latest[key] = body
 
@@ -138,7 +183,8 @@ def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any
                 kind == "MCPReady" and healthy and old.get(kind, ("Unknown",))[0] != "False"):
             continue
         post = kopf.info if healthy or condition["reason"] == Reason.SUSPENDED_BY_USER else kopf.warn
-        post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
+        post(body, reason=condition["reason"],
+             message=_traced(body, f"{after['phase']}: {condition['message']}"))
 
 
 def _changed(previous: dict[str, Any], status: dict[str, Any]) -> bool:
@@ -215,7 +261,7 @@ async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any])
         raise
     if created is not None:
         kopf.event(body, type="Normal", reason="PodCreated",
-                   message=f"created sandbox pod {desired['metadata']['name']}")
+                   message=_traced(body, f"created sandbox pod {desired['metadata']['name']}"))
     return created
 
 
@@ -239,7 +285,7 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
             kopf.event(body, type="Normal", reason="PodReplaced",
-                       message="configuration changed: replacing the sandbox pod")
+                       message=_traced(body, "configuration changed: replacing the sandbox pod"))
         return None  # its DELETED event brings us back to create the new one
     return await _create_pod(kube, desired, body)
 
@@ -252,8 +298,8 @@ async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, 
         if error.status != 403:
             raise
         # Owned by the session, so garbage collection still removes it with the session.
-        kopf.warn(body, reason="CleanupForbidden", message=f"may not delete {kind} {meta['name']}: "
-                                                            f"{_api_message(error)}")
+        kopf.warn(body, reason="CleanupForbidden", message=_traced(
+            body, f"may not delete {kind} {meta['name']}: {_api_message(error)}"))
 
 
 async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +331,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
     except ValidationError as error:
         # Admission rejects this normally; an older CRD version might not have.
-        kopf.warn(body, reason=Reason.INVALID_SPEC, message=str(error))
+        kopf.warn(body, reason=Reason.INVALID_SPEC, message=_traced(body, str(error)))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     session = Session(name, namespace, meta["uid"], spec)
     child = session.child_name
@@ -446,7 +492,8 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"],
                                       naming.child_name(meta["name"]), release)
     if released is not None:
-        kopf.info(body, reason="WorkspaceRetained", message="workspace claim kept after deletion")
+        kopf.info(body, reason="WorkspaceRetained",
+                  message=_traced(body, "workspace claim kept after deletion"))
 
 
 async def let_go_in(kube: Kube, namespace: str) -> None:
@@ -476,6 +523,7 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
+        _sessions_by_child.pop((key[0], naming.child_name(key[1])), None)
         _held.pop(meta["uid"], None)
         _expiries.cancel(key)
         _retries.cancel(key)

@@ -1,5 +1,6 @@
 """The operator against the real local cluster (kwok: real apiserver, scheduler, GC; simulated kubelets)."""
 
+import asyncio
 import base64
 import copy
 import json
@@ -7,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fixtures.polling import eventually
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import mcpserver_manifest, session_in_phase, session_manifest
 
@@ -200,6 +202,52 @@ async def test_suspend_and_resume_keep_the_workspace(operator, ops, tenant):
     assert found["PersistentVolumeClaim"]["metadata"]["uid"] == claim["metadata"]["uid"]
     claim_volume = next(v for v in found["Pod"]["spec"]["volumes"] if v["name"] == "workspace")
     assert claim_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+
+
+async def _events_of(kube, namespace, name):
+    async with kube.api_client() as api:
+        listing = await client.CoreV1Api(api).list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={agentsession.KIND},involvedObject.name={name}")
+    return {event.reason: event.message for event in listing.items}
+
+
+def _log_lines_about(log_path, namespace, name):
+    """The operator's JSON log lines about a session, its pod and its claim."""
+    about = {(agentsession.KIND, name), ("Pod", naming.child_name(name)),
+             ("PersistentVolumeClaim", naming.child_name(name))}
+    with open(log_path) as log:
+        lines = [json.loads(line) for line in log if line.startswith("{")]
+    return [line for line in lines if (line.get("object") or {}).get("namespace") == namespace
+            and (line["object"].get("kind"), line["object"].get("name")) in about]
+
+
+async def test_the_request_behind_a_change_is_named_in_its_events_and_log_lines(operator, kube, ops, tenant):
+    created_by, suspended_by = f"req-create-{tenant}", f"req-suspend-{tenant}"
+    manifest = session_manifest("traced", tenant)
+    manifest["metadata"]["annotations"] = {naming.REQUEST_ID_ANNOTATION: created_by}
+    await ops.create(manifest)
+    await session_in_phase(ops, tenant, "traced", "Running")
+
+    async def announced(*reasons):
+        events = await _events_of(kube, tenant, "traced")
+        return events if set(reasons) <= set(events) else None
+
+    events = await eventually(lambda: announced("PodCreated", "SessionReady"), what="the session's Events")
+    assert all(message.endswith(f"(request {created_by})") for message in events.values()), events
+    await ops.merge_patch(agentsession.KIND, tenant, "traced", {
+        "metadata": {"annotations": {naming.REQUEST_ID_ANNOTATION: suspended_by}},
+        "spec": {"lifecycle": {"suspend": True}}})
+    await session_in_phase(ops, tenant, "traced", "Suspended")
+    events = await eventually(lambda: announced("SuspendedByUser"), what="the suspension's Event")
+    assert events["SuspendedByUser"].endswith(f"(request {suspended_by})")
+
+    async def logged():
+        lines = await asyncio.to_thread(_log_lines_about, operator.log_path, tenant, "traced")
+        return lines if {line.get("request_id") for line in lines} >= {created_by, suspended_by} else None
+
+    lines = await eventually(logged, what="log lines naming both requests")
+    assert all(line.get("request_id") in (created_by, suspended_by) for line in lines), lines
+    assert {agentsession.KIND, "Pod"} <= {line["object"]["kind"] for line in lines}
 
 
 def _storage_class(name, binding_mode):
