@@ -99,6 +99,19 @@ def _ready(session: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def _last_activity(session: dict[str, Any]) -> datetime | None:
+    """The later of the operator's status and the API's own stamp: an activity stamp alone is no change
+    for the operator to act on, so the status catches up only at its next write."""
+    stamps = [(session.get("status") or {}).get("lastActivityTime"),
+              (session["metadata"].get("annotations") or {}).get(LAST_ACTIVITY_ANNOTATION)]
+    moments = []
+    for stamp in stamps:
+        with contextlib.suppress(TypeError, ValueError):  # absent, or not a time (written by hand)
+            moment = datetime.fromisoformat(stamp)
+            moments.append(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    return max(moments, default=None)
+
+
 def _traced() -> dict[str, dict[str, str]]:
     """Metadata naming the request that makes a change, so the operator's Events and logs can name it."""
     request_id = current_request_id()
@@ -115,7 +128,7 @@ def _view(session: dict[str, Any]) -> SessionView:
         mcp_servers=[ref["name"] for ref in spec.get("mcpServers", [])],
         conditions=[Condition.model_validate(c) for c in status.get("conditions", [])],
         created_at=session["metadata"].get("creationTimestamp"),
-        last_activity_time=status.get("lastActivityTime"))
+        last_activity_time=_last_activity(session))
 
 
 def _namespace(shared: Services, principal: Principal) -> str:

@@ -474,9 +474,31 @@ def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
     return memo.kube, memo.settings
 
 
+def _activity(body: Mapping[str, Any] | None) -> str | None:
+    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(
+        naming.LAST_ACTIVITY_ANNOTATION)
+
+
+def _without_activity(essence: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A handled state (spec, labels, annotations) without the activity stamp; empty stanzas dropped as
+    kopf drops them, so a first stamp compares equal to none."""
+    meta = dict((essence or {}).get("metadata") or {})
+    meta["annotations"] = {key: value for key, value in (meta.get("annotations") or {}).items()
+                           if key != naming.LAST_ACTIVITY_ANNOTATION}
+    meta = {key: value for key, value in meta.items() if value}
+    rest = {key: value for key, value in (essence or {}).items() if key != "metadata"}
+    return {**rest, "metadata": meta} if meta else rest
+
+
+def beyond_activity(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, **_: Any) -> bool:
+    """Whether an update is more than the API's activity stamp. A stamp only moves the idle deadline,
+    which session_event moves in memory: a full reconcile for it would cost a dozen API calls a message."""
+    return _without_activity(old) != _without_activity(new)
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, when=beyond_activity)
 async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     kube, settings = _memo(memo)
     await reconcile(kube, settings, dict(body))
@@ -529,7 +551,21 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         _retries.cancel(key)
         _settling.cancel(key)
     else:
+        seen = _activity(_latest.get(key))
         remember(body)
+        latest = _latest[key]
+        if _activity(latest) != seen and _expiries.pending(key):
+            _move_expiry(memo, latest)
+
+
+def _move_expiry(memo: kopf.Memo, body: dict[str, Any]) -> None:
+    """New activity moves the idle deadline on: the pending expiry check is rescheduled, from what is
+    known (status as last written), with no API call."""
+    kube, settings = _memo(memo)
+    status = body.get("status") or {}
+    if status.get("phase"):
+        spec = AgentSessionSpec.model_validate(body.get("spec") or {})
+        _schedule_expiry(kube, settings, _observed(body, spec), status, body["metadata"]["uid"])
 
 
 def _owner_session(child: dict[str, Any]) -> dict[str, Any] | None:
