@@ -94,6 +94,10 @@ _retries = Later(about=_about)
 # costs one status write instead of two (each a tenth of the apiserver's work for a session, profiled).
 _settling = Later(about=_about)
 SETTLE_SECONDS = 0.15
+# The newest resourceVersion of each session's pod seen (watch events, our own reads and creates). A status
+# from an older pod is not written: a settled write would otherwise land after its pod's next event was
+# written, and leave the session Starting beside a Ready pod for good.
+_pod_versions: dict[tuple[str, str], int] = {}
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -101,6 +105,17 @@ def _version(body: dict[str, Any]) -> int:
         return int(body["metadata"].get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def _newest_pod(key: tuple[str, str], pod: dict[str, Any] | None) -> bool:
+    """Record `pod` as seen for the session; False when a newer version of it was seen before."""
+    if pod is None:
+        return True
+    version = _version(pod)
+    if version < _pod_versions.get(key, 0):
+        return False
+    _pod_versions[key] = version
+    return True
 
 
 def remember(body: dict[str, Any]) -> None:
@@ -411,12 +426,14 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
     pod = created.get("Pod") or found.get("Pod")
+    _newest_pod((namespace, name), pod)
     _held.pop(session.uid, None)
     if wants_pod and pod is None and await workspace.pod_waits_for(kube, pvc):
         _held[session.uid] = pod_for(desired)
     elif wants_pod:
         try:
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
+            _newest_pod((namespace, name), pod)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
@@ -443,7 +460,7 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], 
     key = (meta["namespace"], meta["name"])
     async with _locks[key], metrics.reconciling("agentsession-status"):
         fresh = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
-        if fresh is None:
+        if fresh is None or not _newest_pod(key, pod):
             return
         body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
@@ -547,6 +564,7 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         _latest.pop(key, None)
         _sessions_by_child.pop((key[0], naming.child_name(key[1])), None)
         _held.pop(meta["uid"], None)
+        _pod_versions.pop(key, None)
         _expiries.cancel(key)
         _retries.cancel(key)
         _settling.cancel(key)
@@ -595,6 +613,7 @@ async def release_pod(kube: Kube, settings: OperatorSettings, owner: dict[str, A
             return
         try:
             created = await _create_pod(kube, pod, body)
+            _newest_pod(key, created)
         except (ApiException, PodRejectedError):
             created = None
     if created is None:
