@@ -7,7 +7,7 @@ import dataclasses
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from agentbox.operator.settings import FINALIZER, OperatorSettings
 from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time, waiting_for_claim
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
+log = logging.getLogger(__name__)
 CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 # One reconciliation per session at a time, whichever watch (session, pod, MCPServer) triggered it.
@@ -235,16 +236,32 @@ def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed,
 
 def _reconcile_later(later: Later, kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
                      delay: float) -> None:
-    """A full reconcile in `delay` seconds; one that fails for now goes again after the delay it asks."""
+    """A full reconcile in `delay` seconds; one that fails goes again, after the delay it asks for."""
     meta = owner["metadata"]
 
-    async def again() -> None:
-        try:
-            await reconcile(kube, settings, owner)
-        except kopf.TemporaryError as error:
-            _reconcile_later(later, kube, settings, owner, error.delay or API_RETRY_SECONDS)
+    def again() -> Awaitable[None]:
+        return _or_reconcile_later(later, kube, settings, owner, reconcile(kube, settings, owner))
 
     later.schedule((meta["namespace"], meta["name"]), delay, again)
+
+
+async def _or_reconcile_later(later: Later, kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
+                              work: Awaitable[Any]) -> None:
+    """`work` for a session, which a full reconcile takes over when it fails: kopf hands a watch event to
+    its handler once, so what an apiserver error or a lost connection stopped would otherwise be lost
+    until the session's next event (a status left Pending beside a running pod)."""
+    try:
+        await work
+    except kopf.PermanentError:
+        raise  # an invalid spec: nothing to try again until the spec changes
+    except Exception as error:
+        delay = (error.delay if isinstance(error, kopf.TemporaryError) else None) or API_RETRY_SECONDS
+        key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
+        why = f"{error.status}: {_api_message(error)}" if isinstance(error, ApiException) else (
+            str(error) or repr(error))
+        log.warning("session work failed (%s): a full reconcile follows in %.0f s", why, delay,
+                    extra=_about(key))
+        _reconcile_later(later, kube, settings, owner, delay)
 
 
 def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Observed:
@@ -479,8 +496,8 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], 
         if settle and status["phase"] in (SessionPhase.PENDING, SessionPhase.STARTING) and _changed(
                 body.get("status") or {}, status):
             owner = {"metadata": {"namespace": key[0], "name": key[1], "uid": meta["uid"]}}
-            _settling.schedule(key, SETTLE_SECONDS,
-                               lambda: refresh(kube, settings, owner, pod, settle=False, pvc=pvc))
+            _settling.schedule(key, SETTLE_SECONDS, lambda: _or_reconcile_later(
+                _retries, kube, settings, owner, refresh(kube, settings, owner, pod, settle=False, pvc=pvc)))
             return
         _settling.cancel(key)
         await _write_status(kube, body, status)
@@ -636,7 +653,7 @@ async def session_claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     # Not only when a pod is held already: a reconcile may be about to hold one (it holds the lock).
     if key in _latest:
         kube, settings = _memo(memo)
-        await release_pod(kube, settings, owner, claim)
+        await _or_reconcile_later(_retries, kube, settings, owner, release_pod(kube, settings, owner, claim))
 
 
 @kopf.on.event("", "v1", "pods", labels=SESSION_CHILD)
@@ -648,8 +665,8 @@ async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
     if body is None:
         return
     if event["type"] == "DELETED":
-        await reconcile(kube, settings, body)
+        await _or_reconcile_later(_retries, kube, settings, body, reconcile(kube, settings, body))
     elif event["type"] == "ADDED" and not (pod.get("spec") or {}).get("nodeName"):
         return  # a pod we just created: the reconcile that created it wrote the status it implies
     else:
-        await refresh(kube, settings, body, pod)
+        await _or_reconcile_later(_retries, kube, settings, body, refresh(kube, settings, body, pod))

@@ -260,27 +260,98 @@ def _reasons(body):
     return {c["type"]: c["reason"] for c in ((body or {}).get("status") or {}).get("conditions") or []}
 
 
+async def _waiting_for_workspace(ops, namespace, name):
+    body = await ops.get(agentsession.KIND, namespace, name)
+    return _reasons(body).get("PodScheduled") == "WaitingForWorkspace" and body
+
+
+async def _bind_by_hand(kube, ops, namespace, name, storage_class, volume):
+    """A volume made for the session's claim, which the claim then binds to."""
+    claim = await ops.get("PersistentVolumeClaim", namespace, naming.child_name(name))
+    await kube.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+        "spec": {"capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
+                 "accessModes": claim["spec"]["accessModes"], "storageClassName": storage_class,
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
+                 "claimRef": {"namespace": namespace, "name": claim["metadata"]["name"],
+                              "uid": claim["metadata"]["uid"]}}}))
+
+
+def _status_writes_refused(policy, namespace, name):
+    """A ValidatingAdmissionPolicy (and its binding) refusing every status write of one session."""
+    rules = [{"apiGroups": [agentsession.GROUP], "apiVersions": ["*"], "operations": ["UPDATE"],
+              "resources": [f"{agentsession.PLURAL}/status"]}]
+    return [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": rules},
+                  "validations": [{"expression": f"object.metadata.name != '{name}'",
+                                   "message": "status writes refused by the test"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"], "matchResources": {
+             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}}]
+
+
+async def test_a_status_the_apiserver_refused_after_a_pod_event_is_written_later(operator, kube, ops,
+                                                                                 tenant):
+    """kopf hands each watch event to its handler once: a status write refused then (an apiserver error,
+    an admission webhook) is made by a reconcile retried until it goes through, with no further event."""
+    storage_class, volume, policy = f"manual-{tenant}", f"pv-{tenant}", f"refuse-{tenant}"
+    await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
+    try:
+        await ops.create(session_manifest("refused", tenant, workspace={"storageClassName": storage_class}))
+        await eventually(lambda: _waiting_for_workspace(ops, tenant, "refused"),
+                         what="the session waiting for its workspace claim")
+        await kube.kubectl("apply", "-f", "-", input="\n---\n".join(
+            json.dumps(manifest) for manifest in _status_writes_refused(policy, tenant, "refused")))
+
+        async def refusing():
+            async with kube.api_client() as api:
+                try:
+                    await client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+                        agentsession.GROUP, agentsession.VERSION, tenant, agentsession.PLURAL, "refused",
+                        {"status": {"phase": "Pending"}}, dry_run="All",
+                        _content_type="application/merge-patch+json")
+                except ApiException as error:
+                    return error.status in (403, 422)
+            return False
+
+        await eventually(refusing, what="the policy in force")
+        # The claim binds, the pod goes out and runs: every status write that follows is refused.
+        await _bind_by_hand(kube, ops, tenant, "refused", storage_class, volume)
+
+        async def running_pod():
+            pod = await ops.get("Pod", tenant, naming.child_name("refused"))
+            return pod and _pod_ready(pod)
+
+        await eventually(running_pod, what="the sandbox pod Ready")
+        await asyncio.sleep(1)
+        assert (await ops.get(agentsession.KIND, tenant, "refused"))["status"]["phase"] == "Pending"
+        await kube.kubectl("delete", f"validatingadmissionpolicybinding/{policy}",
+                           f"validatingadmissionpolicy/{policy}")
+        await session_in_phase(ops, tenant, "refused", "Running", timeout=20)
+    finally:
+        await kube.kubectl("delete", "--ignore-not-found", "--wait=false", f"persistentvolume/{volume}",
+                           f"storageclass/{storage_class}", f"validatingadmissionpolicybinding/{policy}",
+                           f"validatingadmissionpolicy/{policy}")
+
+
+def _pod_ready(pod):
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
 async def test_the_pod_waits_for_a_claim_that_binds_on_its_own(operator, kube, ops, tenant):
     storage_class, volume = f"manual-{tenant}", f"pv-{tenant}"
     await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
     try:
         await ops.create(session_manifest("held", tenant, workspace={"storageClassName": storage_class}))
-
-        async def held():
-            body = await ops.get(agentsession.KIND, tenant, "held")
-            return _reasons(body).get("PodScheduled") == "WaitingForWorkspace" and body
-
-        body = await eventually(held, what="the session waiting for its workspace claim")
+        body = await eventually(lambda: _waiting_for_workspace(ops, tenant, "held"),
+                                what="the session waiting for its workspace claim")
         assert body["status"]["phase"] == "Pending"
         assert await ops.get("Pod", tenant, naming.child_name("held")) is None
-        claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("held"))
-        await kube.kubectl("apply", "-f", "-", input=json.dumps({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
-            "spec": {"capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
-                     "accessModes": claim["spec"]["accessModes"], "storageClassName": storage_class,
-                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
-                     "claimRef": {"namespace": tenant, "name": claim["metadata"]["name"],
-                                  "uid": claim["metadata"]["uid"]}}}))
+        await _bind_by_hand(kube, ops, tenant, "held", storage_class, volume)
         body = await session_in_phase(ops, tenant, "held", "Running")
         assert _reasons(body)["WorkspaceReady"] == "ClaimBound"
     finally:
