@@ -50,9 +50,13 @@ _claim_bound: dict[tuple[str, str], asyncio.Event] = {}
 _held: dict[str, dict[str, Any]] = {}  # by the session's uid: a later session of the same name holds its own
 
 
+def _annotation(body: Mapping[str, Any] | None, key: str) -> str | None:
+    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(key)
+
+
 def request_id(body: Mapping[str, Any] | None) -> str | None:
     """The id of the API request behind the session's current state (absent for kubectl's changes)."""
-    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(naming.REQUEST_ID_ANNOTATION)
+    return _annotation(body, naming.REQUEST_ID_ANNOTATION)
 
 
 def _traced(body: Mapping[str, Any], message: str) -> str:
@@ -508,11 +512,6 @@ def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
     return memo.kube, memo.settings
 
 
-def _activity(body: Mapping[str, Any] | None) -> str | None:
-    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(
-        naming.LAST_ACTIVITY_ANNOTATION)
-
-
 def _without_activity(essence: Mapping[str, Any] | None) -> dict[str, Any]:
     """A handled state (spec, labels, annotations) without the activity stamp; empty stanzas dropped as
     kopf drops them, so a first stamp compares equal to none."""
@@ -586,10 +585,10 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         _retries.cancel(key)
         _settling.cancel(key)
     else:
-        seen = _activity(_latest.get(key))
+        seen = _annotation(_latest.get(key), naming.LAST_ACTIVITY_ANNOTATION)
         remember(body)
         latest = _latest[key]
-        if _activity(latest) != seen and _expiries.pending(key):
+        if _annotation(latest, naming.LAST_ACTIVITY_ANNOTATION) != seen and _expiries.pending(key):
             _move_expiry(memo, latest)
 
 
