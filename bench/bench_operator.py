@@ -2,7 +2,9 @@
 
 1. `--sessions` AgentSessions created at `--rate` per second: create -> Running latency p50/p95/p99
    (Running seen through a watch on the sessions).
-2. More sessions up to `--hold` Running, then `--hold-seconds` of nothing happening: the operator's
+2. Each of those sessions' last-activity annotation written once at `--rate`, as the API does on a message:
+   the apiserver's requests per stamp (the stamp's own PATCH is one of them).
+3. More sessions up to `--hold` Running, then `--hold-seconds` of nothing happening: the operator's
    peak RSS and CPU (share of one core) over that window.
 
     python -m bench.bench_operator [--sessions 200 --rate 20 --hold 1000 --hold-seconds 60]
@@ -42,6 +44,7 @@ from kubernetes_asyncio import client, config, watch
 
 from agentbox.crds import agentsession
 from agentbox.crds.agentsession import AgentSessionSpec
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.pod import build_pod
 from agentbox.operator.build.pvc import build_pvc
@@ -115,12 +118,21 @@ class RunningWatch:
             await asyncio.sleep(0.2)
 
 
+async def paced(names: list[str], rate: float, act: Callable[[str], Awaitable[None]]) -> None:
+    """`act(name)` for each name at a steady rate (each in its own task so a slow call does not delay the
+    next)."""
+    started, tasks = time.perf_counter(), []
+    for index, name in enumerate(names):
+        await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
+        tasks.append(asyncio.create_task(act(name)))
+    await asyncio.gather(*tasks)
+
+
 async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
                        manifests: Callable[[str], list[dict[str, Any]]] | None = None,
                        then: Callable[[str], Awaitable[None]] | None = None) -> dict[str, float]:
-    """Create at a steady rate (each create in its own task so a slow call does not delay the next).
-    `manifests(name)`: what to create for each name, all at once (default: one AgentSession); `then(name)`:
-    what follows once they exist."""
+    """Create at a steady rate. `manifests(name)`: what to create for each name, all at once (default: one
+    AgentSession); `then(name)`: what follows once they exist."""
     created: dict[str, float] = {}
 
     async def one(name: str) -> None:
@@ -130,12 +142,21 @@ async def create_paced(ops: Kube, namespace: str, names: list[str], rate: float,
         if then is not None:
             await then(name)
 
-    started, tasks = time.perf_counter(), []
-    for index, name in enumerate(names):
-        await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(name)))
-    await asyncio.gather(*tasks)
+    await paced(names, rate, one)
     return created
+
+
+async def stamp_activity(api: client.ApiClient, namespace: str, names: list[str], rate: float
+                         ) -> dict[str, Any]:
+    """What the API writes on a message, once per session at a steady rate: the apiserver's requests per
+    stamp (its own PATCH included), once what the operator does in answer has landed."""
+    ops = Kube(api)
+    stamp = {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime())}}}
+    before = await apiserver_requests(api)
+    await paced(names, rate, lambda name: ops.merge_patch(agentsession.KIND, namespace, name, stamp))
+    await asyncio.sleep(3)
+    return per_session(before, await apiserver_requests(api), len(names))
 
 
 async def create_after_claims(api: client.ApiClient, ops: Kube, namespace: str, names: list[str], rate: float,
@@ -379,6 +400,8 @@ async def main() -> int:
             requests = per_session(requests_before, await apiserver_requests(api), len(names))
             latencies = latency_ms(created, running.running_at)
             pod_latencies = latency_ms(created, running.pod_at)
+            log(f"stamping activity on {len(names)} sessions at {args.rate}/s, as the API does per message")
+            activity = await stamp_activity(api, namespace, names, args.rate)
 
             more = [f"s-{index:04d}" for index in range(args.sessions, args.hold)]
             log(f"creating {len(more)} more, then holding {args.hold} Running for {args.hold_seconds:.0f}s")
@@ -398,6 +421,7 @@ async def main() -> int:
         "operator_cpu_ms_per_session": load["cpu_ms_per_session"]["operator"],
         "cpu_while_creating": load,
         "apiserver_requests_per_session": requests,
+        "apiserver_requests_per_activity_stamp": activity,
         "held_running_sessions": args.hold,
         "idle": usage,
         "targets": {"p50_ms": 500, "p99_ms": 1500, "rss_mb": 250, "idle_cpu_percent": 2},

@@ -15,6 +15,9 @@ USER_LABEL = "agentbox.dev/user"
 TENANT_LABEL = "agentbox.dev/tenant"
 RESERVED_PREFIX = "agentbox.dev/"
 LAST_ACTIVITY_ANNOTATION = "agentbox.dev/last-activity"
+# The id of the API request that last changed the session (its audit row carries the same id): the
+# operator repeats it in the Events and log lines that follow from the change.
+REQUEST_ID_ANNOTATION = "agentbox.dev/request-id"
 RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a key and file name in the session's Secret)
 
 

@@ -4,14 +4,17 @@ runs for, so a namespace deleted while the operator is down would hang in Termin
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 
 class Later:
-    def __init__(self) -> None:
+    def __init__(self, about: Callable[[Hashable], dict[str, Any]] | None = None) -> None:
+        """`about(key)`: the extra fields of a log line about the key's object."""
         self._handles: dict[Hashable, asyncio.TimerHandle] = {}
         self._running: set[asyncio.Task[None]] = set()
+        self._about = about
 
     def schedule(self, key: Hashable, delay: float, wake: Callable[[], Awaitable[None]]) -> None:
         """Run `wake()` in `delay` seconds, replacing whatever was pending for `key`."""
@@ -32,9 +35,9 @@ class Later:
         self._running.add(task)
         task.add_done_callback(self._running.discard)
 
-    @staticmethod
-    async def _run(key: Hashable, wake: Callable[[], Awaitable[None]]) -> None:
+    async def _run(self, key: Hashable, wake: Callable[[], Awaitable[None]]) -> None:
         try:
             await wake()
         except Exception:  # the wake-up's own retry policy lives in `wake`; nothing may kill the loop
-            log.exception("scheduled work for %s failed", key)
+            about = self._about(key) if self._about else None
+            log.exception("scheduled work for %s failed", key, extra=about)

@@ -16,6 +16,7 @@ from pydantic import Field, ValidationError, model_validator
 from agentbox.api.app import Services, services
 from agentbox.api.auth import Principal, tenant_member
 from agentbox.api.kube import MANAGED_BY, Kube, KubeError, tenant_namespace, user_label
+from agentbox.api.observability import current_request_id
 from agentbox.api.problems import ProblemError, field_errors, not_found, problem_responses
 from agentbox.api.routers.common import (
     AuditedRoute,
@@ -40,7 +41,7 @@ from agentbox.crds.agentsession import (
     Workspace,
 )
 from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
-from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, USER_LABEL
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, REQUEST_ID_ANNOTATION, USER_LABEL
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
@@ -98,6 +99,25 @@ def _ready(session: dict[str, Any]) -> bool:
     return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
 
 
+def _last_activity(session: dict[str, Any]) -> datetime | None:
+    """The later of the operator's status and the API's own stamp: an activity stamp alone is no change
+    for the operator to act on, so the status catches up only at its next write."""
+    stamps = [(session.get("status") or {}).get("lastActivityTime"),
+              (session["metadata"].get("annotations") or {}).get(LAST_ACTIVITY_ANNOTATION)]
+    moments = []
+    for stamp in stamps:
+        with contextlib.suppress(TypeError, ValueError):  # absent, or not a time (written by hand)
+            moment = datetime.fromisoformat(stamp)
+            moments.append(moment if moment.tzinfo else moment.replace(tzinfo=UTC))
+    return max(moments, default=None)
+
+
+def _traced() -> dict[str, dict[str, str]]:
+    """Metadata naming the request that makes a change, so the operator's Events and logs can name it."""
+    request_id = current_request_id()
+    return {"annotations": {REQUEST_ID_ANNOTATION: request_id}} if request_id else {}
+
+
 def _view(session: dict[str, Any]) -> SessionView:
     spec, status = session.get("spec", {}), session.get("status") or {}
     return SessionView(
@@ -108,7 +128,7 @@ def _view(session: dict[str, Any]) -> SessionView:
         mcp_servers=[ref["name"] for ref in spec.get("mcpServers", [])],
         conditions=[Condition.model_validate(c) for c in status.get("conditions", [])],
         created_at=session["metadata"].get("creationTimestamp"),
-        last_activity_time=status.get("lastActivityTime"))
+        last_activity_time=_last_activity(session))
 
 
 def _namespace(shared: Services, principal: Principal) -> str:
@@ -170,7 +190,8 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
             try:
                 resource = AgentSession(
                     metadata=ObjectMeta(name=name, namespace=namespace, labels={
-                        **MANAGED_BY, ORG_LABEL: principal.org, USER_LABEL: user_label(principal.sub)}),
+                        **MANAGED_BY, ORG_LABEL: principal.org, USER_LABEL: user_label(principal.sub)},
+                        **_traced()),
                     spec=AgentSessionSpec(tenant=Tenant(org=principal.org, user=principal.sub),
                                           agent=body.agent, workspace=body.workspace,
                                           mcp_servers=body.mcp_servers, system_prompt=composed.text,
@@ -232,8 +253,8 @@ async def _set_suspend(request: Request, principal: Principal, shared: Services,
     audit_target(request, f"session/{name}")
     await _owned(client, shared, principal, name)
     async with audited_transaction(request, principal):
-        patched = await client.patch_session(_namespace(shared, principal), name,
-                                             {"spec": {"lifecycle": {"suspend": suspend}}})
+        change = {"metadata": _traced(), "spec": {"lifecycle": {"suspend": suspend}}}
+        patched = await client.patch_session(_namespace(shared, principal), name, change)
     return _view(_written(shared, patched))
 
 

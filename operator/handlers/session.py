@@ -5,7 +5,9 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,6 +33,7 @@ from agentbox.operator.settings import FINALIZER, OperatorSettings
 from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time, waiting_for_claim
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
+log = logging.getLogger(__name__)
 CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 # One reconciliation per session at a time, whichever watch (session, pod, MCPServer) triggered it.
@@ -38,19 +41,68 @@ _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
 # The newest version of every session seen on the watch or in our own write responses: reconciles start
 # from it instead of re-reading the session (one GET fewer per trigger).
 _latest: dict[tuple[str, str], dict[str, Any]] = {}
+# The session each known child name belongs to, for the log lines about a session's pod and claim.
+_sessions_by_child: dict[tuple[str, str], tuple[str, str]] = {}
 # A new session's first pass waits this long for its claim to bind before creating its pod (see
 # workspace.py); after that the pod is held, and the claim's watch event creates it.
 CLAIM_WAIT_SECONDS = 1.0
 _claim_bound: dict[tuple[str, str], asyncio.Event] = {}
 _held: dict[str, dict[str, Any]] = {}  # by the session's uid: a later session of the same name holds its own
+
+
+def _annotation(body: Mapping[str, Any] | None, key: str) -> str | None:
+    return (((body or {}).get("metadata") or {}).get("annotations") or {}).get(key)
+
+
+def request_id(body: Mapping[str, Any] | None) -> str | None:
+    """The id of the API request behind the session's current state (absent for kubectl's changes)."""
+    return _annotation(body, naming.REQUEST_ID_ANNOTATION)
+
+
+def _traced(body: Mapping[str, Any], message: str) -> str:
+    """An Event's message naming that request (kopf posts Events with no annotations of their own)."""
+    known = request_id(body)
+    return f"{message} (request {known})" if known else message
+
+
+def _about(key: tuple[str, str]) -> dict[str, Any]:
+    """The fields of our own log lines about a session."""
+    known = request_id(_latest.get(key))
+    return {"session": f"{key[0]}/{key[1]}", **({"request_id": known} if known else {})}
+
+
+class RequestIdFilter(logging.Filter):
+    """kopf's log lines about a session, its pod or its claim (kopf puts the object's reference on each
+    record as `k8s_ref`) carry the session's request id, a field of the JSON line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        ref = getattr(record, "k8s_ref", None) or {}
+        where = (ref.get("namespace"), ref.get("name"))
+        if ref.get("kind") == agentsession.KIND:
+            body = _latest.get(where)
+            known = request_id(body) if body and body["metadata"].get("uid") == ref.get("uid") else None
+        elif ref.get("kind") in ("Pod", "PersistentVolumeClaim") and where in _sessions_by_child:
+            known = request_id(_latest.get(_sessions_by_child[where]))
+        else:
+            known = None
+        if known and not hasattr(record, "request_id"):
+            record.request_id = known
+        return True
+
+
+logging.getLogger("kopf.objects").addFilter(RequestIdFilter())
 # The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
-_expiries = Later()
+_expiries = Later(about=_about)
 # A full reconcile again after a held pod could not be created (its name taken, refused, an API error).
-_retries = Later()
+_retries = Later(about=_about)
 # A pod's progress short of Running is written a moment late: a pod scheduled and started at once then
 # costs one status write instead of two (each a tenth of the apiserver's work for a session, profiled).
-_settling = Later()
+_settling = Later(about=_about)
 SETTLE_SECONDS = 0.15
+# The newest resourceVersion of each session's pod seen (watch events, our own reads and creates). A status
+# from an older pod is not written: a settled write would otherwise land after its pod's next event was
+# written, and leave the session Starting beside a Ready pod for good.
+_pod_versions: dict[tuple[str, str], int] = {}
 
 
 def _version(body: dict[str, Any]) -> int:
@@ -58,6 +110,17 @@ def _version(body: dict[str, Any]) -> int:
         return int(body["metadata"].get("resourceVersion") or 0)
     except ValueError:
         return 0
+
+
+def _newest_pod(key: tuple[str, str], pod: dict[str, Any] | None) -> bool:
+    """Record `pod` as seen for the session; False when a newer version of it was seen before."""
+    if pod is None:
+        return True
+    version = _version(pod)
+    if version < _pod_versions.get(key, 0):
+        return False
+    _pod_versions[key] = version
+    return True
 
 
 def remember(body: dict[str, Any]) -> None:
@@ -69,6 +132,8 @@ def remember(body: dict[str, Any]) -> None:
         body = {**body, "metadata": meta}
     key = (meta["namespace"], meta["name"])
     known = _latest.get(key)
+    if known is None:
+        _sessions_by_child[(key[0], naming.child_name(key[1]))] = key
     if known is None or known["metadata"].get("uid") != meta.get("uid") or _version(body) >= _version(known):
         _latest[key] = body
 
@@ -138,7 +203,8 @@ def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any
                 kind == "MCPReady" and healthy and old.get(kind, ("Unknown",))[0] != "False"):
             continue
         post = kopf.info if healthy or condition["reason"] == Reason.SUSPENDED_BY_USER else kopf.warn
-        post(body, reason=condition["reason"], message=f"{after['phase']}: {condition['message']}")
+        post(body, reason=condition["reason"],
+             message=_traced(body, f"{after['phase']}: {condition['message']}"))
 
 
 def _changed(previous: dict[str, Any], status: dict[str, Any]) -> bool:
@@ -174,16 +240,32 @@ def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed,
 
 def _reconcile_later(later: Later, kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
                      delay: float) -> None:
-    """A full reconcile in `delay` seconds; one that fails for now goes again after the delay it asks."""
+    """A full reconcile in `delay` seconds; one that fails goes again, after the delay it asks for."""
     meta = owner["metadata"]
 
-    async def again() -> None:
-        try:
-            await reconcile(kube, settings, owner)
-        except kopf.TemporaryError as error:
-            _reconcile_later(later, kube, settings, owner, error.delay or API_RETRY_SECONDS)
+    def again() -> Awaitable[None]:
+        return _or_reconcile_later(later, kube, settings, owner, reconcile(kube, settings, owner))
 
     later.schedule((meta["namespace"], meta["name"]), delay, again)
+
+
+async def _or_reconcile_later(later: Later, kube: Kube, settings: OperatorSettings, owner: dict[str, Any],
+                              work: Awaitable[Any]) -> None:
+    """`work` for a session, which a full reconcile takes over when it fails: kopf hands a watch event to
+    its handler once, so what an apiserver error or a lost connection stopped would otherwise be lost
+    until the session's next event (a status left Pending beside a running pod)."""
+    try:
+        await work
+    except kopf.PermanentError:
+        raise  # an invalid spec: nothing to try again until the spec changes
+    except Exception as error:
+        delay = (error.delay if isinstance(error, kopf.TemporaryError) else None) or API_RETRY_SECONDS
+        key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
+        why = f"{error.status}: {_api_message(error)}" if isinstance(error, ApiException) else (
+            str(error) or repr(error))
+        log.warning("session work failed (%s): a full reconcile follows in %.0f s", why, delay,
+                    extra=_about(key))
+        _reconcile_later(later, kube, settings, owner, delay)
 
 
 def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Observed:
@@ -215,7 +297,7 @@ async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any])
         raise
     if created is not None:
         kopf.event(body, type="Normal", reason="PodCreated",
-                   message=f"created sandbox pod {desired['metadata']['name']}")
+                   message=_traced(body, f"created sandbox pod {desired['metadata']['name']}"))
     return created
 
 
@@ -239,7 +321,7 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
             kopf.event(body, type="Normal", reason="PodReplaced",
-                       message="configuration changed: replacing the sandbox pod")
+                       message=_traced(body, "configuration changed: replacing the sandbox pod"))
         return None  # its DELETED event brings us back to create the new one
     return await _create_pod(kube, desired, body)
 
@@ -252,8 +334,8 @@ async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, 
         if error.status != 403:
             raise
         # Owned by the session, so garbage collection still removes it with the session.
-        kopf.warn(body, reason="CleanupForbidden", message=f"may not delete {kind} {meta['name']}: "
-                                                            f"{_api_message(error)}")
+        kopf.warn(body, reason="CleanupForbidden", message=_traced(
+            body, f"may not delete {kind} {meta['name']}: {_api_message(error)}"))
 
 
 async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
@@ -285,7 +367,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
     except ValidationError as error:
         # Admission rejects this normally; an older CRD version might not have.
-        kopf.warn(body, reason=Reason.INVALID_SPEC, message=str(error))
+        kopf.warn(body, reason=Reason.INVALID_SPEC, message=_traced(body, str(error)))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
     session = Session(name, namespace, meta["uid"], spec)
     child = session.child_name
@@ -365,12 +447,14 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
     pod = created.get("Pod") or found.get("Pod")
+    _newest_pod((namespace, name), pod)
     _held.pop(session.uid, None)
     if wants_pod and pod is None and await workspace.pod_waits_for(kube, pvc):
         _held[session.uid] = pod_for(desired)
     elif wants_pod:
         try:
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
+            _newest_pod((namespace, name), pod)
         except PodRejectedError as rejection:
             observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
@@ -397,7 +481,7 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], 
     key = (meta["namespace"], meta["name"])
     async with _locks[key], metrics.reconciling("agentsession-status"):
         fresh = await _current(kube, meta["namespace"], meta["name"], meta["uid"])
-        if fresh is None:
+        if fresh is None or not _newest_pod(key, pod):
             return
         body, meta = fresh, fresh["metadata"]
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
@@ -416,8 +500,8 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], 
         if settle and status["phase"] in (SessionPhase.PENDING, SessionPhase.STARTING) and _changed(
                 body.get("status") or {}, status):
             owner = {"metadata": {"namespace": key[0], "name": key[1], "uid": meta["uid"]}}
-            _settling.schedule(key, SETTLE_SECONDS,
-                               lambda: refresh(kube, settings, owner, pod, settle=False, pvc=pvc))
+            _settling.schedule(key, SETTLE_SECONDS, lambda: _or_reconcile_later(
+                _retries, kube, settings, owner, refresh(kube, settings, owner, pod, settle=False, pvc=pvc)))
             return
         _settling.cancel(key)
         await _write_status(kube, body, status)
@@ -428,9 +512,26 @@ def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
     return memo.kube, memo.settings
 
 
+def _without_activity(essence: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A handled state (spec, labels, annotations) without the activity stamp; empty stanzas dropped as
+    kopf drops them, so a first stamp compares equal to none."""
+    meta = dict((essence or {}).get("metadata") or {})
+    meta["annotations"] = {key: value for key, value in (meta.get("annotations") or {}).items()
+                           if key != naming.LAST_ACTIVITY_ANNOTATION}
+    meta = {key: value for key, value in meta.items() if value}
+    rest = {key: value for key, value in (essence or {}).items() if key != "metadata"}
+    return {**rest, "metadata": meta} if meta else rest
+
+
+def beyond_activity(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, **_: Any) -> bool:
+    """Whether an update is more than the API's activity stamp. A stamp only moves the idle deadline,
+    which session_event moves in memory: a full reconcile for it would cost a dozen API calls a message."""
+    return _without_activity(old) != _without_activity(new)
+
+
 @kopf.on.resume(GROUP, VERSION, PLURAL)
 @kopf.on.create(GROUP, VERSION, PLURAL)
-@kopf.on.update(GROUP, VERSION, PLURAL)
+@kopf.on.update(GROUP, VERSION, PLURAL, when=beyond_activity)
 async def session_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     kube, settings = _memo(memo)
     await reconcile(kube, settings, dict(body))
@@ -446,7 +547,8 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"],
                                       naming.child_name(meta["name"]), release)
     if released is not None:
-        kopf.info(body, reason="WorkspaceRetained", message="workspace claim kept after deletion")
+        kopf.info(body, reason="WorkspaceRetained",
+                  message=_traced(body, "workspace claim kept after deletion"))
 
 
 async def let_go_in(kube: Kube, namespace: str) -> None:
@@ -476,12 +578,28 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
+        _sessions_by_child.pop((key[0], naming.child_name(key[1])), None)
         _held.pop(meta["uid"], None)
+        _pod_versions.pop(key, None)
         _expiries.cancel(key)
         _retries.cancel(key)
         _settling.cancel(key)
     else:
+        seen = _annotation(_latest.get(key), naming.LAST_ACTIVITY_ANNOTATION)
         remember(body)
+        latest = _latest[key]
+        if _annotation(latest, naming.LAST_ACTIVITY_ANNOTATION) != seen and _expiries.pending(key):
+            _move_expiry(memo, latest)
+
+
+def _move_expiry(memo: kopf.Memo, body: dict[str, Any]) -> None:
+    """New activity moves the idle deadline on: the pending expiry check is rescheduled, from what is
+    known (status as last written), with no API call."""
+    kube, settings = _memo(memo)
+    status = body.get("status") or {}
+    if status.get("phase"):
+        spec = AgentSessionSpec.model_validate(body.get("spec") or {})
+        _schedule_expiry(kube, settings, _observed(body, spec), status, body["metadata"]["uid"])
 
 
 def _owner_session(child: dict[str, Any]) -> dict[str, Any] | None:
@@ -511,6 +629,7 @@ async def release_pod(kube: Kube, settings: OperatorSettings, owner: dict[str, A
             return
         try:
             created = await _create_pod(kube, pod, body)
+            _newest_pod(key, created)
         except (ApiException, PodRejectedError):
             created = None
     if created is None:
@@ -533,7 +652,7 @@ async def session_claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -
     # Not only when a pod is held already: a reconcile may be about to hold one (it holds the lock).
     if key in _latest:
         kube, settings = _memo(memo)
-        await release_pod(kube, settings, owner, claim)
+        await _or_reconcile_later(_retries, kube, settings, owner, release_pod(kube, settings, owner, claim))
 
 
 @kopf.on.event("", "v1", "pods", labels=SESSION_CHILD)
@@ -545,8 +664,8 @@ async def session_pod_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> 
     if body is None:
         return
     if event["type"] == "DELETED":
-        await reconcile(kube, settings, body)
+        await _or_reconcile_later(_retries, kube, settings, body, reconcile(kube, settings, body))
     elif event["type"] == "ADDED" and not (pod.get("spec") or {}).get("nodeName"):
         return  # a pod we just created: the reconcile that created it wrote the status it implies
     else:
-        await refresh(kube, settings, body, pod)
+        await _or_reconcile_later(_retries, kube, settings, body, refresh(kube, settings, body, pod))

@@ -8,6 +8,7 @@ import asyncio
 import base64
 import secrets
 from contextlib import AsyncExitStack
+from datetime import datetime
 
 import asyncpg
 import httpx
@@ -25,7 +26,7 @@ from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.runner_client import RunnerClient
 from agentbox.api.settings import Settings
-from agentbox.crds.naming import child_name
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, REQUEST_ID_ANNOTATION, child_name
 
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
@@ -196,6 +197,42 @@ async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
     assert suspended.status_code == 200 and suspended.json()["suspended"] is True
     assert (await api.delete("/api/v1/sessions/s1", headers=USER_A)).status_code == 204
     assert (await api.get("/api/v1/sessions/s1", headers=USER_A)).status_code == 404
+
+
+async def test_the_request_behind_a_change_is_named_on_the_session_as_in_its_audit_row(setup, runner):
+    api, cluster, superuser = setup
+    namespace = f"tenant-{ORG_A}"
+
+    async def audited(action: str) -> str:
+        return await superuser.fetchval(
+            "SELECT request_id FROM audit_logs WHERE org_id = $1 AND action = $2 "
+            "AND target = 'session/traced' ORDER BY seq DESC LIMIT 1", ORG_A, action)
+
+    async def named() -> str:
+        annotations = (await cluster.get_session(namespace, "traced"))["metadata"].get("annotations") or {}
+        return annotations.get(REQUEST_ID_ANNOTATION)
+
+    created = await api.post("/api/v1/sessions", headers={**USER_A, "x-request-id": "req-create-traced"},
+                             json={"name": "traced", "agent": {"runtime": "scripted"}})
+    assert created.status_code == 201, created.text
+    assert await named() == await audited("session.create") == "req-create-traced"
+    for action in ("suspend", "resume"):  # no id offered: the one the API made up, as its answer says
+        response = await api.post(f"/api/v1/sessions/traced/{action}", headers=USER_A)
+        assert response.status_code == 200, response.text
+        assert await named() == await audited(f"session.{action}") == response.headers["x-request-id"]
+
+    # A message stamps activity and nothing else: the session keeps naming the change behind its state,
+    # and shows the stamp before the operator's status catches up.
+    await _make_ready(cluster, namespace, "traced", runner.url)
+    await eventually(lambda: _is_ready(api, "traced"), timeout=10, interval=0.05)
+    sent = await api.post("/api/v1/sessions/traced/message", headers=USER_A, json={"content": "hi"})
+    assert sent.status_code == 200, sent.text
+    assert await named() == response.headers["x-request-id"]
+    view = (await api.get("/api/v1/sessions/traced", headers=USER_A)).json()
+    annotations = (await cluster.get_session(namespace, "traced"))["metadata"]["annotations"]
+    stamp = datetime.fromisoformat(annotations[LAST_ACTIVITY_ANNOTATION])
+    assert view["lastActivityTime"] and datetime.fromisoformat(view["lastActivityTime"]) == stamp
+    assert (await api.delete("/api/v1/sessions/traced", headers=USER_A)).status_code == 204
 
 
 async def test_session_bodies_are_validated_without_side_effects(setup):

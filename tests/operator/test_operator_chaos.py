@@ -17,6 +17,35 @@ SMALL = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m",
 KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 
+async def stragglers(ops, namespace):
+    """Each session short of Running: its phase, conditions and kopf progress, its pod's and claim's state."""
+    lines = []
+    for item in await ops.list(agentsession.KIND, namespace):
+        status, meta = item.get("status") or {}, item["metadata"]
+        if status.get("phase") == "Running":
+            continue
+        child = naming.child_name(meta["name"])
+        pod = await ops.get("Pod", namespace, child)
+        claim = await ops.get("PersistentVolumeClaim", namespace, child)
+        progress = {key: value for key, value in (meta.get("annotations") or {}).items()
+                    if key.startswith("operator.agentbox.dev/")}
+        lines.append(f"{meta['name']}: phase {status.get('phase')}, observedGeneration "
+                     f"{status.get('observedGeneration')}/{meta.get('generation')}, kopf progress {progress}")
+        lines += [f"  {c['type']}={c['status']} {c.get('reason')}: {c.get('message')}"
+                  for c in status.get("conditions") or []]
+        if pod is None:
+            lines.append("  pod: absent")
+        else:
+            pod_status = pod.get("status") or {}
+            conditions = [(c["type"], c["status"], c.get("reason"))
+                          for c in pod_status.get("conditions") or []]
+            containers = [(c["name"], c.get("state")) for c in pod_status.get("containerStatuses") or []]
+            lines.append(f"  pod: {pod_status.get('phase')} on {pod['spec'].get('nodeName')}, conditions "
+                         f"{conditions}, containers {containers}")
+        lines.append(f"  claim: {'absent' if claim is None else (claim.get('status') or {}).get('phase')}")
+    return "\n".join(lines) or "every session listed is Running"
+
+
 async def test_sigkill_during_creates_converges(operator, ops, tenant):
     rng = random.Random(3284)
     names = [f"chaos-{index:02d}" for index in range(SESSIONS)]
@@ -42,7 +71,11 @@ async def test_sigkill_during_creates_converges(operator, ops, tenant):
         phases = [(item.get("status") or {}).get("phase") for item in listing]
         return len(listing) == SESSIONS and all(phase == "Running" for phase in phases)
 
-    await eventually(all_running, timeout=120, interval=1)
+    try:
+        await eventually(all_running, timeout=120, interval=1, what="every session Running")
+    except AssertionError as failure:
+        raise AssertionError(f"{failure}\n{await stragglers(ops, tenant)}\n"
+                             f"(the operator's log: {operator.log_path})") from None
 
     for kind in KINDS:
         items = await ops.list(kind, tenant, f"{naming.MANAGED_BY}={naming.MANAGER},{naming.SESSION_LABEL}")

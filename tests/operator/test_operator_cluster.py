@@ -1,5 +1,6 @@
 """The operator against the real local cluster (kwok: real apiserver, scheduler, GC; simulated kubelets)."""
 
+import asyncio
 import base64
 import copy
 import json
@@ -7,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from fixtures.polling import eventually
+from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import mcpserver_manifest, session_in_phase, session_manifest
 
@@ -202,6 +204,52 @@ async def test_suspend_and_resume_keep_the_workspace(operator, ops, tenant):
     assert claim_volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
 
 
+async def _events_of(kube, namespace, name):
+    async with kube.api_client() as api:
+        listing = await client.CoreV1Api(api).list_namespaced_event(
+            namespace, field_selector=f"involvedObject.kind={agentsession.KIND},involvedObject.name={name}")
+    return {event.reason: event.message for event in listing.items}
+
+
+def _log_lines_about(log_path, namespace, name):
+    """The operator's JSON log lines about a session, its pod and its claim."""
+    about = {(agentsession.KIND, name), ("Pod", naming.child_name(name)),
+             ("PersistentVolumeClaim", naming.child_name(name))}
+    with open(log_path) as log:
+        lines = [json.loads(line) for line in log if line.startswith("{")]
+    return [line for line in lines if (line.get("object") or {}).get("namespace") == namespace
+            and (line["object"].get("kind"), line["object"].get("name")) in about]
+
+
+async def test_the_request_behind_a_change_is_named_in_its_events_and_log_lines(operator, kube, ops, tenant):
+    created_by, suspended_by = f"req-create-{tenant}", f"req-suspend-{tenant}"
+    manifest = session_manifest("traced", tenant)
+    manifest["metadata"]["annotations"] = {naming.REQUEST_ID_ANNOTATION: created_by}
+    await ops.create(manifest)
+    await session_in_phase(ops, tenant, "traced", "Running")
+
+    async def announced(*reasons):
+        events = await _events_of(kube, tenant, "traced")
+        return events if set(reasons) <= set(events) else None
+
+    events = await eventually(lambda: announced("PodCreated", "SessionReady"), what="the session's Events")
+    assert all(message.endswith(f"(request {created_by})") for message in events.values()), events
+    await ops.merge_patch(agentsession.KIND, tenant, "traced", {
+        "metadata": {"annotations": {naming.REQUEST_ID_ANNOTATION: suspended_by}},
+        "spec": {"lifecycle": {"suspend": True}}})
+    await session_in_phase(ops, tenant, "traced", "Suspended")
+    events = await eventually(lambda: announced("SuspendedByUser"), what="the suspension's Event")
+    assert events["SuspendedByUser"].endswith(f"(request {suspended_by})")
+
+    async def logged():
+        lines = await asyncio.to_thread(_log_lines_about, operator.log_path, tenant, "traced")
+        return lines if {line.get("request_id") for line in lines} >= {created_by, suspended_by} else None
+
+    lines = await eventually(logged, what="log lines naming both requests")
+    assert all(line.get("request_id") in (created_by, suspended_by) for line in lines), lines
+    assert {agentsession.KIND, "Pod"} <= {line["object"]["kind"] for line in lines}
+
+
 def _storage_class(name, binding_mode):
     # No provisioner: a claim of this class binds only to a volume made for it by hand.
     return {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass", "metadata": {"name": name},
@@ -212,27 +260,98 @@ def _reasons(body):
     return {c["type"]: c["reason"] for c in ((body or {}).get("status") or {}).get("conditions") or []}
 
 
+async def _waiting_for_workspace(ops, namespace, name):
+    body = await ops.get(agentsession.KIND, namespace, name)
+    return _reasons(body).get("PodScheduled") == "WaitingForWorkspace" and body
+
+
+async def _bind_by_hand(kube, ops, namespace, name, storage_class, volume):
+    """A volume made for the session's claim, which the claim then binds to."""
+    claim = await ops.get("PersistentVolumeClaim", namespace, naming.child_name(name))
+    await kube.kubectl("apply", "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
+        "spec": {"capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
+                 "accessModes": claim["spec"]["accessModes"], "storageClassName": storage_class,
+                 "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
+                 "claimRef": {"namespace": namespace, "name": claim["metadata"]["name"],
+                              "uid": claim["metadata"]["uid"]}}}))
+
+
+def _status_writes_refused(policy, namespace, name):
+    """A ValidatingAdmissionPolicy (and its binding) refusing every status write of one session."""
+    rules = [{"apiGroups": [agentsession.GROUP], "apiVersions": ["*"], "operations": ["UPDATE"],
+              "resources": [f"{agentsession.PLURAL}/status"]}]
+    return [
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"failurePolicy": "Fail", "matchConstraints": {"resourceRules": rules},
+                  "validations": [{"expression": f"object.metadata.name != '{name}'",
+                                   "message": "status writes refused by the test"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"], "matchResources": {
+             "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": namespace}}}}}]
+
+
+async def test_a_status_the_apiserver_refused_after_a_pod_event_is_written_later(operator, kube, ops,
+                                                                                 tenant):
+    """kopf hands each watch event to its handler once: a status write refused then (an apiserver error,
+    an admission webhook) is made by a reconcile retried until it goes through, with no further event."""
+    storage_class, volume, policy = f"manual-{tenant}", f"pv-{tenant}", f"refuse-{tenant}"
+    await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
+    try:
+        await ops.create(session_manifest("refused", tenant, workspace={"storageClassName": storage_class}))
+        await eventually(lambda: _waiting_for_workspace(ops, tenant, "refused"),
+                         what="the session waiting for its workspace claim")
+        await kube.kubectl("apply", "-f", "-", input="\n---\n".join(
+            json.dumps(manifest) for manifest in _status_writes_refused(policy, tenant, "refused")))
+
+        async def refusing():
+            async with kube.api_client() as api:
+                try:
+                    await client.CustomObjectsApi(api).patch_namespaced_custom_object_status(
+                        agentsession.GROUP, agentsession.VERSION, tenant, agentsession.PLURAL, "refused",
+                        {"status": {"phase": "Pending"}}, dry_run="All",
+                        _content_type="application/merge-patch+json")
+                except ApiException as error:
+                    return error.status in (403, 422)
+            return False
+
+        await eventually(refusing, what="the policy in force")
+        # The claim binds, the pod goes out and runs: every status write that follows is refused.
+        await _bind_by_hand(kube, ops, tenant, "refused", storage_class, volume)
+
+        async def running_pod():
+            pod = await ops.get("Pod", tenant, naming.child_name("refused"))
+            return pod and _pod_ready(pod)
+
+        await eventually(running_pod, what="the sandbox pod Ready")
+        await asyncio.sleep(1)
+        assert (await ops.get(agentsession.KIND, tenant, "refused"))["status"]["phase"] == "Pending"
+        await kube.kubectl("delete", f"validatingadmissionpolicybinding/{policy}",
+                           f"validatingadmissionpolicy/{policy}")
+        await session_in_phase(ops, tenant, "refused", "Running", timeout=20)
+    finally:
+        await kube.kubectl("delete", "--ignore-not-found", "--wait=false", f"persistentvolume/{volume}",
+                           f"storageclass/{storage_class}", f"validatingadmissionpolicybinding/{policy}",
+                           f"validatingadmissionpolicy/{policy}")
+
+
+def _pod_ready(pod):
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
 async def test_the_pod_waits_for_a_claim_that_binds_on_its_own(operator, kube, ops, tenant):
     storage_class, volume = f"manual-{tenant}", f"pv-{tenant}"
     await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
     try:
         await ops.create(session_manifest("held", tenant, workspace={"storageClassName": storage_class}))
-
-        async def held():
-            body = await ops.get(agentsession.KIND, tenant, "held")
-            return _reasons(body).get("PodScheduled") == "WaitingForWorkspace" and body
-
-        body = await eventually(held, what="the session waiting for its workspace claim")
+        body = await eventually(lambda: _waiting_for_workspace(ops, tenant, "held"),
+                                what="the session waiting for its workspace claim")
         assert body["status"]["phase"] == "Pending"
         assert await ops.get("Pod", tenant, naming.child_name("held")) is None
-        claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("held"))
-        await kube.kubectl("apply", "-f", "-", input=json.dumps({
-            "apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": volume},
-            "spec": {"capacity": {"storage": claim["spec"]["resources"]["requests"]["storage"]},
-                     "accessModes": claim["spec"]["accessModes"], "storageClassName": storage_class,
-                     "persistentVolumeReclaimPolicy": "Retain", "hostPath": {"path": f"/tmp/{volume}"},
-                     "claimRef": {"namespace": tenant, "name": claim["metadata"]["name"],
-                                  "uid": claim["metadata"]["uid"]}}}))
+        await _bind_by_hand(kube, ops, tenant, "held", storage_class, volume)
         body = await session_in_phase(ops, tenant, "held", "Running")
         assert _reasons(body)["WorkspaceReady"] == "ClaimBound"
     finally:
