@@ -29,7 +29,6 @@ from agentbox.api.app import Services, services
 from agentbox.api.audit import scrub
 from agentbox.api.auth import Principal, org_admin, tenant_member
 from agentbox.api.crypto import DecryptionError
-from agentbox.api.db import DatabaseUnavailable
 from agentbox.api.kube import Kube, KubeError, tenant_namespace
 from agentbox.api.mcp_sync import Configuration, Credentials, InvalidConfiguration
 from agentbox.api.problems import FieldError, ProblemError, not_found, problem_responses
@@ -486,12 +485,8 @@ async def _target(request: Request, principal: Principal, shared: Services,
         timeout = parse_duration(body.timeout).total_seconds() if body.timeout else None
         return body.transport, body.url, credentials, {h.name: h.value for h in body.headers}, timeout
     audit_target(request, f"mcp_configuration/{body.configuration_id}")
-    try:
-        async with database(request).tenant(principal.org or "") as conn:
-            row = await conn.fetchrow("SELECT * FROM mcp_configurations WHERE id = $1", body.configuration_id)
-    except DatabaseUnavailable as exc:
-        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly",
-                           headers={"Retry-After": "2"}) from exc
+    async with database(request).tenant(principal.org or "") as conn:
+        row = await conn.fetchrow("SELECT * FROM mcp_configurations WHERE id = $1", body.configuration_id)
     if row is None:
         raise not_found("MCP configuration", str(body.configuration_id))
     config = Configuration.from_row(row)

@@ -276,7 +276,7 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
     org = principal.org or ""
     audit_target(request, f"mcp_configuration/{body.configuration_id}")
     db, keys = database(request), key_ring(shared)
-    async with _db(db.tenant(org)) as conn:
+    async with db.tenant(org) as conn:
         configuration = await _configuration(conn, body.configuration_id)
         stored = await conn.fetchrow("SELECT issuer, client_id, client_secret_enc, token_auth_method "
                                      "FROM mcp_oauth_tokens WHERE configuration_id = $1", configuration.id)
@@ -330,16 +330,6 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
         extra=discovery.extra_authorization_params)
     return InitView(authorization_url=url, expires_at=expires_at, issuer=metadata.issuer,
                     resource=discovery.resource, scopes=scopes, client_registration=registration)
-
-
-@asynccontextmanager
-async def _db(context: AbstractAsyncContextManager[asyncpg.Connection]) -> AsyncIterator[asyncpg.Connection]:
-    try:
-        async with context as conn:
-            yield conn
-    except DatabaseUnavailable as exc:
-        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly",
-                           headers={"Retry-After": "2"}) from exc
 
 
 class _CallbackAudit:
@@ -432,7 +422,7 @@ async def callback(request: Request, shared: Services = Depends(services),
         return problem_response(request, 400, "Bad Request", why)
     digest = oauth.state_hash(state)
     known = None
-    async with _db(db.tenant(org)) as conn:
+    async with db.tenant(org) as conn:
         row = await conn.fetchrow("SELECT * FROM oauth_consume_state($1)", digest)
         if row is None or row["state_hash"] is None:
             known = await conn.fetchrow("SELECT user_id, configuration_id, expires_at, consumed_at "
@@ -694,9 +684,6 @@ async def refresh(body: RefreshBody, request: Request, principal: Principal = De
                                            store=lambda: audited_transaction(request, principal))
     except oauth.OAuthError as exc:
         raise _upstream_problem(exc) from exc
-    except DatabaseUnavailable as exc:
-        raise ProblemError(503, "Service Unavailable", "the database is unavailable; retry shortly",
-                           headers={"Retry-After": "2"}) from exc
     if outcome.row is None:
         raise _not_connected(body.configuration_id)
     if outcome.needs_reauth is not None:
@@ -710,7 +697,7 @@ async def refresh(body: RefreshBody, request: Request, principal: Principal = De
             responses=problem_responses(401, 403, 404, 422, 503))
 async def get_connection(configuration_id: Annotated[uuid.UUID, Path()], request: Request,
                          principal: Principal = Depends(tenant_member)) -> ConnectionView:
-    async with _db(database(request).tenant(principal.org or "")) as conn:
+    async with database(request).tenant(principal.org or "") as conn:
         row = await conn.fetchrow(_CONNECTION, configuration_id)
     if row is None:
         raise _not_connected(configuration_id)
@@ -727,7 +714,7 @@ async def revoke(body: ConnectionBody, request: Request, principal: Principal = 
     configuration_id = body.configuration_id
     audit_target(request, f"mcp_configuration/{configuration_id}")
     db, keys = database(request), key_ring(shared)
-    async with _db(db.tenant(org)) as conn:
+    async with db.tenant(org) as conn:
         row = await conn.fetchrow(_CONNECTION, configuration_id)
     if row is None:
         raise _not_connected(configuration_id)
