@@ -55,12 +55,12 @@ async def events_until(http: httpx.AsyncClient, stop, timeout: float = 15) -> li
 async def test_an_agent_that_exits_at_once_fails_the_runner_with_its_code_and_stderr(tmp_path, processes):
     termination = tmp_path / "termination-log"
     runner = runner_process(tmp_path, NO_GATEWAY, AGENTBOX_SCRIPTED_EXIT_AT_START="4",
-                            AGENTBOX_AGENT_RESTART_LIMIT="3", AGENTBOX_EXIT_DELAY_SECONDS="3",
+                            AGENTBOX_AGENT_RESTART_LIMIT="3", AGENTBOX_EXIT_DELAY_SECONDS="10",
                             AGENTBOX_TERMINATION_MESSAGE_FILE=str(termination))
     processes.append(runner.proc.start())
     wait_until(lambda: up(runner), what="runner up")
     async with httpx.AsyncClient(base_url=runner.base, headers=runner.headers(), timeout=10) as http:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + 60  # three starts of a Python agent on a loaded machine
         while (status := (await http.get("/status")).json())["status"] != "failed":
             assert time.monotonic() < deadline, f"the runner did not give up: {status}"
             await asyncio.sleep(0.05)
@@ -114,7 +114,7 @@ async def test_an_agent_refusing_the_first_prompt_needs_auth_and_a_restarted_run
     termination, remembered = tmp_path / "termination-log", tmp_path / "needs-auth"
     first_start, second_start = tmp_path / "first-agent.pid", tmp_path / "second-agent.pid"
     env = {"AGENTBOX_RUNTIME": "claude-code", "AGENTBOX_AGENT_COMMAND": SCRIPTED,
-           "AGENTBOX_SCRIPTED_REFUSE_PROMPTS": "1", "AGENTBOX_EXIT_DELAY_SECONDS": "1",
+           "AGENTBOX_SCRIPTED_REFUSE_PROMPTS": "1", "AGENTBOX_EXIT_DELAY_SECONDS": "5",
            "AGENTBOX_TERMINATION_MESSAGE_FILE": str(termination), "AGENTBOX_NEEDS_AUTH_FILE": str(remembered)}
     runner = runner_process(tmp_path, NO_GATEWAY, AGENTBOX_SCRIPTED_CHILD_PID_FILE=str(first_start), **env)
     processes.append(runner.proc.start())
