@@ -122,7 +122,8 @@ async def test_the_pinned_agent_answers_initialize_as_the_runner_expects(runtime
             refusal = None
             if runtime not in SELF_READ_CREDENTIALS:  # these open sessions and refuse the first prompt
                 with pytest.raises(RequestError) as refused:
-                    gateway = HttpMcpServer(type="http", name="agentbox", url="http://127.0.0.1:9/mcp", headers=[])
+                    gateway = HttpMcpServer(type="http", name="agentbox", url="http://127.0.0.1:9/mcp",
+                                            headers=[])
                     await conn.new_session(cwd=str(workspace), mcp_servers=[gateway])
                 refusal = refused.value
     finally:

@@ -84,8 +84,8 @@ def test_codex_config_from_agent_env_is_kept_and_extended(tmp_path):
     given = {"CODEX_CONFIG": json.dumps({"model": "old", "developer_instructions": "Mine.", "x": 1})}
     launch = agent_command(RunnerSettings(runtime="codex", agent_model="o9"), given, system_prompt="Ours.",
                            private_dir=tmp_path)
-    assert json.loads(launch.env["CODEX_CONFIG"]) == {"model": "o9", "developer_instructions": "Mine.\n\nOurs.",
-                                                      "x": 1}
+    assert json.loads(launch.env["CODEX_CONFIG"]) == {
+        "model": "o9", "developer_instructions": "Mine.\n\nOurs.", "x": 1}
     untouched = agent_command(RunnerSettings(runtime="codex"), given, private_dir=tmp_path)
     assert untouched.env["CODEX_CONFIG"] == given["CODEX_CONFIG"]
 
