@@ -49,11 +49,16 @@ lint: venv ## ruff and the import-layering contracts
 
 .PHONY: unit
 unit: venv ## the fast layer alone: no cluster, no database
-	@$(VENV)/bin/pytest -m "not cluster and not postgres and not e2e" $(PYTEST_ARGS)
+	@$(VENV)/bin/pytest -m "not cluster and not postgres and not e2e and not agents" $(PYTEST_ARGS)
 
 .PHONY: test
 test: lint binaries ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+.PHONY: agents
+agents: venv ## the real ACP agents (sandbox/images/agents.json) from npm into ~/.cache/agentbox/agents, and their tests
+	@hack/agents.sh >/dev/null
+	@$(VENV)/bin/pytest -m agents tests/sandbox/test_real_agents.py $(PYTEST_ARGS)
 
 .PHONY: e2e
 e2e: venv binaries ## the end-to-end journeys and the chart's tests (CLUSTER=kind: images built and loaded, needs Docker)

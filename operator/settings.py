@@ -23,6 +23,10 @@ class OperatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AGENTBOX_", extra="ignore")
 
     sandbox_image: str = "ghcr.io/agentbox-dev/sandbox:0.1.0"
+    # The runner's image per runtime (sandbox/images/Dockerfile.agent: the runner and that runtime's agent);
+    # a runtime not listed (scripted, custom) runs in sandbox_image, and a session's spec.agent.image wins.
+    agent_images: dict[str, str] = {runtime: f"ghcr.io/agentbox-dev/agent-{runtime}:0.1.0"
+                                    for runtime in ("claude-code", "gemini", "codex")}
     image_pull_policy: str = "IfNotPresent"
     log_level: str = "info"
     metrics_host: str = "127.0.0.1"
@@ -55,6 +59,9 @@ class OperatorSettings(BaseSettings):
     # The tenant namespaces' RoleBinding that lets the API in (empty: none is made).
     api_service_account: str = Field("", description="The API's ServiceAccount (in api_namespace)")
     api_tenant_role: str = Field("", description="The ClusterRole the API gets in each tenant namespace")
+
+    def runner_image(self, runtime: str) -> str:
+        return self.agent_images.get(runtime, self.sandbox_image)
 
     @model_validator(mode="after")
     def _api_binding_named_in_full(self) -> "OperatorSettings":

@@ -76,8 +76,10 @@ GATEWAY_STARTED_CHECK = (f"import urllib.request; "
 
 def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: str,
               runner_resources: dict[str, Any], gateway_resources: dict[str, Any],
-              credential_keys: Iterable[str] = ()) -> dict[str, Any]:
-    """`credential_keys`: the session Secret's MCP credential keys, mounted into the gateway alone."""
+              credential_keys: Iterable[str] = (), runner_image: str | None = None) -> dict[str, Any]:
+    """`image`: the sandbox image (the gateway; the runner too unless `runner_image`, the runtime's agent
+    image, or the session's own spec.agent.image says otherwise). `credential_keys`: the session Secret's
+    MCP credential keys, mounted into the gateway alone."""
     spec = session.spec
     mcp_keys = sorted(credential_keys)
     gateway = {
@@ -94,7 +96,8 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         # An empty items list would project every key, so no credentials means no secret volume at all.
         "volumeMounts": _mounts("mcp-secrets" if mcp_keys else None, workspace=False)}
     runner = {
-        "name": RUNNER_CONTAINER, "image": spec.agent.image or image, "imagePullPolicy": pull_policy,
+        "name": RUNNER_CONTAINER, "image": spec.agent.image or runner_image or image,
+        "imagePullPolicy": pull_policy,
         "command": ["python", "-m", "agentbox.sandbox.runner"],
         "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
         "env": runner_env(session), "workingDir": WORKSPACE_DIR,

@@ -383,7 +383,8 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         return build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
                          config_digest=config_hash(children["ConfigMap"], children["Secret"]),
                          runner_resources=settings.runner_resources,
-                         gateway_resources=settings.gateway_resources, credential_keys=rendered.credentials)
+                         gateway_resources=settings.gateway_resources, credential_keys=rendered.credentials,
+                         runner_image=settings.runner_image(spec.agent.runtime))
 
     wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
                      or meta.get("deletionTimestamp"))

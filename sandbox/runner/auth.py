@@ -2,9 +2,11 @@
 
 ACP agents list `authMethods` in their `initialize` answer; some refuse `session/new` with the
 auth-required error (-32000) until the client calls `authenticate` with one of them. Method ids as the
-adapters advertise them (late 2026): Gemini CLI `gemini-api-key`, `vertex-ai`, `oauth-personal`;
-codex-acp `codex-api-key`, `openai-api-key`, `chatgpt`; claude-agent-acp only interactive logins
-(`claude-login` and the like), and it reads ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN by itself.
+pinned adapters (sandbox/images/agents.json) advertise them to the runner: Gemini CLI `oauth-personal`,
+`gemini-api-key`, `vertex-ai`, `gateway`; codex-acp `api-key` (it reads CODEX_API_KEY, else
+OPENAI_API_KEY) and `chat-gpt` (a browser login; not offered when NO_BROWSER is set); claude-agent-acp
+none (its logins are offered only to clients with a terminal), and it reads ANTHROPIC_API_KEY or
+CLAUDE_CODE_OAUTH_TOKEN by itself and refuses the first prompt without them.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ AUTH_METHOD_VARIABLE = "AGENTBOX_AGENT_AUTH_METHOD"
 AUTH_REQUIRED_CODE = -32000  # ACP's auth_required error
 
 # Per runtime, in order of preference: a method id and the variables that must all be non-empty in the
-# agent's environment for it to work without a person at a browser. Logins (oauth-personal, chatgpt,
-# claude-login) need one, so they are never chosen unless AGENTBOX_AGENT_AUTH_METHOD names them.
+# agent's environment for it to work without a person at a browser. Logins (oauth-personal, chat-gpt,
+# claude-agent-acp's terminal logins) need one, so they are never chosen unless
+# AGENTBOX_AGENT_AUTH_METHOD names them.
 DEFAULT_AUTH_METHODS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
     "gemini": (
         ("gemini-api-key", ("GEMINI_API_KEY",)),
@@ -28,8 +31,8 @@ DEFAULT_AUTH_METHODS: dict[str, tuple[tuple[str, tuple[str, ...]], ...]] = {
         ("vertex-ai", ("GOOGLE_API_KEY",)),  # Vertex AI express mode
     ),
     "codex": (
-        ("codex-api-key", ("CODEX_API_KEY",)),
-        ("openai-api-key", ("OPENAI_API_KEY",)),
+        ("api-key", ("CODEX_API_KEY",)),
+        ("api-key", ("OPENAI_API_KEY",)),
     ),
     "scripted": (("scripted-api-key", ("AGENTBOX_SCRIPTED_API_KEY",)),),
 }
@@ -83,12 +86,18 @@ class AuthPolicy:
                          "agent.env to one of them, with the credentials it needs")
         else:
             parts.append("it advertises no auth methods; give it its credentials in the session's agent.env")
-        needs = {method.id: [var.name for var in method.vars] for method in advertised
-                 if getattr(method, "vars", None)}  # what an env_var method declares comes first
+        # Per method, the sets of variables that work, any one of them: what an env_var method declares
+        # beats the built-in defaults.
+        needs = {method.id: [[var.name for var in method.vars]] for method in advertised
+                 if getattr(method, "vars", None)}
+        defaults: dict[str, list[list[str]]] = {}
         for method_id, variables in DEFAULT_AUTH_METHODS.get(self.runtime, ()):
             if method_id in ids:
-                needs.setdefault(method_id, variables)
-        parts += [f"{method_id} reads {' and '.join(variables)}" for method_id, variables in needs.items()]
+                defaults.setdefault(method_id, []).append(list(variables))
+        for method_id, alternatives in defaults.items():
+            needs.setdefault(method_id, alternatives)
+        parts += [f"{method_id} reads " + " or ".join(" and ".join(variables) for variables in alternatives)
+                  for method_id, alternatives in needs.items()]
         return "; ".join(parts)
 
 

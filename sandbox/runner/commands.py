@@ -10,18 +10,22 @@ from pathlib import Path
 
 from agentbox.sandbox.runner.settings import RunnerSettings
 
+# The npm packages and versions behind these commands are pinned in sandbox/images/agents.json.
 DEFAULT_COMMANDS: dict[str, list[str]] = {
-    "claude-code": ["claude-agent-acp"],  # npm @zed-industries/claude-agent-acp
-    "gemini": ["gemini", "--experimental-acp"],
-    "codex": ["codex-acp"],  # npm @zed-industries/codex-acp
+    "claude-code": ["claude-agent-acp"],  # @agentclientprotocol/claude-agent-acp
+    "gemini": ["gemini", "--acp"],  # @google/gemini-cli (--experimental-acp is its deprecated alias)
+    "codex": ["codex-acp"],  # @agentclientprotocol/codex-acp
     "scripted": [sys.executable, "-m", "agentbox.sandbox.scripted_agent"],
 }
+
+# codex-acp reads its Codex configuration overrides as one JSON object from this variable (no flags).
+CODEX_CONFIG_VARIABLE = "CODEX_CONFIG"
 
 # Variables the runner keeps to itself; everything else in its environment (API keys from the
 # session's agent.env, PATH, HOME) is passed on to the agent.
 PRIVATE_VARIABLES = ("AGENTBOX_RUNNER_TOKEN_FILE",)
 
-# Linux caps one argument at 32 pages (MAX_ARG_STRLEN), its terminating NUL included.
+# Linux caps one argument or environment string at 32 pages (MAX_ARG_STRLEN), its terminating NUL included.
 MAX_ARGUMENT_BYTES = 32 * 4096
 
 
@@ -42,10 +46,27 @@ class AgentLaunch:
             path.write_text(text)
 
 
-def toml_string(text: str) -> str:
-    # tomllib only reads TOML; a JSON string is a TOML basic string once DEL, which TOML forbids raw,
-    # is escaped too.
-    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+def codex_config(environ: Mapping[str, str], model: str | None, system_prompt: str) -> str:
+    """CODEX_CONFIG with the model and the system prompt added to what the session's agent.env set."""
+    given = environ.get(CODEX_CONFIG_VARIABLE)
+    try:
+        config = json.loads(given) if given else {}
+    except json.JSONDecodeError as error:
+        raise CommandError(f"{CODEX_CONFIG_VARIABLE}: not JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise CommandError(f"{CODEX_CONFIG_VARIABLE}: must be a JSON object of Codex settings")
+    if model:
+        config["model"] = model
+    if system_prompt:
+        # Codex sends developer_instructions as a developer message beside its built-in instructions.
+        own = config.get("developer_instructions")
+        config["developer_instructions"] = f"{own}\n\n{system_prompt}" if own else system_prompt
+    text = json.dumps(config, ensure_ascii=False)
+    if len(f"{CODEX_CONFIG_VARIABLE}={text}".encode()) >= MAX_ARGUMENT_BYTES:
+        raise CommandError(f"AGENTBOX_SYSTEM_PROMPT_FILE: {len(system_prompt.encode())} bytes is more than "
+                           f"Codex can take in {CODEX_CONFIG_VARIABLE} ({MAX_ARGUMENT_BYTES} bytes per "
+                           "environment variable)")
+    return text
 
 
 def agent_command(settings: RunnerSettings, environ: Mapping[str, str], *, system_prompt: str = "",
@@ -53,7 +74,7 @@ def agent_command(settings: RunnerSettings, environ: Mapping[str, str], *, syste
     """The agent's argv and environment. The system prompt goes wherever the runtime reads one that
     extends (never replaces) its own: claude-code and the scripted agent read ACP `_meta.systemPrompt`
     (the bridge sends it to every runtime); Gemini CLI a global GEMINI.md under GEMINI_CLI_HOME; Codex
-    its `developer_instructions` config key."""
+    its `developer_instructions` setting in CODEX_CONFIG."""
     if settings.agent_command:
         argv = list(settings.agent_command)
     elif settings.runtime == "custom":
@@ -68,8 +89,6 @@ def agent_command(settings: RunnerSettings, environ: Mapping[str, str], *, syste
             env["ANTHROPIC_MODEL"] = model
         elif settings.runtime == "gemini":
             argv += ["--model", model]
-        elif settings.runtime == "codex":
-            argv += ["-c", f"model={model}"]
         env["AGENTBOX_AGENT_MODEL"] = model
     if system_prompt:
         if settings.runtime == "gemini":
@@ -77,12 +96,6 @@ def agent_command(settings: RunnerSettings, environ: Mapping[str, str], *, syste
             # moves that file (with Gemini's user-level state) to a directory only the runner writes.
             env["GEMINI_CLI_HOME"] = str(private_dir / "gemini")
             files[private_dir / "gemini" / ".gemini" / "GEMINI.md"] = system_prompt
-        elif settings.runtime == "codex":
-            # Codex sends developer_instructions as a developer message beside its built-in instructions.
-            setting = f"developer_instructions={toml_string(system_prompt)}"
-            if len(setting.encode()) >= MAX_ARGUMENT_BYTES:
-                raise CommandError(f"AGENTBOX_SYSTEM_PROMPT_FILE: {len(system_prompt.encode())} bytes is "
-                                   f"more than Codex can take on its command line ({MAX_ARGUMENT_BYTES} "
-                                   "bytes per argument)")
-            argv += ["-c", setting]
+    if settings.runtime == "codex" and (model or system_prompt):
+        env[CODEX_CONFIG_VARIABLE] = codex_config(environ, model, system_prompt)
     return AgentLaunch(argv, env, files)

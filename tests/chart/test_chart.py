@@ -27,6 +27,7 @@ from kubernetes_asyncio.client.exceptions import ApiException
 from agentbox.api.audit_checkpoints import load_signing_key
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.kube import KubeError, tenant_namespace
+from agentbox.operator.settings import OperatorSettings
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart's tests too
 
@@ -113,6 +114,26 @@ async def test_oauth_settings_and_extra_env_reach_the_api(kube):
                   {"name": "AGENTBOX_OAUTH_STRANGER_CALLBACK_AUDIT_PER_MINUTE", "value": "30"},
                   {"name": "AGENTBOX_OAUTH_REFRESH_WINDOW_SECONDS", "value": "600"}]:
         assert entry in env
+
+
+def operator_env(objects: list[dict]) -> dict[str, str]:
+    deployment = next(o for o in objects
+                      if o["kind"] == "Deployment" and o["metadata"]["name"] == "abx-agentbox-operator")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {var["name"]: var.get("value") for var in container["env"]}
+
+
+async def test_each_agent_runtime_s_image_reaches_the_operator(kube):
+    defaults = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED)))
+    assert json.loads(defaults["AGENTBOX_AGENT_IMAGES"]) == OperatorSettings().agent_images
+    assert defaults["AGENTBOX_SANDBOX_IMAGE"] == OperatorSettings().sandbox_image
+    one = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                            "--set", "sandbox.agentImages.gemini=registry.test/gemini:7")))
+    assert json.loads(one["AGENTBOX_AGENT_IMAGES"]) == {**OperatorSettings().agent_images,
+                                                        "gemini": "registry.test/gemini:7"}
+    none = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                             "--set", "sandbox.agentImages=null")))
+    assert json.loads(none["AGENTBOX_AGENT_IMAGES"]) == {}, "every runtime in sandbox.image"
 
 
 async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database_never_sees(kube):
@@ -227,6 +248,8 @@ async def test_the_api_is_granted_exactly_what_it_uses(kube, values, expected):
      "at '/api/extraEnv/0/name'"),
     (["--set", "api.auditCheckpoints.trustedKeys[0]=not-a-key"], "at '/api/auditCheckpoints/trustedKeys/0'"),
     (["--set", "api.auditCheckpoints.intervalSeconds=0"], "at '/api/auditCheckpoints/intervalSeconds'"),
+    (["--set", "sandbox.agentImages.gemni=x"], "at '/sandbox/agentImages': additional properties 'gemni'"),
+    (["--set", "sandbox.agentImages.codex="], "at '/sandbox/agentImages/codex'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)

@@ -165,6 +165,19 @@ def _secret_files(pod: dict, container: dict) -> set[str]:
     return files
 
 
+def test_the_runner_runs_in_its_runtime_s_image_unless_the_session_names_one():
+    def images(session: Session, runner_image: str | None) -> tuple[str, str]:
+        pod = build_pod(session, image="sandbox:1", pull_policy="IfNotPresent", config_digest="x",
+                        runner_resources={}, gateway_resources={}, runner_image=runner_image)
+        return pod["spec"]["initContainers"][0]["image"], pod["spec"]["containers"][0]["image"]
+
+    gemini = make_session(agent={"runtime": "gemini"})
+    assert images(gemini, "agent-gemini:1") == ("sandbox:1", "agent-gemini:1")
+    assert images(make_session(agent={"runtime": "scripted"}), None) == ("sandbox:1", "sandbox:1")
+    own = make_session(agent={"runtime": "gemini", "image": "mine:2"})
+    assert images(own, "agent-gemini:1") == ("sandbox:1", "mine:2")
+
+
 def test_runner_sees_only_its_token_and_the_gateway_only_mcp_credentials():
     session = make_session()
     credentials = {"mcp-github-token": b64("T"), "mcp-github-header-x-api-key": b64("K")}

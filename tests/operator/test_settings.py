@@ -53,3 +53,16 @@ def test_the_handled_state_is_kopfs_own_essence_kept_in_memory_until_the_object_
     assert not patch  # nothing is written to the object
     handled.forget("u-1")
     assert handled.fetch(body=body) is None
+
+
+def test_each_agent_runtime_has_its_runner_image_and_the_rest_the_sandbox_image(monkeypatch):
+    settings = OperatorSettings()
+    assert settings.runner_image("claude-code") == "ghcr.io/agentbox-dev/agent-claude-code:0.1.0"
+    assert settings.runner_image("gemini") == "ghcr.io/agentbox-dev/agent-gemini:0.1.0"
+    assert settings.runner_image("codex") == "ghcr.io/agentbox-dev/agent-codex:0.1.0"
+    assert settings.runner_image("scripted") == settings.runner_image("custom") == settings.sandbox_image
+    monkeypatch.setenv("AGENTBOX_AGENT_IMAGES", '{"gemini": "registry.local/gemini:7"}')
+    monkeypatch.setenv("AGENTBOX_SANDBOX_IMAGE", "registry.local/sandbox:7")
+    settings = OperatorSettings()
+    assert settings.runner_image("gemini") == "registry.local/gemini:7"
+    assert settings.runner_image("claude-code") == "registry.local/sandbox:7", "the map replaces the defaults"

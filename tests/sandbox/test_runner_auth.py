@@ -16,8 +16,8 @@ from agentbox.sandbox.runner.auth import AuthConfigError, AuthPolicy, is_auth_re
 
 from .conftest import runner_process, sse_events, wait_until
 
-GEMINI = ["oauth-personal", "gemini-api-key", "vertex-ai"]
-CODEX = ["chatgpt", "codex-api-key", "openai-api-key"]
+GEMINI = ["oauth-personal", "gemini-api-key", "vertex-ai", "gateway"]
+CODEX = ["api-key", "chat-gpt"]
 
 
 @pytest.mark.parametrize(("runtime", "advertised", "environ", "chosen"), [
@@ -29,9 +29,10 @@ CODEX = ["chatgpt", "codex-api-key", "openai-api-key"]
     ("gemini", GEMINI, {"GEMINI_API_KEY": ""}, None),  # an empty variable is no credential
     ("gemini", GEMINI, {}, None),  # never a login that wants a browser
     ("gemini", ["oauth-personal"], {"GEMINI_API_KEY": "k"}, None),  # only what the agent offers
-    ("codex", CODEX, {"OPENAI_API_KEY": "o"}, "openai-api-key"),
-    ("codex", CODEX, {"OPENAI_API_KEY": "o", "CODEX_API_KEY": "c"}, "codex-api-key"),
-    ("codex", CODEX, {}, None),
+    ("codex", CODEX, {"OPENAI_API_KEY": "o"}, "api-key"),
+    ("codex", CODEX, {"CODEX_API_KEY": "c"}, "api-key"),
+    ("codex", CODEX, {}, None),  # never chat-gpt, a browser login
+    ("codex", ["chat-gpt"], {"OPENAI_API_KEY": "o"}, None),
     ("claude-code", ["claude-login"], {"ANTHROPIC_API_KEY": "a"}, None),  # it reads the key by itself
     ("custom", ["gemini-api-key"], {"GEMINI_API_KEY": "k"}, None),  # no defaults for an unknown agent
     ("scripted", ["scripted-api-key"], {"AGENTBOX_SCRIPTED_API_KEY": "s"}, "scripted-api-key"),
@@ -62,6 +63,16 @@ def test_the_refusal_names_the_methods_and_what_to_set():
     assert "vertex-ai reads GOOGLE_API_KEY" in message, "what the agent declares beats the built-in hint"
     tried = AuthPolicy("gemini", None, {}).refusal(advertised, "gemini-api-key", RuntimeError("bad key"))
     assert "authenticate('gemini-api-key') failed (bad key)" in tried
+
+
+def test_the_refusal_names_every_way_a_method_works():
+    codex = AuthPolicy("codex", None, {}).refusal(
+        [AuthMethodAgent(id=method, name=method) for method in CODEX], None, RequestError.auth_required())
+    assert codex.endswith("; api-key reads CODEX_API_KEY or OPENAI_API_KEY")
+    gemini = AuthPolicy("gemini", None, {}).refusal(
+        [AuthMethodAgent(id=method, name=method) for method in GEMINI], None, RequestError.auth_required())
+    assert ("; vertex-ai reads GOOGLE_CLOUD_PROJECT and GOOGLE_CLOUD_LOCATION or GOOGLE_API_KEY"
+            in gemini)
 
 
 def test_a_refused_prompt_names_the_variables_claude_code_reads_not_its_logins():

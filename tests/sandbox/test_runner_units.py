@@ -3,8 +3,8 @@ conversation's messages and event fan-out."""
 
 from __future__ import annotations
 
+import json
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -22,8 +22,8 @@ from agentbox.sandbox.runner.workspace import WorkspaceError, confine
 
 @pytest.mark.parametrize(("runtime", "model", "argv", "env"), [
     ("claude-code", "opus", ["claude-agent-acp"], {"ANTHROPIC_MODEL": "opus"}),
-    ("gemini", "flash", ["gemini", "--experimental-acp", "--model", "flash"], {}),
-    ("codex", "o9", ["codex-acp", "-c", "model=o9"], {}),
+    ("gemini", "flash", ["gemini", "--acp", "--model", "flash"], {}),
+    ("codex", "o9", ["codex-acp"], {"CODEX_CONFIG": '{"model": "o9"}'}),
     ("scripted", None, [sys.executable, "-m", "agentbox.sandbox.scripted_agent"], {}),
 ])
 def test_each_runtime_has_its_acp_command(runtime, model, argv, env, tmp_path):
@@ -61,7 +61,7 @@ def test_gemini_reads_the_prompt_as_its_global_context_file_outside_the_workspac
     private = tmp_path / "private"
     launch = agent_command(RunnerSettings(runtime="gemini", workspace=tmp_path / "workspace"),
                            {"PATH": "/bin", "HOME": "/home/u"}, system_prompt=PROMPT, private_dir=private)
-    assert launch.argv == ["gemini", "--experimental-acp"]
+    assert launch.argv == ["gemini", "--acp"]
     assert launch.env["GEMINI_CLI_HOME"] == str(private / "gemini")
     assert "GEMINI_SYSTEM_MD" not in launch.env, "that would replace Gemini's own instructions"
     context = Path(launch.env["GEMINI_CLI_HOME"]) / ".gemini" / "GEMINI.md"
@@ -71,17 +71,35 @@ def test_gemini_reads_the_prompt_as_its_global_context_file_outside_the_workspac
     assert not (tmp_path / "workspace").exists()
 
 
-def test_codex_reads_the_prompt_as_developer_instructions_in_toml(tmp_path):
+def test_codex_reads_the_model_and_prompt_from_codex_config(tmp_path):
+    """codex-acp takes no flags: its Codex settings come as one JSON object in CODEX_CONFIG."""
     launch = agent_command(RunnerSettings(runtime="codex", agent_model="o9"), {}, system_prompt=PROMPT,
                            private_dir=tmp_path)
-    assert launch.argv[:4] == ["codex-acp", "-c", "model=o9", "-c"]
-    assert tomllib.loads(launch.argv[4]) == {"developer_instructions": PROMPT}
+    assert launch.argv == ["codex-acp"]
+    assert json.loads(launch.env["CODEX_CONFIG"]) == {"model": "o9", "developer_instructions": PROMPT}
     assert launch.files == {}
 
 
-def test_a_prompt_too_long_for_codex_s_command_line_is_refused_by_name(tmp_path):
+def test_codex_config_from_agent_env_is_kept_and_extended(tmp_path):
+    given = {"CODEX_CONFIG": json.dumps({"model": "old", "developer_instructions": "Mine.", "x": 1})}
+    launch = agent_command(RunnerSettings(runtime="codex", agent_model="o9"), given, system_prompt="Ours.",
+                           private_dir=tmp_path)
+    assert json.loads(launch.env["CODEX_CONFIG"]) == {
+        "model": "o9", "developer_instructions": "Mine.\n\nOurs.", "x": 1}
+    untouched = agent_command(RunnerSettings(runtime="codex"), given, private_dir=tmp_path)
+    assert untouched.env["CODEX_CONFIG"] == given["CODEX_CONFIG"]
+
+
+@pytest.mark.parametrize(("given", "error"), [("{", "not JSON"), ("[1]", "must be a JSON object")])
+def test_codex_config_that_is_no_json_object_is_refused_by_name(given, error, tmp_path):
+    with pytest.raises(CommandError, match=f"CODEX_CONFIG: {error}"):
+        agent_command(RunnerSettings(runtime="codex"), {"CODEX_CONFIG": given}, system_prompt="p",
+                      private_dir=tmp_path)
+
+
+def test_a_prompt_too_long_for_codex_s_environment_is_refused_by_name(tmp_path):
     codex = RunnerSettings(runtime="codex")
-    with pytest.raises(CommandError, match=r"AGENTBOX_SYSTEM_PROMPT_FILE: 196608 bytes .* Codex"):
+    with pytest.raises(CommandError, match=r"AGENTBOX_SYSTEM_PROMPT_FILE: 196608 bytes .* CODEX_CONFIG"):
         agent_command(codex, {}, system_prompt="\u2603" * 65536, private_dir=tmp_path)
     assert agent_command(codex, {}, system_prompt="x" * 65536, private_dir=tmp_path)  # the CRD allows 65536
 
