@@ -52,12 +52,15 @@ unit: venv ## the fast layer alone: no cluster, no database
 	@$(VENV)/bin/pytest -m "not cluster and not postgres and not e2e and not agents" $(PYTEST_ARGS)
 
 .PHONY: test
-test: lint binaries ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e
+test: lint binaries agent-packages ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e, the real agents
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-.PHONY: agents
-agents: venv ## the real ACP agents (sandbox/images/agents.json) from npm into ~/.cache/agentbox/agents, and their tests
+.PHONY: agent-packages
+agent-packages: ## install the real ACP agents (sandbox/images/agents.json) from npm into ~/.cache/agentbox/agents
 	@hack/agents.sh >/dev/null
+
+.PHONY: agents
+agents: venv agent-packages ## the real ACP agents' tests
 	@$(VENV)/bin/pytest -m agents tests/sandbox/test_real_agents.py $(PYTEST_ARGS)
 
 .PHONY: e2e
