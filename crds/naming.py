@@ -15,6 +15,9 @@ USER_LABEL = "agentbox.dev/user"
 TENANT_LABEL = "agentbox.dev/tenant"
 RESERVED_PREFIX = "agentbox.dev/"
 LAST_ACTIVITY_ANNOTATION = "agentbox.dev/last-activity"
+# Set by the operator beside spec.lifecycle.suspend when it suspends an idle session: such a session resumes
+# on its next message, one a user suspended does not. Its value is the reason (IdleTimeoutReached).
+SUSPEND_REASON_ANNOTATION = "agentbox.dev/suspend-reason"
 RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a key and file name in the session's Secret)
 
 

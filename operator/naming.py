@@ -9,6 +9,7 @@ from agentbox.crds.naming import (  # the names the API shares; re-exported for 
     ORG_LABEL,
     RESERVED_PREFIX,
     SESSION_LABEL,
+    SUSPEND_REASON_ANNOTATION,
     TENANT_LABEL,
     child_name,
     label_value,
@@ -20,8 +21,8 @@ ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
 
 __all__ = ["HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER", "MAX_NAME", "ORG_LABEL",
-           "RESERVED_PREFIX", "SESSION_LABEL", "TENANT_LABEL", "child_name", "label_value", "short_hash",
-           "slug"]
+           "RESERVED_PREFIX", "SESSION_LABEL", "SUSPEND_REASON_ANNOTATION", "TENANT_LABEL", "child_name",
+           "label_value", "short_hash", "slug"]
 
 
 def tenant_namespace(org: str) -> str:
