@@ -41,7 +41,7 @@ from agentbox.crds.agentsession import (
     Workspace,
 )
 from agentbox.crds.conditions import Reason, SessionPhase
-from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
+from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel, parse_duration
 from agentbox.crds.naming import (
     LAST_ACTIVITY_ANNOTATION,
     ORG_LABEL,
@@ -52,7 +52,8 @@ from agentbox.crds.naming import (
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
 SessionName = Annotated[str, Path(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
-# The last-activity annotation is written at most this often per session (each write is an etcd write).
+# The last-activity annotation is written at most this often per session (each write is an etcd write),
+# and a quarter of a shorter idleTimeout.
 ACTIVITY_PATCH_INTERVAL = 30.0
 # A session resumed by a message is looked at this often until it is Ready (from the watch cache when
 # there is one: no API call).
@@ -285,16 +286,25 @@ async def _runner_target(client: Kube, shared: Services, principal: Principal, n
         raise kube_problem(exc) from exc
     if token is None:
         raise ProblemError(409, "Conflict", f"session {name!r} has no runner token yet")
-    await _touch(client, shared, principal, name)
+    await _touch(client, shared, principal, session)
     return base_url, token
 
 
-async def _touch(client: Kube, shared: Services, principal: Principal, name: str) -> None:
-    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every 30 s."""
+def _activity_interval(session: dict[str, Any]) -> float:
+    """How often activity is recorded: every 30 s, or often enough for a shorter idleTimeout to see it."""
+    idle_timeout = ((session.get("spec") or {}).get("lifecycle") or {}).get("idleTimeout")
+    if not idle_timeout:
+        return ACTIVITY_PATCH_INTERVAL
+    return min(ACTIVITY_PATCH_INTERVAL, parse_duration(idle_timeout).total_seconds() / 4)
+
+
+async def _touch(client: Kube, shared: Services, principal: Principal, session: dict[str, Any]) -> None:
+    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every interval."""
+    name = session["metadata"]["name"]
     namespace = _namespace(shared, principal)
     last_patched: dict[tuple[str, str], float] = shared.extras.setdefault("activity_patched", {})
-    now = time.monotonic()
-    if now - last_patched.get((namespace, name), -ACTIVITY_PATCH_INTERVAL) < ACTIVITY_PATCH_INTERVAL:
+    now, interval = time.monotonic(), _activity_interval(session)
+    if now - last_patched.get((namespace, name), -interval) < interval:
         return
     last_patched[(namespace, name)] = now
     try:
