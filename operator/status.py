@@ -68,19 +68,29 @@ def expiry(observed: Observed, now: datetime) -> tuple[Reason, str] | None:
     return None
 
 
+def _previous_condition(observed: Observed, kind: Kind) -> dict[str, Any]:
+    return next((c for c in observed.previous.get("conditions") or [] if c.get("type") == str(kind)), {})
+
+
 def _resumed_at(observed: Observed, now: datetime) -> datetime | None:
     """When the session last left suspension: `now` when this pass resumes it, else the moment its
     Suspended condition last turned False."""
-    before = next((c for c in observed.previous.get("conditions") or []
-                   if c.get("type") == str(Kind.SUSPENDED)), {})
+    before = _previous_condition(observed, Kind.SUSPENDED)
     if before.get("status") == ConditionStatus.TRUE:
         return now
     return parse_time(before.get("lastTransitionTime"))
 
 
+def _ready_since(observed: Observed) -> datetime | None:
+    """When the pod last turned Ready: a resumed or replaced pod's start is no idle time."""
+    ready = _previous_condition(observed, Kind.READY)
+    turned_ready = parse_time(ready.get("lastTransitionTime"))
+    return turned_ready if ready.get("status") == ConditionStatus.TRUE else None
+
+
 def idle_since(observed: Observed, now: datetime) -> datetime:
     """Where the idle clock starts: the latest activity, resume, readiness or the creation."""
-    moments = [last_activity(observed), _resumed_at(observed, now),
+    moments = [last_activity(observed), _resumed_at(observed, now), _ready_since(observed),
                parse_time(observed.previous.get("readyAt")), observed.created]
     return max(moment for moment in moments if moment is not None)
 

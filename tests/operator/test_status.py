@@ -194,7 +194,8 @@ def test_a_resumed_session_gets_a_full_idle_timeout_again():
     spec = {"lifecycle": {"idleTimeout": "30m"}}
     marked = {naming.SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}
     was_suspended = derive(observe({"lifecycle": {"idleTimeout": "30m", "suspend": True}}, annotations=marked,
-                                   mcp_problems=()), NOW - timedelta(minutes=40))
+                                   previous={"readyAt": "2026-11-26T10:00:00Z"}, mcp_problems=()),
+                           NOW - timedelta(minutes=40))
     # Resumed by clearing lifecycle.suspend (kubectl): the clock starts now, not at the old activity, and
     # the stale reason goes.
     resumed = observe(spec, annotations=marked, previous=was_suspended, mcp_problems=())
@@ -207,6 +208,11 @@ def test_a_resumed_session_gets_a_full_idle_timeout_again():
     later = observe(spec, previous=status, mcp_problems=())
     assert idle(later, NOW + timedelta(minutes=29)) is None
     assert idle(later, NOW + timedelta(minutes=30)) is not None
+    # ...or from the moment the new pod turned Ready, when that came later: starting is not idling.
+    ready = derive(observe(spec, previous=status, pod=pod(), pvc=BOUND, mcp_problems=()),
+                   NOW + timedelta(minutes=2))
+    assert idle(observe(spec, previous=ready), NOW + timedelta(minutes=31)) is None
+    assert idle(observe(spec, previous=ready), NOW + timedelta(minutes=32)) is not None
 
 
 def test_mcp_problems_and_kept_verdict():
