@@ -267,7 +267,7 @@ async def test_an_idle_session_sleeps_and_a_message_wakes_it(api, stack, kube):
     org = await onboard(api, stack)
     user = stack.bearer(sub="ida@example.com", org=org, role="user")
     created = await api.post("/api/v1/sessions", headers=user, json={
-        "name": "nap", "agent": {"runtime": "scripted"}, "lifecycle": {"idleTimeout": "6s"}})
+        "name": "nap", "agent": {"runtime": "scripted"}, "lifecycle": {"idleTimeout": "15s"}})
     assert created.status_code == 201, created.text
     await until_ready(api, stack, user, "nap")
     conversation = await agent_replies(api, stack, user, "nap", "write notes.txt kept across naps")
