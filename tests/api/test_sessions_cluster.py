@@ -25,11 +25,12 @@ from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.runner_client import RunnerClient
 from agentbox.api.settings import Settings
-from agentbox.crds.naming import child_name
+from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, SUSPEND_REASON_ANNOTATION, child_name
 
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
 RUNNER_TOKEN = secrets.token_urlsafe(16)
+RESUME_TIMEOUT = 2  # no operator here: a resumed session is Ready only when a test says so
 ORG_A, ORG_B = f"a{secrets.token_hex(4)}", f"b{secrets.token_hex(4)}"
 
 
@@ -94,7 +95,8 @@ async def setup(postgres, kube, runner):
     api_client = client.ApiClient(configuration=kube._configuration)
     cluster = ApiKube(api_client)
     http = httpx.AsyncClient(timeout=5)
-    services = Services(settings=Settings(), database=database, kube=cluster,
+    settings = Settings(resume_timeout_seconds=RESUME_TIMEOUT)
+    services = Services(settings=settings, database=database, kube=cluster,
                         verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
                                                hs256_secret=HS256_SECRET),
                         runner=RunnerClient(http))
@@ -250,3 +252,46 @@ async def _has(names, name: str) -> bool:
 
 async def _lacks(names, name: str) -> bool:
     return name not in await names
+
+
+async def test_a_message_resumes_a_session_suspended_for_idleness_not_one_a_user_suspended(setup, runner):
+    api, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+    for name in ("idler", "sleeper"):
+        created = await api.post("/api/v1/sessions", headers=USER_A,
+                                 json={"name": name, "agent": {"runtime": "scripted"}})
+        assert created.status_code == 201, created.text
+    idle = {"metadata": {"annotations": {SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}},
+            "spec": {"lifecycle": {"suspend": True}}}
+    await cluster.patch_session(namespace, "idler", idle)  # as the operator suspends an idle session
+    assert (await api.post("/api/v1/sessions/sleeper/suspend", headers=USER_A)).status_code == 200
+
+    async def suspended(name):
+        return (await api.get(f"/api/v1/sessions/{name}", headers=USER_A)).json()["suspended"]
+    await eventually(lambda: suspended("idler"), timeout=10, interval=0.05)
+
+    received = len(runner.received)
+    refused = await api.post("/api/v1/sessions/sleeper/message", headers=USER_A, json={"content": "hey"})
+    assert refused.status_code == 409 and "/api/v1/sessions/sleeper/resume" in refused.json()["detail"]
+    assert (await cluster.get_session(namespace, "sleeper"))["spec"]["lifecycle"]["suspend"] is True
+
+    # Resumed at once, but nothing makes it Ready here: a clear 504 naming the bound.
+    timed_out = await api.post("/api/v1/sessions/idler/message", headers=USER_A, json={"content": "hey"})
+    assert timed_out.status_code == 504, timed_out.text
+    assert f"not ready after {RESUME_TIMEOUT} s" in timed_out.json()["detail"]
+    resource = await cluster.get_session(namespace, "idler")
+    assert resource["spec"]["lifecycle"]["suspend"] is False
+    assert SUSPEND_REASON_ANNOTATION not in resource["metadata"]["annotations"]
+    assert LAST_ACTIVITY_ANNOTATION in resource["metadata"]["annotations"]  # a full idleTimeout again
+
+    # Idle again; this time the session turns Ready while the message waits, and the message goes through.
+    await cluster.patch_session(namespace, "idler", idle)
+    await eventually(lambda: suspended("idler"), timeout=10, interval=0.05)
+    waiting = asyncio.create_task(api.post("/api/v1/sessions/idler/message", headers=USER_A,
+                                           json={"content": "wake up"}))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    await _make_ready(cluster, namespace, "idler", runner.url)
+    delivered = await waiting
+    assert delivered.status_code == 200, delivered.text
+    assert runner.received[received:] == [{"content": "wake up", "type": "user"}]
