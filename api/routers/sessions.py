@@ -58,6 +58,8 @@ ACTIVITY_PATCH_INTERVAL = 30.0
 # A session resumed by a message is looked at this often until it is Ready (from the watch cache when
 # there is one: no API call).
 RESUME_POLL_SECONDS = 0.25
+# A turn's work is followed at most this long (the runner's own turn timeout defaults to an hour).
+TURN_FOLLOW_MAX_SECONDS = 6 * 3600.0
 # Phases a resumed session does not leave on its own: the message is refused rather than waited for.
 STUCK_PHASES = (SessionPhase.FAILED, SessionPhase.NEEDS_AUTH, SessionPhase.EXPIRED, SessionPhase.TERMINATING)
 
@@ -286,7 +288,7 @@ async def _runner_target(client: Kube, shared: Services, principal: Principal, n
         raise kube_problem(exc) from exc
     if token is None:
         raise ProblemError(409, "Conflict", f"session {name!r} has no runner token yet")
-    await _touch(client, shared, principal, session)
+    await _touch(client, shared, _namespace(shared, principal), session)
     return base_url, token
 
 
@@ -298,13 +300,14 @@ def _activity_interval(session: dict[str, Any]) -> float:
     return min(ACTIVITY_PATCH_INTERVAL, parse_duration(idle_timeout).total_seconds() / 4)
 
 
-async def _touch(client: Kube, shared: Services, principal: Principal, session: dict[str, Any]) -> None:
-    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every interval."""
+async def _touch(client: Kube, shared: Services, namespace: str, session: dict[str, Any], *,
+                 always: bool = False) -> None:
+    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every interval
+    unless `always`."""
     name = session["metadata"]["name"]
-    namespace = _namespace(shared, principal)
     last_patched: dict[tuple[str, str], float] = shared.extras.setdefault("activity_patched", {})
     now, interval = time.monotonic(), _activity_interval(session)
-    if now - last_patched.get((namespace, name), -interval) < interval:
+    if not always and now - last_patched.get((namespace, name), -interval) < interval:
         return
     last_patched[(namespace, name)] = now
     try:
@@ -385,6 +388,32 @@ async def _proxy(shared: Services, base_url: str, token: str, method: str, path:
     return payload
 
 
+def _follow_turn(client: Kube, shared: Services, namespace: str, session: dict[str, Any], base_url: str,
+                 token: str) -> None:
+    """The agent's work is activity too, not only calls to the API: while the turn a message started runs,
+    the runner's /status is asked every activity interval and activity recorded, once more when it ends
+    (the idle clock starts there). Only for sessions with an idleTimeout, the one reader of activity."""
+    if not ((session.get("spec") or {}).get("lifecycle") or {}).get("idleTimeout"):
+        return
+
+    async def while_it_runs() -> None:
+        deadline = time.monotonic() + TURN_FOLLOW_MAX_SECONDS
+        running = True
+        while running and time.monotonic() < deadline:
+            await asyncio.sleep(_activity_interval(session))
+            try:
+                response = await _runner(shared).call(base_url, token, "GET", "/status")
+                running = response.json().get("status") == "running"
+            except (RunnerUnavailable, ProblemError, ValueError, AttributeError):
+                return  # the pod went (suspended, deleted) or answers nonsense: nothing left to follow
+            await _touch(client, shared, namespace, session, always=not running)
+
+    followers: set[asyncio.Task[None]] = shared.extras.setdefault("turn_followers", set())
+    task = asyncio.create_task(while_it_runs())
+    followers.add(task)  # a reference, so the task is not collected mid-turn
+    task.add_done_callback(followers.discard)
+
+
 async def _deliver_after_resume(shared: Services, base_url: str, token: str,
                                 body: MessageBody) -> dict[str, Any]:
     """The first message to a pod just resumed: Ready can come a moment before its port is reachable
@@ -413,8 +442,11 @@ async def send_message(name: SessionName, body: MessageBody, request: Request,
     base_url, token = await _runner_target(client, shared, principal, name)
     async with audited_transaction(request, principal):
         if resumed:
-            return await _deliver_after_resume(shared, base_url, token, body)
-        return await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+            answer = await _deliver_after_resume(shared, base_url, token, body)
+        else:
+            answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+    _follow_turn(client, shared, _namespace(shared, principal), session, base_url, token)
+    return answer
 
 
 @router.get("/{name}/messages", response_model=dict[str, Any],

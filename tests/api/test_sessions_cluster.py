@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from contextlib import AsyncExitStack
 
 import asyncpg
@@ -48,6 +49,7 @@ class StandInRunner:
 
     def __init__(self) -> None:
         self.received: list[dict] = []
+        self.busy_until = 0.0  # a turn runs (status "running") until this time.monotonic()
         self.app = Starlette(routes=[Route("/status", self.status), Route("/messages", self.messages),
                                      Route("/message", self.message, methods=["POST"]),
                                      Route("/events", self.events)])
@@ -58,7 +60,9 @@ class StandInRunner:
     async def status(self, request: Request) -> Response:
         if not self._authorised(request):
             return JSONResponse({}, status_code=401)
-        return JSONResponse({"status": "stable", "agent_type": "scripted", "last_activity": None})
+        running = time.monotonic() < self.busy_until
+        return JSONResponse({"status": "running" if running else "stable", "agent_type": "scripted",
+                             "last_activity": None})
 
     async def messages(self, request: Request) -> Response:
         return JSONResponse({"messages": [{"id": 0, "role": "agent", "content": "hi"}]}
@@ -132,16 +136,16 @@ async def test_orgs_get_their_namespace_and_only_the_platform_makes_them(setup):
 
 
 async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str) -> None:
-    """What the operator would do: a Ready condition and the runner-token Secret."""
+    """What the operator would do: the runner-token Secret, then a Ready condition."""
+    await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
+        data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
     await cluster.custom.patch_namespaced_custom_object_status(
         "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
         {"status": {"phase": "Running", "endpoint": endpoint, "conditions": [
             {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json")
-    await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
-        data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
 
 
 
@@ -295,3 +299,30 @@ async def test_a_message_resumes_a_session_suspended_for_idleness_not_one_a_user
     delivered = await waiting
     assert delivered.status_code == 200, delivered.text
     assert runner.received[received:] == [{"content": "wake up", "type": "user"}]
+
+
+async def test_a_running_turn_counts_as_activity_until_it_ends(setup, runner):
+    api, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+    created = await api.post("/api/v1/sessions", headers=USER_A, json={
+        "name": "worker", "agent": {"runtime": "scripted"}, "lifecycle": {"idleTimeout": "2s"}})
+    assert created.status_code == 201, created.text
+    await _make_ready(cluster, namespace, "worker", runner.url)
+    await eventually(lambda: _is_ready(api, "worker"), timeout=10, interval=0.05)
+
+    async def stamp():
+        return (await cluster.get_session(namespace, "worker"))["metadata"]["annotations"][
+            LAST_ACTIVITY_ANNOTATION]
+
+    runner.busy_until = time.monotonic() + 3.5  # the agent works on, nobody calls the API meanwhile
+    sent = await api.post("/api/v1/sessions/worker/message", headers=USER_A, json={"content": "work"})
+    assert sent.status_code == 200, sent.text
+    first = await stamp()
+    await asyncio.sleep(2.5)
+    during = await stamp()
+    assert during > first, "the running turn was recorded as activity"
+    await asyncio.sleep(2.5)  # the turn ended a second ago: the last record is its end
+    ended = await stamp()
+    assert ended > during
+    await asyncio.sleep(2)
+    assert await stamp() == ended, "nothing is recorded once the turn is over"
