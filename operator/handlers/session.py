@@ -173,7 +173,7 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]
 
 def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed, status: dict[str, Any],
                      uid: str) -> None:
-    """Wake up when the session would expire (checked again then: activity may have moved it on)."""
+    """Wake up when the session would expire or idle (checked again then: activity may have moved it on)."""
     key = (observed.namespace, observed.name)
     deadline = next_deadline(dataclasses.replace(observed, previous=status), _now())
     if deadline is None or status["phase"] in (SessionPhase.EXPIRED, SessionPhase.TERMINATING):
