@@ -184,6 +184,8 @@ def test_idleness_suspends_rather_than_expires():
     assert status["phase"] == "Suspended"
     assert conditions(status)["Suspended"] == ("True", "IdleTimeoutReached")
     assert conditions(status)["Ready"] == ("False", "IdleTimeoutReached")
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["message"].startswith(
+        "no activity since 2026-11-26T11:00:00Z (idleTimeout 30m): pod deleted, workspace kept")
     assert suspension_patch(suspended, NOW) is None and next_deadline(suspended, NOW) is None
     # A user's suspend (no reason annotation) stays a user's.
     by_user = observe({"lifecycle": {"idleTimeout": "30m", "suspend": True}}, mcp_problems=())
