@@ -247,9 +247,10 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
         # The last activity known, not idle_since: that one moves when this pass resumes (it would not stay).
         moments = [last_activity(observed), parse_time(observed.previous.get("readyAt")), observed.created]
         since = max(moment for moment in moments if moment is not None)
+        timeout = f" (idleTimeout {spec.lifecycle.idle_timeout})" if spec.lifecycle.idle_timeout else ""
         suspension = (Reason.IDLE_TIMEOUT_REACHED,
-                      f"no activity since {format_time(since)} (idleTimeout {spec.lifecycle.idle_timeout}): "
-                      "pod deleted, workspace kept; a message through the API resumes it")
+                      f"no activity since {format_time(since)}{timeout}: pod deleted, workspace kept; "
+                      "a message through the API resumes it")
     else:
         suspension = (Reason.SUSPENDED_BY_USER, "suspended: pod deleted, workspace kept")
     expired = expiry(observed, now)
