@@ -7,6 +7,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -388,6 +389,25 @@ async def _proxy(shared: Services, base_url: str, token: str, method: str, path:
     return payload
 
 
+@contextlib.asynccontextmanager
+async def _kept_active(client: Kube, shared: Services, namespace: str,
+                       session: dict[str, Any]) -> AsyncIterator[None]:
+    """A message on its way is activity: while it waits (for a resumed pod, for the agent to take it) the
+    idle clock must not run out under it, so activity is recorded every interval until it is delivered."""
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(_activity_interval(session))
+            await _touch(client, shared, namespace, session)
+
+    keeping = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+
+
 def _follow_turn(client: Kube, shared: Services, namespace: str, session: dict[str, Any], base_url: str,
                  token: str) -> None:
     """The agent's work is activity too, not only calls to the API: while the turn a message started runs,
@@ -438,14 +458,16 @@ async def send_message(name: SessionName, body: MessageBody, request: Request,
     call then waits for it to be Ready, up to AGENTBOX_RESUME_TIMEOUT_SECONDS)."""
     audit_target(request, f"session/{name}", message_type=body.type, message_chars=len(body.content))
     session = await _owned(client, shared, principal, name)
-    resumed = await _resume_for_message(request, client, shared, principal, session)
-    base_url, token = await _runner_target(client, shared, principal, name)
-    async with audited_transaction(request, principal):
-        if resumed:
-            answer = await _deliver_after_resume(shared, base_url, token, body)
-        else:
-            answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
-    _follow_turn(client, shared, _namespace(shared, principal), session, base_url, token)
+    namespace = _namespace(shared, principal)
+    async with _kept_active(client, shared, namespace, session):
+        resumed = await _resume_for_message(request, client, shared, principal, session)
+        base_url, token = await _runner_target(client, shared, principal, name)
+        async with audited_transaction(request, principal):
+            if resumed:
+                answer = await _deliver_after_resume(shared, base_url, token, body)
+            else:
+                answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+    _follow_turn(client, shared, namespace, session, base_url, token)
     return answer
 
 
