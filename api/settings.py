@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     # A port-forward listener with no connection for this long is closed.
     runner_forward_idle_seconds: float = Field(default=300, gt=0)
     runner_timeout_seconds: float = Field(default=30, gt=0)
+    # A message to a session suspended for idleness resumes it and waits this long for it to be Ready
+    # (then 504); the same bound again for its port to answer.
+    resume_timeout_seconds: float = Field(default=120, gt=0, le=600)
     kube_timeout_seconds: float = Field(default=10, gt=0)
     readiness_timeout_seconds: float = Field(default=2, gt=0)
     mcp_test_timeout_seconds: float = Field(default=15, gt=0, le=120)

@@ -117,8 +117,9 @@ class Lifecycle(KubeModel):
 
     suspend: bool = Field(False, description="Delete the pod and keep the workspace; clear to resume.")
     shutdown_time: datetime | None = Field(None, description="The session expires at this time (RFC 3339).")
-    idle_timeout: Duration | None = Field(None, description="The session expires after this long without "
-                                                            "activity, e.g. 30m.")
+    idle_timeout: Duration | None = Field(
+        None, description="The session is suspended after this long without activity, e.g. 30m; its next "
+                          "message through the API resumes it.")
 
 
 class AgentSessionSpec(KubeModel):

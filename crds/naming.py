@@ -15,6 +15,9 @@ USER_LABEL = "agentbox.dev/user"
 TENANT_LABEL = "agentbox.dev/tenant"
 RESERVED_PREFIX = "agentbox.dev/"
 LAST_ACTIVITY_ANNOTATION = "agentbox.dev/last-activity"
+# Set by the operator beside spec.lifecycle.suspend when it suspends an idle session: such a session resumes
+# on its next message, one a user suspended does not. Its value is the reason (IdleTimeoutReached).
+SUSPEND_REASON_ANNOTATION = "agentbox.dev/suspend-reason"
 # The id of the API request that last changed the session (its audit row carries the same id): the
 # operator repeats it in the Events and log lines that follow from the change.
 REQUEST_ID_ANNOTATION = "agentbox.dev/request-id"

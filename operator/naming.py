@@ -10,6 +10,7 @@ from agentbox.crds.naming import (  # the names the API shares; re-exported for 
     REQUEST_ID_ANNOTATION,
     RESERVED_PREFIX,
     SESSION_LABEL,
+    SUSPEND_REASON_ANNOTATION,
     TENANT_LABEL,
     child_name,
     label_value,
@@ -21,7 +22,8 @@ ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
 
 __all__ = ["HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER", "MAX_NAME", "ORG_LABEL",
-           "REQUEST_ID_ANNOTATION", "RESERVED_PREFIX", "SESSION_LABEL", "TENANT_LABEL", "child_name",
+           "REQUEST_ID_ANNOTATION", "RESERVED_PREFIX", "SESSION_LABEL", "SUSPEND_REASON_ANNOTATION",
+           "TENANT_LABEL", "child_name",
            "label_value", "short_hash", "slug"]
 
 

@@ -61,27 +61,77 @@ def last_activity(observed: Observed) -> datetime | None:
 
 
 def expiry(observed: Observed, now: datetime) -> tuple[Reason, str] | None:
-    """Why the session has expired, if it has."""
-    lifecycle = observed.spec.lifecycle
-    if lifecycle.shutdown_time is not None and now >= lifecycle.shutdown_time:
-        return Reason.SHUTDOWN_TIME_REACHED, f"shutdownTime {format_time(lifecycle.shutdown_time)} reached"
-    if lifecycle.idle_timeout:
-        since = last_activity(observed) or parse_time(observed.previous.get("readyAt")) or observed.created
-        if now - since >= parse_duration(lifecycle.idle_timeout):
-            return (Reason.IDLE_TIMEOUT_REACHED,
-                    f"no activity since {format_time(since)} (idleTimeout {lifecycle.idle_timeout})")
+    """Why the session has expired for good, if it has (idleness suspends instead: see `idle`)."""
+    shutdown_time = observed.spec.lifecycle.shutdown_time
+    if shutdown_time is not None and now >= shutdown_time:
+        return Reason.SHUTDOWN_TIME_REACHED, f"shutdownTime {format_time(shutdown_time)} reached"
     return None
 
 
-def next_deadline(observed: Observed) -> datetime | None:
-    """The moment the session would expire if nothing happens."""
+def _previous_condition(observed: Observed, kind: Kind) -> dict[str, Any]:
+    return next((c for c in observed.previous.get("conditions") or [] if c.get("type") == str(kind)), {})
+
+
+def _resumed_at(observed: Observed, now: datetime) -> datetime | None:
+    """When the session last left suspension: `now` when this pass resumes it, else the moment its
+    Suspended condition last turned False."""
+    before = _previous_condition(observed, Kind.SUSPENDED)
+    if before.get("status") == ConditionStatus.TRUE:
+        return now
+    return parse_time(before.get("lastTransitionTime"))
+
+
+def _ready_since(observed: Observed) -> datetime | None:
+    """When the pod last turned Ready: a resumed or replaced pod's start is no idle time."""
+    ready = _previous_condition(observed, Kind.READY)
+    turned_ready = parse_time(ready.get("lastTransitionTime"))
+    return turned_ready if ready.get("status") == ConditionStatus.TRUE else None
+
+
+def idle_since(observed: Observed, now: datetime) -> datetime:
+    """Where the idle clock starts: the latest activity, resume, readiness or the creation."""
+    moments = [last_activity(observed), _resumed_at(observed, now), _ready_since(observed),
+               parse_time(observed.previous.get("readyAt")), observed.created]
+    return max(moment for moment in moments if moment is not None)
+
+
+def idle(observed: Observed, now: datetime) -> str | None:
+    """Why a running session is now suspended for idleness (idleTimeout without activity), if it is."""
+    lifecycle = observed.spec.lifecycle
+    if lifecycle.suspend or not lifecycle.idle_timeout:
+        return None
+    since = idle_since(observed, now)
+    if now - since < parse_duration(lifecycle.idle_timeout):
+        return None
+    return f"no activity since {format_time(since)} (idleTimeout {lifecycle.idle_timeout})"
+
+
+def suspended_for_idleness(observed: Observed) -> bool:
+    """Suspended by the operator for idleness (a message resumes it), not by a user."""
+    return observed.spec.lifecycle.suspend and (
+        observed.annotations.get(naming.SUSPEND_REASON_ANNOTATION) == Reason.IDLE_TIMEOUT_REACHED)
+
+
+def suspension_patch(observed: Observed, now: datetime) -> dict[str, Any] | None:
+    """The merge patch the session needs for idleness, if any: suspend an idle one (the reason beside the
+    flag, so `kubectl get` shows one switch and a message through the API knows it may resume it), or
+    drop the reason once something else resumed it (else a user's later suspend would read as idleness)."""
+    if idle(observed, now) is not None:
+        reason = {naming.SUSPEND_REASON_ANNOTATION: str(Reason.IDLE_TIMEOUT_REACHED)}
+        return {"metadata": {"annotations": reason}, "spec": {"lifecycle": {"suspend": True}}}
+    if not observed.spec.lifecycle.suspend and naming.SUSPEND_REASON_ANNOTATION in observed.annotations:
+        return {"metadata": {"annotations": {naming.SUSPEND_REASON_ANNOTATION: None}}}
+    return None
+
+
+def next_deadline(observed: Observed, now: datetime) -> datetime | None:
+    """The moment the session would expire or be suspended for idleness if nothing happens."""
     lifecycle = observed.spec.lifecycle
     deadlines = []
     if lifecycle.shutdown_time is not None:
         deadlines.append(lifecycle.shutdown_time)
-    if lifecycle.idle_timeout:
-        since = last_activity(observed) or parse_time(observed.previous.get("readyAt")) or observed.created
-        deadlines.append(since + parse_duration(lifecycle.idle_timeout))
+    if lifecycle.idle_timeout and not lifecycle.suspend:
+        deadlines.append(idle_since(observed, now) + parse_duration(lifecycle.idle_timeout))
     return min(deadlines) if deadlines else None
 
 
@@ -190,7 +240,19 @@ def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool, claim_pending
 def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     """The full status object to write (conditions keep their lastTransitionTime when unchanged)."""
     spec = observed.spec
+    # Suspension is read from the spec alone (the handler sets lifecycle.suspend for idleness first), so a
+    # Suspended condition that is True always means the spec asked for it: see _resumed_at.
     suspended = spec.lifecycle.suspend
+    if suspended_for_idleness(observed):
+        # The last activity known, not idle_since: that one moves when this pass resumes (it would not stay).
+        moments = [last_activity(observed), parse_time(observed.previous.get("readyAt")), observed.created]
+        since = max(moment for moment in moments if moment is not None)
+        timeout = f" (idleTimeout {spec.lifecycle.idle_timeout})" if spec.lifecycle.idle_timeout else ""
+        suspension = (Reason.IDLE_TIMEOUT_REACHED,
+                      f"no activity since {format_time(since)}{timeout}: pod deleted, workspace kept; "
+                      "a message through the API resumes it")
+    else:
+        suspension = (Reason.SUSPENDED_BY_USER, "suspended: pod deleted, workspace kept")
     expired = expiry(observed, now)
     wants_pod = not (suspended or expired or observed.deleting or observed.conflict)
     pod = observed.pod
@@ -211,8 +273,7 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     elif expired:
         phase, ready = SessionPhase.EXPIRED, _condition(Kind.READY, False, *expired)
     elif suspended:
-        phase, ready = SessionPhase.SUSPENDED, _condition(Kind.READY, False, Reason.SUSPENDED_BY_USER,
-                                                          "suspended: pod deleted, workspace kept")
+        phase, ready = SessionPhase.SUSPENDED, _condition(Kind.READY, False, *suspension)
     elif observed.blocked:
         phase, ready = SessionPhase.FAILED, _condition(Kind.READY, False, *observed.blocked)
     elif failure:
@@ -229,7 +290,7 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
                                                         scheduled["message"])
 
     suspended_condition = (
-        _condition(Kind.SUSPENDED, True, Reason.SUSPENDED_BY_USER, "lifecycle.suspend is set")
+        _condition(Kind.SUSPENDED, True, *suspension)
         if suspended else _condition(Kind.SUSPENDED, False, Reason.NOT_SUSPENDED, "running as asked"))
     mcp = _mcp_condition(observed)
     previous_conditions = {c.get("type"): c for c in observed.previous.get("conditions") or []}

@@ -2,6 +2,7 @@
 
 Each prompt is one command; anything else is echoed back.
   write <path> <text>      write a file inside the session's working directory
+  read <path>              answer with a file's text from the session's working directory
   tool <name> [json-args]  call an MCP tool through the session's first HTTP MCP server (the gateway)
   ask <title>              request permission from the client and report the outcome
   sleep <seconds>          wait, then answer (a cancel ends it early)
@@ -145,8 +146,8 @@ class ScriptedAgent(Agent):
             await asyncio.Event().wait()
         if command == "error":
             raise RequestError.internal_error({"details": rest})
-        handler = {"write": self.write, "tool": self.tool, "ask": self.ask, "sleep": self.sleep,
-                   "system-prompt": self.show_system_prompt}.get(command)
+        handler = {"write": self.write, "read": self.read, "tool": self.tool, "ask": self.ask,
+                   "sleep": self.sleep, "system-prompt": self.show_system_prompt}.get(command)
         reply = await handler(session_id, session, rest.strip()) if handler else f"echo: {text}"
         if session.cancelled:
             return PromptResponse(stop_reason="cancelled")
@@ -160,6 +161,9 @@ class ScriptedAgent(Agent):
     async def write(self, session_id: str, session: ScriptedSession, rest: str) -> str:
         relative, _, content = rest.partition(" ")
         return await asyncio.to_thread(_write_inside, session.cwd, relative, content)
+
+    async def read(self, session_id: str, session: ScriptedSession, rest: str) -> str:
+        return await asyncio.to_thread(_read_inside, session.cwd, rest)
 
     async def tool(self, session_id: str, session: ScriptedSession, rest: str) -> str:
         name, _, raw_args = rest.partition(" ")
@@ -213,6 +217,16 @@ class ScriptedAgent(Agent):
 
     async def show_system_prompt(self, session_id: str, session: ScriptedSession, rest: str) -> str:
         return session.system_prompt or "(no system prompt)"
+
+
+def _read_inside(root: Path, relative: str) -> str:
+    target = (root / relative).resolve()
+    if not relative or not target.is_relative_to(root):
+        return f"refused: {relative!r} is outside the workspace"
+    try:
+        return target.read_text()
+    except OSError as error:
+        return f"cannot read {relative}: {error.strerror}"
 
 
 def _write_inside(root: Path, relative: str, content: str) -> str:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import secrets
 import time
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -40,14 +42,29 @@ from agentbox.crds.agentsession import (
     Tenant,
     Workspace,
 )
-from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel
-from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, ORG_LABEL, REQUEST_ID_ANNOTATION, USER_LABEL
+from agentbox.crds.conditions import Reason, SessionPhase
+from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel, parse_duration
+from agentbox.crds.naming import (
+    LAST_ACTIVITY_ANNOTATION,
+    ORG_LABEL,
+    REQUEST_ID_ANNOTATION,
+    SUSPEND_REASON_ANNOTATION,
+    USER_LABEL,
+)
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
 SessionName = Annotated[str, Path(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=63)]
-# The last-activity annotation is written at most this often per session (each write is an etcd write).
+# The last-activity annotation is written at most this often per session (each write is an etcd write),
+# and a quarter of a shorter idleTimeout.
 ACTIVITY_PATCH_INTERVAL = 30.0
+# A session resumed by a message is looked at this often until it is Ready (from the watch cache when
+# there is one: no API call).
+RESUME_POLL_SECONDS = 0.25
+# A turn's work is followed at most this long (the runner's own turn timeout defaults to an hour).
+TURN_FOLLOW_MAX_SECONDS = 6 * 3600.0
+# Phases a resumed session does not leave on its own: the message is refused rather than waited for.
+STUCK_PHASES = (SessionPhase.FAILED, SessionPhase.NEEDS_AUTH, SessionPhase.EXPIRED, SessionPhase.TERMINATING)
 
 
 class SessionCreate(ApiModel):
@@ -253,7 +270,10 @@ async def _set_suspend(request: Request, principal: Principal, shared: Services,
     audit_target(request, f"session/{name}")
     await _owned(client, shared, principal, name)
     async with audited_transaction(request, principal):
-        change = {"metadata": _traced(), "spec": {"lifecycle": {"suspend": suspend}}}
+        # Either way the operator's idleness reason goes: a user's suspend sticks (no message resumes it).
+        traced = _traced().get("annotations", {})
+        change = {"metadata": {"annotations": {**traced, SUSPEND_REASON_ANNOTATION: None}},
+                  "spec": {"lifecycle": {"suspend": suspend}}}
         patched = await client.patch_session(_namespace(shared, principal), name, change)
     return _view(_written(shared, patched))
 
@@ -292,24 +312,87 @@ async def _runner_target(client: Kube, shared: Services, principal: Principal, n
         raise kube_problem(exc) from exc
     if token is None:
         raise ProblemError(409, "Conflict", f"session {name!r} has no runner token yet")
-    await _touch(client, shared, principal, name)
+    await _touch(client, shared, _namespace(shared, principal), session)
     return base_url, token
 
 
-async def _touch(client: Kube, shared: Services, principal: Principal, name: str) -> None:
-    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every 30 s."""
-    namespace = _namespace(shared, principal)
+def _activity_interval(session: dict[str, Any]) -> float:
+    """How often activity is recorded: every 30 s, or often enough for a shorter idleTimeout to see it."""
+    idle_timeout = ((session.get("spec") or {}).get("lifecycle") or {}).get("idleTimeout")
+    if not idle_timeout:
+        return ACTIVITY_PATCH_INTERVAL
+    return min(ACTIVITY_PATCH_INTERVAL, parse_duration(idle_timeout).total_seconds() / 4)
+
+
+async def _touch(client: Kube, shared: Services, namespace: str, session: dict[str, Any], *,
+                 always: bool = False) -> None:
+    """Record activity on the AgentSession (the operator's idle timeout reads it), at most every interval
+    unless `always`."""
+    name = session["metadata"]["name"]
     last_patched: dict[tuple[str, str], float] = shared.extras.setdefault("activity_patched", {})
-    now = time.monotonic()
-    if now - last_patched.get((namespace, name), -ACTIVITY_PATCH_INTERVAL) < ACTIVITY_PATCH_INTERVAL:
+    now, interval = time.monotonic(), _activity_interval(session)
+    if not always and now - last_patched.get((namespace, name), -interval) < interval:
         return
     last_patched[(namespace, name)] = now
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     try:
         _written(shared, await client.patch_session(
-            namespace, name, {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: stamp}}}))
+            namespace, name, {"metadata": {"annotations": {LAST_ACTIVITY_ANNOTATION: _stamp()}}}))
     except KubeError:
         log.warning("could not record session activity", extra={"session": name})
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _suspended_for_idleness(session: dict[str, Any]) -> bool:
+    annotations = session["metadata"].get("annotations") or {}
+    return annotations.get(SUSPEND_REASON_ANNOTATION) == Reason.IDLE_TIMEOUT_REACHED
+
+
+async def _resume_for_message(request: Request, client: Kube, shared: Services, principal: Principal,
+                              session: dict[str, Any]) -> bool:
+    """A session the operator suspended for idleness is resumed by its next message: clear the suspend,
+    its reason and restart the idle clock in one write, then wait (bounded) for it to be Ready. A user's
+    suspend sticks: 409. Returns whether it resumed the session."""
+    name = session["metadata"]["name"]
+    if not (session.get("spec") or {}).get("lifecycle", {}).get("suspend"):
+        return False
+    if not _suspended_for_idleness(session):
+        raise ProblemError(409, "Conflict", f"session {name!r} is suspended (spec.lifecycle.suspend, set by "
+                           f"a user): POST /api/v1/sessions/{name}/resume first")
+    namespace = _namespace(shared, principal)
+    audit_details(request, resumed=str(Reason.IDLE_TIMEOUT_REACHED))
+    try:
+        _written(shared, await client.patch_session(namespace, name, {
+            "metadata": {"annotations": {SUSPEND_REASON_ANNOTATION: None,
+                                         LAST_ACTIVITY_ANNOTATION: _stamp()}},
+            "spec": {"lifecycle": {"suspend": False}}}))
+    except KubeError as exc:
+        raise kube_problem(exc) from exc
+    shared.extras.setdefault("activity_patched", {})[(namespace, name)] = time.monotonic()
+    await _until_ready(client, shared, principal, name)
+    return True
+
+
+async def _until_ready(client: Kube, shared: Services, principal: Principal, name: str) -> None:
+    timeout = shared.settings.resume_timeout_seconds
+    deadline = time.monotonic() + timeout
+    while True:
+        session = await _owned(client, shared, principal, name)
+        if _ready(session) and _runner(shared).base_url(session) is not None:
+            return
+        status = session.get("status") or {}
+        phase = status.get("phase") or "Pending"
+        ready = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        if phase in STUCK_PHASES:
+            raise ProblemError(503, "Service Unavailable", f"session {name!r} was resumed but is {phase}: "
+                               f"{ready.get('reason', '')}: {ready.get('message', '')}".rstrip(": "))
+        if time.monotonic() >= deadline:
+            raise ProblemError(504, "Gateway Timeout", f"session {name!r} was resumed but is not ready after "
+                               f"{timeout:g} s (phase {phase}); send the message again shortly",
+                               headers={"Retry-After": "5"})
+        await asyncio.sleep(RESUME_POLL_SECONDS)
 
 
 async def _proxy(shared: Services, base_url: str, token: str, method: str, path: str,
@@ -329,15 +412,86 @@ async def _proxy(shared: Services, base_url: str, token: str, method: str, path:
     return payload
 
 
+@contextlib.asynccontextmanager
+async def _kept_active(client: Kube, shared: Services, namespace: str,
+                       session: dict[str, Any]) -> AsyncIterator[None]:
+    """A message on its way is activity: while it waits (for a resumed pod, for the agent to take it) the
+    idle clock must not run out under it, so activity is recorded every interval until it is delivered."""
+    async def keep() -> None:
+        while True:
+            await asyncio.sleep(_activity_interval(session))
+            await _touch(client, shared, namespace, session)
+
+    keeping = asyncio.create_task(keep())
+    try:
+        yield
+    finally:
+        keeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await keeping
+
+
+def _follow_turn(client: Kube, shared: Services, namespace: str, session: dict[str, Any], base_url: str,
+                 token: str) -> None:
+    """The agent's work is activity too, not only calls to the API: while the turn a message started runs,
+    the runner's /status is asked every activity interval and activity recorded, once more when it ends
+    (the idle clock starts there). Only for sessions with an idleTimeout, the one reader of activity."""
+    if not ((session.get("spec") or {}).get("lifecycle") or {}).get("idleTimeout"):
+        return
+
+    async def while_it_runs() -> None:
+        deadline = time.monotonic() + TURN_FOLLOW_MAX_SECONDS
+        running = True
+        while running and time.monotonic() < deadline:
+            await asyncio.sleep(_activity_interval(session))
+            try:
+                response = await _runner(shared).call(base_url, token, "GET", "/status")
+                running = response.json().get("status") == "running"
+            except (RunnerUnavailable, ProblemError, ValueError, AttributeError):
+                return  # the pod went (suspended, deleted) or answers nonsense: nothing left to follow
+            await _touch(client, shared, namespace, session, always=not running)
+
+    followers: set[asyncio.Task[None]] = shared.extras.setdefault("turn_followers", set())
+    task = asyncio.create_task(while_it_runs())
+    followers.add(task)  # a reference, so the task is not collected mid-turn
+    task.add_done_callback(followers.discard)
+
+
+async def _deliver_after_resume(shared: Services, base_url: str, token: str,
+                                body: MessageBody) -> dict[str, Any]:
+    """The first message to a pod just resumed: Ready can come a moment before its port is reachable
+    through the Kubernetes API (port-forward transport), so a pod not reachable yet (503) is tried again
+    until the resume bound. Any other answer or failure is the caller's, as for every message."""
+    deadline = time.monotonic() + shared.settings.resume_timeout_seconds
+    while True:
+        try:
+            return await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+        except ProblemError as problem:
+            if problem.status != 503 or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(RESUME_POLL_SECONDS)
+
+
 @router.post("/{name}/message", response_model=dict[str, Any], name="session.message",
-             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503))
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503, 504))
 async def send_message(name: SessionName, body: MessageBody, request: Request,
                        principal: Principal = Depends(tenant_member), shared: Services = Depends(services),
                        client: Kube = Depends(kube)) -> dict[str, Any]:
+    """Deliver a message to the session's agent; a session suspended for idleness is resumed first (the
+    call then waits for it to be Ready, up to AGENTBOX_RESUME_TIMEOUT_SECONDS)."""
     audit_target(request, f"session/{name}", message_type=body.type, message_chars=len(body.content))
-    base_url, token = await _runner_target(client, shared, principal, name)
-    async with audited_transaction(request, principal):
-        return await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+    session = await _owned(client, shared, principal, name)
+    namespace = _namespace(shared, principal)
+    async with _kept_active(client, shared, namespace, session):
+        resumed = await _resume_for_message(request, client, shared, principal, session)
+        base_url, token = await _runner_target(client, shared, principal, name)
+        async with audited_transaction(request, principal):
+            if resumed:
+                answer = await _deliver_after_resume(shared, base_url, token, body)
+            else:
+                answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+    _follow_turn(client, shared, namespace, session, base_url, token)
+    return answer
 
 
 @router.get("/{name}/messages", response_model=dict[str, Any],

@@ -30,7 +30,15 @@ from agentbox.operator.build.service import build_service
 from agentbox.operator.kube import Conflict, Kube, Ownership, classify
 from agentbox.operator.later import Later
 from agentbox.operator.settings import FINALIZER, OperatorSettings
-from agentbox.operator.status import Observed, derive, expiry, next_deadline, parse_time, waiting_for_claim
+from agentbox.operator.status import (
+    Observed,
+    derive,
+    expiry,
+    next_deadline,
+    parse_time,
+    suspension_patch,
+    waiting_for_claim,
+)
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
 log = logging.getLogger(__name__)
@@ -158,6 +166,7 @@ class PodRejectedError(kopf.TemporaryError):
 
 API_RETRY_SECONDS = 5.0
 EXPIRY_SLACK_SECONDS = 0.5  # wake just after the deadline, not just before it
+SUSPEND_RETRY_SECONDS = 0.5
 
 def _api_status(error: ApiException) -> dict[str, Any]:
     """The Status object the apiserver sent with the error ({} when the body is not one)."""
@@ -186,6 +195,9 @@ def _created(body: dict[str, Any]) -> datetime:
     return parse_time(body["metadata"].get("creationTimestamp")) or _now()
 
 
+QUIET_REASONS = (Reason.SUSPENDED_BY_USER, Reason.IDLE_TIMEOUT_REACHED)  # Ready False, nothing wrong
+
+
 def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any]) -> None:
     """Kubernetes Events for the steps a user waits on: Ready turning True or failing, MCPReady failing or
     recovering. "Pod starting" is already said by PodCreated, and every Event is one more API write."""
@@ -202,7 +214,7 @@ def _announce(body: dict[str, Any], before: dict[str, Any], after: dict[str, Any
         if (kind == "Ready" and condition["reason"] == Reason.POD_STARTING) or (
                 kind == "MCPReady" and healthy and old.get(kind, ("Unknown",))[0] != "False"):
             continue
-        post = kopf.info if healthy or condition["reason"] == Reason.SUSPENDED_BY_USER else kopf.warn
+        post = kopf.info if healthy or condition["reason"] in QUIET_REASONS else kopf.warn
         post(body, reason=condition["reason"],
              message=_traced(body, f"{after['phase']}: {condition['message']}"))
 
@@ -227,9 +239,9 @@ async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]
 
 def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed, status: dict[str, Any],
                      uid: str) -> None:
-    """Wake up when the session would expire (checked again then: activity may have moved it on)."""
+    """Wake up when the session would expire or idle (checked again then: activity may have moved it on)."""
     key = (observed.namespace, observed.name)
-    deadline = next_deadline(dataclasses.replace(observed, previous=status))
+    deadline = next_deadline(dataclasses.replace(observed, previous=status), _now())
     if deadline is None or status["phase"] in (SessionPhase.EXPIRED, SessionPhase.TERMINATING):
         _expiries.cancel(key)
         return
@@ -360,6 +372,23 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
             raise kopf.TemporaryError(message, delay=API_RETRY_SECONDS) from error
 
 
+async def _patch_suspension(kube: Kube, body: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Idleness goes on the spec (status.suspension_patch), on the version read: an activity stamp written
+    meanwhile wins, and the pass runs again on the newer version."""
+    meta = body["metadata"]
+    patch = {**patch, "metadata": {**patch["metadata"], "resourceVersion": meta["resourceVersion"]}}
+    try:
+        patched = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"], patch)
+    except ApiException as error:
+        if error.status == 409:
+            raise kopf.TemporaryError("the session changed meanwhile", delay=SUSPEND_RETRY_SECONDS) from None
+        raise
+    if patched is None:
+        return body
+    remember(patched)
+    return patched
+
+
 async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -369,6 +398,10 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         # Admission rejects this normally; an older CRD version might not have.
         kopf.warn(body, reason=Reason.INVALID_SPEC, message=_traced(body, str(error)))
         raise kopf.PermanentError(f"invalid spec: {error}") from error
+    patch = suspension_patch(_observed(body, spec), _now())
+    if patch is not None:
+        body = await _patch_suspension(kube, body, patch)
+        meta, spec = body["metadata"], AgentSessionSpec.model_validate(body.get("spec") or {})
     session = Session(name, namespace, meta["uid"], spec)
     child = session.child_name
     rendered = await _references(kube, namespace, spec)

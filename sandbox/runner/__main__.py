@@ -61,7 +61,8 @@ def main() -> None:
 def serve(settings: RunnerSettings, token: str, system_prompt: str, launch: AgentLaunch) -> None:
     from agentbox.sandbox.runner.app import create_app  # after settings are known to be usable
 
-    conversation = Conversation(settings.runtime)
+    store = settings.workspace / settings.conversation_file if settings.conversation_file else None
+    conversation = Conversation(settings.runtime, store)
     bridge = AgentBridge(conversation, argv=launch.argv, env=launch.env, settings=settings,
                          system_prompt=system_prompt,
                          auth_policy=AuthPolicy(settings.runtime, settings.agent_auth_method, launch.env))

@@ -44,6 +44,7 @@ def create_app(conversation: Conversation, bridge: AgentBridge, *, token: str, w
             yield
         finally:
             await bridge.aclose()
+            await conversation.flush()
 
     app = FastAPI(title="agentbox runner", lifespan=lifespan, docs_url=None, redoc_url=None)
     expected = f"Bearer {token}".encode()

@@ -19,6 +19,9 @@ class RunnerSettings(BaseSettings):
     system_prompt_file: Path = Path("/etc/agentbox/system-prompt.md")
     gateway_url: str = "http://127.0.0.1:8765/mcp"
     workspace: Path = Path("/workspace")
+    # The conversation, kept on the workspace volume so it survives suspend/resume and pod restarts
+    # (relative to the workspace, in a hidden folder of the platform's own). Empty: kept in memory only.
+    conversation_file: str = ".agentbox/conversation.json"
     agent_model: str | None = None
     # JSON list, e.g. ["my-agent", "--acp"]: required for `custom`; overrides any other runtime's command.
     agent_command: list[str] | None = None

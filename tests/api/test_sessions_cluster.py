@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import secrets
+import time
 from contextlib import AsyncExitStack
 from datetime import datetime
 
@@ -26,11 +27,17 @@ from agentbox.api.db import Database
 from agentbox.api.kube import Kube as ApiKube
 from agentbox.api.runner_client import RunnerClient
 from agentbox.api.settings import Settings
-from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION, REQUEST_ID_ANNOTATION, child_name
+from agentbox.crds.naming import (
+    LAST_ACTIVITY_ANNOTATION,
+    REQUEST_ID_ANNOTATION,
+    SUSPEND_REASON_ANNOTATION,
+    child_name,
+)
 
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256, serve
 
 RUNNER_TOKEN = secrets.token_urlsafe(16)
+RESUME_TIMEOUT = 2  # no operator here: a resumed session is Ready only when a test says so
 ORG_A, ORG_B = f"a{secrets.token_hex(4)}", f"b{secrets.token_hex(4)}"
 
 
@@ -48,6 +55,7 @@ class StandInRunner:
 
     def __init__(self) -> None:
         self.received: list[dict] = []
+        self.busy_until = 0.0  # a turn runs (status "running") until this time.monotonic()
         self.app = Starlette(routes=[Route("/status", self.status), Route("/messages", self.messages),
                                      Route("/message", self.message, methods=["POST"]),
                                      Route("/events", self.events)])
@@ -58,7 +66,9 @@ class StandInRunner:
     async def status(self, request: Request) -> Response:
         if not self._authorised(request):
             return JSONResponse({}, status_code=401)
-        return JSONResponse({"status": "stable", "agent_type": "scripted", "last_activity": None})
+        running = time.monotonic() < self.busy_until
+        return JSONResponse({"status": "running" if running else "stable", "agent_type": "scripted",
+                             "last_activity": None})
 
     async def messages(self, request: Request) -> Response:
         return JSONResponse({"messages": [{"id": 0, "role": "agent", "content": "hi"}]}
@@ -95,7 +105,8 @@ async def setup(postgres, kube, runner):
     api_client = client.ApiClient(configuration=kube._configuration)
     cluster = ApiKube(api_client)
     http = httpx.AsyncClient(timeout=5)
-    services = Services(settings=Settings(), database=database, kube=cluster,
+    settings = Settings(resume_timeout_seconds=RESUME_TIMEOUT)
+    services = Services(settings=settings, database=database, kube=cluster,
                         verifier=TokenVerifier(issuer=ISSUER, audience=AUDIENCE, leeway=30,
                                                hs256_secret=HS256_SECRET),
                         runner=RunnerClient(http))
@@ -131,16 +142,16 @@ async def test_orgs_get_their_namespace_and_only_the_platform_makes_them(setup):
 
 
 async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str) -> None:
-    """What the operator would do: a Ready condition and the runner-token Secret."""
+    """What the operator would do: the runner-token Secret, then a Ready condition."""
+    await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
+        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
+        data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
     await cluster.custom.patch_namespaced_custom_object_status(
         "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
         {"status": {"phase": "Running", "endpoint": endpoint, "conditions": [
             {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json")
-    await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
-        data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
 
 
 
@@ -287,3 +298,73 @@ async def _has(names, name: str) -> bool:
 
 async def _lacks(names, name: str) -> bool:
     return name not in await names
+
+
+async def test_a_message_resumes_a_session_suspended_for_idleness_not_one_a_user_suspended(setup, runner):
+    api, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+    for name in ("idler", "sleeper"):
+        created = await api.post("/api/v1/sessions", headers=USER_A,
+                                 json={"name": name, "agent": {"runtime": "scripted"}})
+        assert created.status_code == 201, created.text
+    idle = {"metadata": {"annotations": {SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}},
+            "spec": {"lifecycle": {"suspend": True}}}
+    await cluster.patch_session(namespace, "idler", idle)  # as the operator suspends an idle session
+    assert (await api.post("/api/v1/sessions/sleeper/suspend", headers=USER_A)).status_code == 200
+
+    async def suspended(name):
+        return (await api.get(f"/api/v1/sessions/{name}", headers=USER_A)).json()["suspended"]
+    await eventually(lambda: suspended("idler"), timeout=10, interval=0.05)
+
+    received = len(runner.received)
+    refused = await api.post("/api/v1/sessions/sleeper/message", headers=USER_A, json={"content": "hey"})
+    assert refused.status_code == 409 and "/api/v1/sessions/sleeper/resume" in refused.json()["detail"]
+    assert (await cluster.get_session(namespace, "sleeper"))["spec"]["lifecycle"]["suspend"] is True
+
+    # Resumed at once, but nothing makes it Ready here: a clear 504 naming the bound.
+    timed_out = await api.post("/api/v1/sessions/idler/message", headers=USER_A, json={"content": "hey"})
+    assert timed_out.status_code == 504, timed_out.text
+    assert f"not ready after {RESUME_TIMEOUT} s" in timed_out.json()["detail"]
+    resource = await cluster.get_session(namespace, "idler")
+    assert resource["spec"]["lifecycle"]["suspend"] is False
+    assert SUSPEND_REASON_ANNOTATION not in resource["metadata"]["annotations"]
+    assert LAST_ACTIVITY_ANNOTATION in resource["metadata"]["annotations"]  # a full idleTimeout again
+
+    # Idle again; this time the session turns Ready while the message waits, and the message goes through.
+    await cluster.patch_session(namespace, "idler", idle)
+    await eventually(lambda: suspended("idler"), timeout=10, interval=0.05)
+    waiting = asyncio.create_task(api.post("/api/v1/sessions/idler/message", headers=USER_A,
+                                           json={"content": "wake up"}))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+    await _make_ready(cluster, namespace, "idler", runner.url)
+    delivered = await waiting
+    assert delivered.status_code == 200, delivered.text
+    assert runner.received[received:] == [{"content": "wake up", "type": "user"}]
+
+
+async def test_a_running_turn_counts_as_activity_until_it_ends(setup, runner):
+    api, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+    created = await api.post("/api/v1/sessions", headers=USER_A, json={
+        "name": "worker", "agent": {"runtime": "scripted"}, "lifecycle": {"idleTimeout": "2s"}})
+    assert created.status_code == 201, created.text
+    await _make_ready(cluster, namespace, "worker", runner.url)
+    await eventually(lambda: _is_ready(api, "worker"), timeout=10, interval=0.05)
+
+    async def stamp():
+        return (await cluster.get_session(namespace, "worker"))["metadata"]["annotations"][
+            LAST_ACTIVITY_ANNOTATION]
+
+    runner.busy_until = time.monotonic() + 3.5  # the agent works on, nobody calls the API meanwhile
+    sent = await api.post("/api/v1/sessions/worker/message", headers=USER_A, json={"content": "work"})
+    assert sent.status_code == 200, sent.text
+    first = await stamp()
+    await asyncio.sleep(2.5)
+    during = await stamp()
+    assert during > first, "the running turn was recorded as activity"
+    await asyncio.sleep(2.5)  # the turn ended a second ago: the last record is its end
+    ended = await stamp()
+    assert ended > during
+    await asyncio.sleep(2)
+    assert await stamp() == ended, "nothing is recorded once the turn is over"

@@ -263,6 +263,51 @@ async def test_the_frontend_journey(api, stack, upstream, kube):
     assert verified.status_code == 200 and verified.json()["ok"] is True, verified.text
 
 
+async def test_an_idle_session_sleeps_and_a_message_wakes_it(api, stack, kube):
+    org = await onboard(api, stack)
+    user = stack.bearer(sub="ida@example.com", org=org, role="user")
+    created = await api.post("/api/v1/sessions", headers=user, json={
+        "name": "nap", "agent": {"runtime": "scripted"}, "lifecycle": {"idleTimeout": "15s"}})
+    assert created.status_code == 201, created.text
+    await until_ready(api, stack, user, "nap")
+    conversation = await agent_replies(api, stack, user, "nap", "write notes.txt kept across naps")
+    assert conversation[-1]["content"] == "wrote notes.txt"
+
+    async def asleep():
+        view = await session_view(api, user, "nap")
+        pods = await kube.kubectl("get", "pods", "-n", f"tenant-{org}", "-l", "agentbox.dev/session=nap",
+                                  "-o", "name")
+        suspended = next(c for c in view["conditions"] if c["type"] == "Suspended")
+        return (view["phase"] == "Suspended" and suspended["reason"] == "IdleTimeoutReached"
+                and not pods.strip())
+    await eventually(asleep, "nap suspended for idleness, its pod gone", stack, timeout=60)
+    assert (await session_view(api, user, "nap"))["suspended"] is True
+    assert await kube.kubectl("get", "pvc", "-n", f"tenant-{org}", "-l", "agentbox.dev/session=nap",
+                              "-o", "name")  # the workspace stays
+
+    # One message wakes it: the call waits for the new pod, then the agent answers from the same workspace.
+    woken = await api.post("/api/v1/sessions/nap/message", headers=user, json={"content": "read notes.txt"},
+                           timeout=150)
+    assert woken.status_code == 200, woken.text
+    view = await session_view(api, user, "nap")
+    assert view["phase"] == "Running" and view["suspended"] is False
+
+    async def answered():
+        messages = (await api.get("/api/v1/sessions/nap/messages", headers=user)).json()["messages"]
+        return messages if messages[-1] == {**messages[-1], "role": "agent", "content": "kept across naps"} \
+            else None
+    messages = await eventually(answered, "the woken agent's answer", stack, timeout=30)
+    # The conversation from before the nap is there too (kept on the workspace, not in the old pod).
+    assert [m["content"] for m in messages] == ["write notes.txt kept across naps", "wrote notes.txt",
+                                                "read notes.txt", "kept across naps"]
+
+    # A user's own suspend is not undone by a message: 409, naming the way out.
+    suspended = await api.post("/api/v1/sessions/nap/suspend", headers=user)
+    assert suspended.status_code == 200, suspended.text
+    refused = await api.post("/api/v1/sessions/nap/message", headers=user, json={"content": "anyone?"})
+    assert refused.status_code == 409 and "/resume" in refused.json()["detail"], refused.text
+
+
 async def test_a_bad_token_is_refused_and_audited_nowhere_else(api, stack):
     org = await onboard(api, stack)
     forged = stack.bearer(sub="mallory", org=org, role="admin", secret="not-the-secret-" * 4)

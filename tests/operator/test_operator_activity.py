@@ -118,13 +118,13 @@ async def test_activity_stamps_cost_the_operator_nothing_and_still_move_the_idle
             await asyncio.sleep(1.1)
         assert await dispatched(api, flow_schema) == before, "the operator made requests for activity stamps"
 
-    # Running until the idle timeout has passed counted from the last stamp, and Expired soon after.
+    # Running until the idle timeout has passed counted from the last stamp, and Suspended soon after.
     deadline = datetime.fromisoformat(stamp) + timedelta(seconds=IDLE_SECONDS)
     while datetime.now(UTC) < deadline - timedelta(seconds=0.5):
         body = await ops.get(agentsession.KIND, namespace, "busy")
-        assert body["status"]["phase"] == "Running", f"expired before {deadline}: {body['status']}"
+        assert body["status"]["phase"] == "Running", f"idle before {deadline}: {body['status']}"
         await asyncio.sleep(0.25)
-    body = await session_in_phase(ops, namespace, "busy", "Expired", timeout=5)
+    body = await session_in_phase(ops, namespace, "busy", "Suspended", timeout=5)
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert (ready["reason"], body["status"]["lastActivityTime"]) == ("IdleTimeoutReached", stamp)
     assert ready["message"].startswith(f"no activity since {stamp}")

@@ -393,7 +393,7 @@ async def test_shutdown_time_expires_the_session(operator, ops, tenant):
     assert (await children(ops, tenant, "brief"))["PersistentVolumeClaim"] is not None
 
 
-async def test_idle_timeout_follows_the_activity_annotation(operator, ops, tenant):
+async def test_idleness_suspends_and_kubectl_resumes(operator, ops, tenant):
     await ops.create(session_manifest("idle", tenant, lifecycle={"idleTimeout": "4s"}))
     await session_in_phase(ops, tenant, "idle", "Running")
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -403,12 +403,28 @@ async def test_idle_timeout_follows_the_activity_annotation(operator, ops, tenan
         "idle",
         {"metadata": {"annotations": {naming.LAST_ACTIVITY_ANNOTATION: now}}},
     )
-    body = await session_in_phase(ops, tenant, "idle", "Expired", timeout=20)
+    body = await session_in_phase(ops, tenant, "idle", "Suspended", timeout=20)
     assert body["status"]["lastActivityTime"] == now
-    assert (
-        next(c for c in body["status"]["conditions"] if c["type"] == "Ready")["reason"]
-        == "IdleTimeoutReached"
-    )
+    by_type = {c["type"]: c for c in body["status"]["conditions"]}
+    assert by_type["Ready"]["reason"] == by_type["Suspended"]["reason"] == "IdleTimeoutReached"
+    # One switch: the spec says suspended, the annotation says why.
+    assert body["spec"]["lifecycle"]["suspend"] is True
+    assert body["metadata"]["annotations"][naming.SUSPEND_REASON_ANNOTATION] == "IdleTimeoutReached"
+    await eventually(lambda: _gone(ops, "Pod", tenant, naming.child_name("idle")))
+    assert (await children(ops, tenant, "idle"))["PersistentVolumeClaim"] is not None
+
+    # Cleared by hand: running again with a fresh idle clock, and the reason gone.
+    await ops.merge_patch(agentsession.KIND, tenant, "idle", {"spec": {"lifecycle": {"suspend": False}}})
+    body = await session_in_phase(ops, tenant, "idle", "Running", timeout=20)
+    await eventually(lambda: _no_suspend_reason(ops, tenant, "idle"))
+    # ...and idle again a few seconds later.
+    body = await session_in_phase(ops, tenant, "idle", "Suspended", timeout=20)
+    assert body["metadata"]["annotations"][naming.SUSPEND_REASON_ANNOTATION] == "IdleTimeoutReached"
+
+
+async def _no_suspend_reason(ops, namespace, name):
+    body = await ops.get(agentsession.KIND, namespace, name)
+    return naming.SUSPEND_REASON_ANNOTATION not in (body["metadata"].get("annotations") or {})
 
 
 async def test_deletion_leaves_nothing_behind(operator, ops, tenant):

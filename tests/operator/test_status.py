@@ -14,7 +14,10 @@ from agentbox.operator.status import (
     container_failure,
     derive,
     expiry,
+    idle,
+    next_deadline,
     pod_failure,
+    suspension_patch,
 )
 from agentbox.sandbox.runner import failures as runner_failures
 
@@ -154,15 +157,64 @@ def test_suspended_expired_conflict_terminating():
 def test_idle_timeout_counts_from_the_latest_activity():
     spec = {"lifecycle": {"idleTimeout": "30m"}}
     recent = {naming.LAST_ACTIVITY_ANNOTATION: "2026-11-26T11:45:00Z"}
-    assert expiry(observe(spec, annotations=recent), NOW) is None
+    assert idle(observe(spec, annotations=recent), NOW) is None
+    assert next_deadline(observe(spec, annotations=recent), NOW) == NOW + timedelta(minutes=15)
     stale = {naming.LAST_ACTIVITY_ANNOTATION: "2026-11-26T11:00:00Z"}
-    assert expiry(observe(spec, annotations=stale), NOW)[0] == Reason.IDLE_TIMEOUT_REACHED
+    assert "no activity since 2026-11-26T11:00:00Z" in idle(observe(spec, annotations=stale), NOW)
     # No activity at all: counted from creation (an hour ago).
-    assert expiry(observe(spec), NOW)[0] == Reason.IDLE_TIMEOUT_REACHED
+    assert idle(observe(spec), NOW) is not None
     assert (
         derive(observe(spec, annotations=recent, mcp_problems=()), NOW)["lastActivityTime"]
         == "2026-11-26T11:45:00Z"
     )
+
+
+def test_idleness_suspends_rather_than_expires():
+    spec = {"lifecycle": {"idleTimeout": "30m"}}
+    assert expiry(observe(spec), NOW) is None
+    assert suspension_patch(observe(spec), NOW) == {
+        "metadata": {"annotations": {naming.SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}},
+        "spec": {"lifecycle": {"suspend": True}},
+    }
+    # Once the patch is in, the session reads Suspended for idleness, and nothing more is due.
+    marked = {naming.SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}
+    suspended = observe({"lifecycle": {"idleTimeout": "30m", "suspend": True}}, annotations=marked,
+                        pvc=BOUND, mcp_problems=())
+    status = derive(suspended, NOW)
+    assert status["phase"] == "Suspended"
+    assert conditions(status)["Suspended"] == ("True", "IdleTimeoutReached")
+    assert conditions(status)["Ready"] == ("False", "IdleTimeoutReached")
+    assert next(c for c in status["conditions"] if c["type"] == "Ready")["message"].startswith(
+        "no activity since 2026-11-26T11:00:00Z (idleTimeout 30m): pod deleted, workspace kept")
+    assert suspension_patch(suspended, NOW) is None and next_deadline(suspended, NOW) is None
+    # A user's suspend (no reason annotation) stays a user's.
+    by_user = observe({"lifecycle": {"idleTimeout": "30m", "suspend": True}}, mcp_problems=())
+    assert conditions(derive(by_user, NOW))["Suspended"] == ("True", "SuspendedByUser")
+
+
+def test_a_resumed_session_gets_a_full_idle_timeout_again():
+    spec = {"lifecycle": {"idleTimeout": "30m"}}
+    marked = {naming.SUSPEND_REASON_ANNOTATION: "IdleTimeoutReached"}
+    was_suspended = derive(observe({"lifecycle": {"idleTimeout": "30m", "suspend": True}}, annotations=marked,
+                                   previous={"readyAt": "2026-11-26T10:00:00Z"}, mcp_problems=()),
+                           NOW - timedelta(minutes=40))
+    # Resumed by clearing lifecycle.suspend (kubectl): the clock starts now, not at the old activity, and
+    # the stale reason goes.
+    resumed = observe(spec, annotations=marked, previous=was_suspended, mcp_problems=())
+    assert idle(resumed, NOW) is None
+    assert suspension_patch(resumed, NOW) == {
+        "metadata": {"annotations": {naming.SUSPEND_REASON_ANNOTATION: None}}}
+    status = derive(resumed, NOW)
+    assert conditions(status)["Suspended"] == ("False", "NotSuspended")
+    # Later passes count from the moment Suspended turned False.
+    later = observe(spec, previous=status, mcp_problems=())
+    assert idle(later, NOW + timedelta(minutes=29)) is None
+    assert idle(later, NOW + timedelta(minutes=30)) is not None
+    # ...or from the moment the new pod turned Ready, when that came later: starting is not idling.
+    ready = derive(observe(spec, previous=status, pod=pod(), pvc=BOUND, mcp_problems=()),
+                   NOW + timedelta(minutes=2))
+    assert idle(observe(spec, previous=ready), NOW + timedelta(minutes=31)) is None
+    assert idle(observe(spec, previous=ready), NOW + timedelta(minutes=32)) is not None
 
 
 def test_mcp_problems_and_kept_verdict():

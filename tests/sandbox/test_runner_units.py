@@ -150,6 +150,30 @@ async def test_a_turn_builds_one_agent_message_from_chunks_and_tool_calls():
     assert len(chat.messages) == 3, "a new turn starts a new agent message"
 
 
+async def test_the_conversation_outlives_the_runner_in_its_store(tmp_path):
+    store = tmp_path / "workspace" / ".agentbox" / "conversation.json"
+    chat = Conversation("scripted", store)
+    chat.add_user_message("hi")
+    chat.set_status("running")
+    chat.append_agent_text("hello")
+    chat.track_tool_call("t1", title="MCP x", status="completed")
+    chat.set_status("stable")
+    await chat.flush()
+    # A new runner on the same workspace (a resumed or restarted pod) starts from it, and goes on.
+    again = Conversation("scripted", store)
+    assert [m.as_json() for m in again.messages] == [m.as_json() for m in chat.messages]
+    assert again.add_user_message("more").id == 2
+    await again.flush()
+    assert [m.content for m in Conversation("scripted", store).messages] == ["hi", "hello", "more"]
+    assert [path.name for path in store.parent.iterdir()] == ["conversation.json"], "no partial file left"
+
+
+def test_an_unreadable_store_starts_afresh(tmp_path):
+    store = tmp_path / "conversation.json"
+    store.write_text("{not json")
+    assert Conversation("scripted", store).messages == []
+
+
 async def test_a_subscriber_that_stops_reading_is_cut_off_not_waited_for(monkeypatch):
     monkeypatch.setattr(conversation_module, "SUBSCRIBER_QUEUE", 4)
     chat = Conversation("scripted")
