@@ -260,10 +260,13 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
     # Denied: another session of the same tenant, another tenant's session, a pod not labelled as the API.
     for source, container, target in ((a1["pod"], "runner", a2), (a1["pod"], "runner", b1),
                                       (b1["pod"], "runner", a1), (stranger, "client", a2)):
-        async def refused(source=source, container=container, target=target):
-            outcome = await answers(source, container, target)
-            return outcome if "error" in outcome else None
-        await eventually(refused, timeout=30,
+        answered: dict[str, Any] = {}
+
+        async def refused(source=source, container=container, target=target, answered=answered):
+            answered.clear()
+            answered.update(await answers(source, container, target))
+            return "error" in answered
+        await eventually(refused, timeout=30, details=lambda answered=answered: f"it answered {answered}",
                          what=f"{source['metadata']['name']} refused by {target['pod']['metadata']['name']}")
 
     # Allowed egress: DNS through the cluster resolver, which answers for another session's Service name
