@@ -6,7 +6,8 @@ containers on the real node (hack/real-node.sh), beside the same sessions on kwo
 
 Running means the runner's readiness probe passed: on the real node, two Python processes started in a
 PSS-restricted pod with its workspace claim mounted; on kwok, the same objects with nothing started. The
-machine's cores bound the real rate: the CPU each session's start costs is reported per process.
+machine's cores bound the real rate: the CPU each session's start costs is reported per process, the real
+node's parts (containerd, kubelet...) and its pods' containers included.
 Without AGENTBOX_REAL_NODE=1 it reports itself skipped.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from kubernetes_asyncio import client, config
@@ -32,7 +34,7 @@ from bench.bench_operator import (
     install_crds,
     latency_ms,
 )
-from tests.fixtures.cluster import REAL_NODE_PLACEMENT
+from tests.fixtures.cluster import REAL_NODE_PLACEMENT, cache_dir
 from tests.operator.operator_harness import OperatorProcess, session_manifest
 
 # Small requests so that the node's two cores admit every session; limits a Python process lives within.
@@ -42,6 +44,21 @@ GATEWAY = {"requests": {"cpu": "10m", "memory": "48Mi"}, "limits": {"memory": "2
 
 def log(message: str) -> None:
     print(f"bench_realnode: {message}", file=sys.stderr, flush=True)
+
+
+def real_node_parts() -> dict[str, int]:
+    """The real node's processes, by the pid files hack/real-node.sh keeps."""
+    pids = (cache_dir() / "real-node" / "pids").glob("*.pid")
+    return {path.stem: int(path.read_text()) for path in pids}
+
+
+def pods_cpu_seconds() -> float:
+    """CPU the real node's containers used so far: its cgroup root (cgroup v1 cpuacct, or v2)."""
+    v1 = Path("/sys/fs/cgroup/cpuacct/agentbox/cpuacct.usage")
+    if v1.exists():
+        return int(v1.read_text()) / 1e9
+    stat = dict(line.split() for line in Path("/sys/fs/cgroup/agentbox/cpu.stat").read_text().splitlines())
+    return int(stat["usage_usec"]) / 1e6
 
 
 async def one_series(api: client.ApiClient, kubeconfig: str, where: str, sessions: int, rate: float,
@@ -61,16 +78,20 @@ async def one_series(api: client.ApiClient, kubeconfig: str, where: str, session
         running = RunningWatch(api, namespace)
         names = [f"s-{index:03d}" for index in range(sessions)]
         log(f"{sessions} sessions on {where} nodes at {rate:g}/s in {namespace}")
-        cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid, "benchmark": os.getpid()})
+        cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid, "benchmark": os.getpid(),
+                                      **real_node_parts()})
         cpu.start()
+        pods_before = pods_cpu_seconds()
         created = await create_paced(ops, namespace, names, rate, lambda name: [
             session_manifest(name, namespace, resources=RUNNER, **placement)])
         await running.wait_for(names, seconds=600)
         load = cpu.stop(sessions)
+        pods_cpu = pods_cpu_seconds() - pods_before
         running.task.cancel()
         return {"create_to_running_ms": latency_ms(created, running.running_at),
                 "machine_busy_percent": load["machine_busy_percent"],
-                "cpu_ms_per_session": load["cpu_ms_per_session"]}
+                "cpu_ms_per_session": {**load["cpu_ms_per_session"],
+                                       "real_node_containers": round(1000 * pods_cpu / sessions, 1)}}
     finally:
         operator.stop()
         await ops.delete("Namespace", None, namespace)

@@ -67,14 +67,15 @@ install_packages() {
   [ ${#missing[@]} -eq 0 ] && return 0
   command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get to install them"
   say "installing ${missing[*]} from Debian"
-  # The packages' own services are not wanted: this script runs containerd with its own configuration.
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' RETURN
-  fi
-  apt-get update -qq >/dev/null || die "apt-get update failed (see above)"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
-    || die "apt-get install ${missing[*]} failed (see above)"
+  (
+    # The packages' own services are not wanted: this script runs containerd with its own configuration.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+      printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    fi
+    apt-get update -qq >/dev/null \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  ) || die "apt-get install ${missing[*]} failed (see above)"
 }
 
 node_ip() {
@@ -103,8 +104,8 @@ stop() { # NAME
   pid=$(cat "$state/pids/$1.pid" 2>/dev/null) || return 0
   if running "$1"; then
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
+    for _ in $(seq 100); do running "$1" || break; sleep 0.1; done
+    ! running "$1" || kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$state/pids/$1.pid"
 }
@@ -114,7 +115,10 @@ wait_for() { # SECONDS WHAT LOG COMMAND...
   local deadline=$((SECONDS + seconds))
   shift 3
   until "$@" >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || { tail -n 15 "$log" >&2 2>/dev/null; die "$what not ready in $seconds s (log $log)"; }
+    if [ $SECONDS -ge $deadline ]; then
+      tail -n 15 "$log" >&2 2>/dev/null
+      die "$what not ready in $seconds s (log $log)"
+    fi
     sleep 0.5
   done
 }
@@ -194,7 +198,10 @@ import_archives() { # ARCHIVE...
   mkdir -p "$state/imported"
   for archive in "$@"; do
     stamp="$state/imported/$(basename "$archive")"
-    if [ -f "$stamp" ] && ! [ "$archive" -nt "$stamp" ] && ctr_ images ls -q | grep -qxF "$(image_of "$archive")"; then continue; fi
+    if [ -f "$stamp" ] && ! [ "$archive" -nt "$stamp" ] \
+      && ctr_ images ls -q | grep -qxF "$(image_of "$archive")"; then
+      continue
+    fi
     ctr_ images import "$archive" >/dev/null || die "could not import $archive into the real node's containerd"
     touch "$stamp"
     say "imported $(image_of "$archive")"
@@ -222,8 +229,9 @@ identity_kubeconfig() { # NAME COMMON-NAME ORGANIZATION
   [ -n "$3" ] && subject="/O=$3$subject"
   openssl req -new -newkey rsa:2048 -nodes -keyout "$key" -subj "$subject" -out "$creds/$1.csr" 2>/dev/null
   printf 'keyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n' >"$creds/$1.ext"
-  openssl x509 -req -in "$creds/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -set_serial "0x$(openssl rand -hex 16)" \
-    -extfile "$creds/$1.ext" -days 365 -out "$cert" 2>/dev/null || die "could not sign a certificate for $2 with $pki/ca.key"
+  openssl x509 -req -in "$creds/$1.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -days 365 \
+    -set_serial "0x$(openssl rand -hex 16)" -extfile "$creds/$1.ext" -out "$cert" 2>/dev/null \
+    || die "could not sign a certificate for $2 with $pki/ca.key"
   local server
   server=$(kubectl_ config view --minify -o jsonpath='{.clusters[0].cluster.server}')
   local k=("$kubectl" --kubeconfig "$out.tmp")
@@ -532,7 +540,7 @@ stop_parts() {
     for task in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s KILL "$task" >/dev/null 2>&1 || true; done
     sleep 1
     for task in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks delete -f "$task" >/dev/null 2>&1 || true; done
-    ctr_ containers ls -q 2>/dev/null | xargs -r ctr --address "$socket" --namespace k8s.io containers delete >/dev/null 2>&1 || true
+    for task in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers delete "$task" >/dev/null 2>&1 || true; done
   fi
   stop containerd
   local pid
