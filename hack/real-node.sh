@@ -495,7 +495,11 @@ up() {
   binary_image "$coredns_image" "$bin_root/coredns-$COREDNS_VERSION/coredns" 65532:65532 '["/coredns"]'
   # What `make images` built while the node was down, or what this containerd lost.
   local built=("$cache/images/archives"/*.tar)
-  [ -f "${built[0]}" ] && import_archives "${built[@]}"
+  if [ -f "${built[0]}" ]; then
+    import_archives "${built[@]}"
+  else
+    say "no images of the project yet: session pods need \`make images\` (nothing is pulled)"
+  fi
   start_kubelet
   wait_for 60 "the kubelet's node '$node'" "$state/logs/kubelet.log" node_ready
   kubectl_ uncordon "$node" >/dev/null
