@@ -34,6 +34,10 @@ binaries: ## build the local cluster's binaries into ~/.cache/agentbox (once; sl
 cluster: venv binaries ## create or reuse the local cluster (CLUSTER=kwok|kind) and print its kubeconfig
 	@hack/cluster.sh up
 
+.PHONY: images
+images: ## build the control-plane and sandbox images with buildah (no Docker, no registry) for the real node
+	@hack/images.sh
+
 .PHONY: cluster-down
 cluster-down: ## delete the local cluster
 	@hack/cluster.sh down

@@ -3,6 +3,9 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes, wrapper module)
 #   etcd                                                               (go.etcd.io/etcd/server/v3, wrapper module)
 #   kwok, kwokctl, helm                                                (plain go install)
+# With AGENTBOX_REAL_NODE=1, also what the real node beside the kwok nodes runs (hack/real-node.sh):
+#   kubelet, kube-proxy                (the same wrapper module: most of their packages are already compiled)
+#   coredns, kube-router               (plain go install)
 # Prints nothing but progress; the last line names the bin directory. Safe to re-run: each tool is
 # skipped when its versioned binary exists, and a half-written one is never left in place.
 set -euo pipefail
@@ -31,9 +34,13 @@ install_into() {
   mv -f "$3" "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"
 }
 
+real_node=${AGENTBOX_REAL_NODE:-0}
+[[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
+
 build_kubernetes() (
   local dir="$bin_root/kubernetes-$K8S_VERSION"
   local want=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  [ "$real_node" = 1 ] && want+=(kubelet kube-proxy)
   local missing=()
   for b in "${want[@]}"; do [ -x "$dir/$b" ] || missing+=("$b"); done
   [ ${#missing[@]} -eq 0 ] && return 0
@@ -55,18 +62,11 @@ build_kubernetes() (
   go mod edit -require="k8s.io/kubernetes@$K8S_VERSION"
   for m in $staged; do go mod edit -replace="$m=$m@$staging"; done
   local go_line; go_line=$(sed -n 's/^go \(.*\)$/\1/p' "$gomod"); go mod edit -go="$go_line"
-  cat > tools.go <<'GO'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-	_ "k8s.io/kubernetes/cmd/kubectl"
-)
-GO
+  {
+    printf '//go:build tools\n\npackage tools\n\nimport (\n'
+    for b in "${missing[@]}"; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$b"; done
+    printf ')\n'
+  } > tools.go
   GOFLAGS="$GOFLAGS -mod=mod" go mod tidy -e >/dev/null 2>&1 || true
   GOFLAGS="$GOFLAGS -mod=mod" go get "k8s.io/kubernetes@$K8S_VERSION" >/dev/null \
     || die "resolving k8s.io/kubernetes@$K8S_VERSION failed (module proxy unreachable?): re-run when it answers"
@@ -117,4 +117,9 @@ build_plain kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
 build_plain kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl
 build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_kubernetes
+if [ "$real_node" = 1 ]; then
+  build_plain coredns "$COREDNS_VERSION" github.com/coredns/coredns
+  build_plain kube-router "$KUBE_ROUTER_VERSION" github.com/cloudnativelabs/kube-router/v2/cmd/kube-router \
+    "-X github.com/cloudnativelabs/kube-router/v2/pkg/version.Version=$KUBE_ROUTER_VERSION"
+fi
 echo "==> binaries ready in $bin_root ($((SECONDS - started)) s)"

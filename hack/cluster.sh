@@ -12,6 +12,8 @@
 #   AGENTBOX_CACHE          where binaries and cluster state live (default ~/.cache/agentbox)
 #   AGENTBOX_CLUSTER_NODES  fake nodes on kwok (default 2)
 #   AGENTBOX_NODE_PODS      pods each fake node admits (default 1000: two nodes hold 1,000 sessions twice over)
+#   AGENTBOX_REAL_NODE      1: also a real node (kubelet, containerd) on this machine that runs pods as
+#                           containers (hack/real-node.sh; root only); 0 (default): kwok nodes alone
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -38,6 +40,8 @@ die() { echo "cluster: $*" >&2; exit 1; }
   || die "AGENTBOX_CLUSTER_NAME='$name' is not a DNS label (lowercase letters, digits, '-')"
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_CLUSTER_NODES='$nodes' must be a positive integer"
 [[ $node_pods =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_NODE_PODS='$node_pods' must be a positive integer"
+real_node=${AGENTBOX_REAL_NODE:-0}
+[[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
 
 # ---------------------------------------------------------------------------------------------- kwok
 
@@ -50,7 +54,7 @@ provisioner_log="$cluster_dir/logs/storage-provisioner.log"
 volumes_dir="$cluster_dir/volumes"
 # kwok's PortForward resource lets a local process stand in for a pod's port (hack/session_runners.py).
 kwok_crds=PortForward
-wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds"
+wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds real-node=$real_node"
 
 require_kwok_binaries() {
   local missing=()
@@ -87,6 +91,25 @@ kind: KwokctlConfiguration
 options:
   bindAddress: 127.0.0.1
 YAML
+  # A real node's kubelet and pods need more of the control plane: pods reach the API through the
+  # `kubernetes` Service (10.0.0.1, so the serving certificate names it, and the API server listens beyond
+  # loopback); the API server reaches the kubelet (logs, exec, port-forward) at its node address with a
+  # client certificate; kwok's controller keeps to its fake nodes and leaves the real one to its kubelet.
+  if [ "$real_node" = 1 ]; then cat >>"$config" <<YAML
+  kubeApiserverCertSANs: [10.0.0.1]
+componentsPatches:
+- name: kube-apiserver
+  extraArgs:
+  - {key: bind-address, value: 0.0.0.0, override: true}
+  - {key: kubelet-preferred-address-types, value: "InternalIP,Hostname"}
+  - {key: kubelet-client-certificate, value: $cluster_dir/pki/admin.crt}
+  - {key: kubelet-client-key, value: $cluster_dir/pki/admin.key}
+- name: kwok-controller
+  extraArgs:
+  - {key: manage-all-nodes, value: "false", override: true}
+  - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
+YAML
+  fi
   say "creating kwok cluster '$name' (Kubernetes $K8S_VERSION) in $cluster_dir"
   # KWOK_KUBE_VERSION / KWOK_ETCD_VERSION make kwokctl pick the flags that match the binaries we built.
   if ! KWOK_KUBE_VERSION=$K8S_VERSION KWOK_ETCD_VERSION=${ETCD_VERSION#v} \
@@ -141,6 +164,8 @@ foreign_port_holder() {
 }
 
 delete_kwok_cluster() {
+  # First, while the API still answers: the real node's pods leave through its kubelet.
+  "$here/real-node.sh" down
   stop_provisioner
   if [ -d "$cluster_dir" ]; then
     "$kwokctl" --name "$name" delete cluster >/dev/null 2>&1 || true
@@ -188,7 +213,7 @@ furnish_kwok_cluster() {
     --param '.allocatable.cpu=1000' \
     --param '.allocatable.memory="4Ti"' >/dev/null 2>&1 \
     || die "could not add $nodes fake nodes to cluster '$name': run \`hack/cluster.sh down\` and retry"
-  kubectl_ wait --for=condition=Ready node --all --timeout=60s >/dev/null \
+  kubectl_ wait --for=condition=Ready node --selector type=kwok --timeout=60s >/dev/null \
     || die "the fake nodes did not become Ready in 60 s: see $cluster_dir/logs/kwok-controller.log"
   kubectl_ apply --server-side --force-conflicts --field-manager=agentbox-cluster -f - >/dev/null <<YAML
 apiVersion: storage.k8s.io/v1
@@ -236,6 +261,7 @@ kwok_up() {
     create_kwok_cluster
   fi
   furnish_kwok_cluster
+  if [ "$real_node" = 1 ]; then "$here/real-node.sh" up; fi
   echo "$kwok_kubeconfig"
 }
 
@@ -270,6 +296,7 @@ kwok_status() {
     rc=1
   fi
   [ "$state" = running ] && kubectl_ get nodes --no-headers 2>/dev/null | sed 's/^/node: /'
+  if [ "$real_node" = 1 ]; then "$here/real-node.sh" status || rc=1; fi
   return $rc
 }
 

@@ -41,6 +41,10 @@ class OperatorSettings(BaseSettings):
                                         "limits": {"cpu": "2", "memory": "2Gi"}}
     gateway_resources: dict[str, Any] = {"requests": {"cpu": "50m", "memory": "96Mi"},
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
+    # Where session pods may run, beside each session's own spec.nodeSelector and spec.tolerations (which
+    # win on a clash): the local real node, for one, is tainted and labelled agentbox.dev/real-node=true.
+    session_node_selector: dict[str, str] = Field({}, description="Node labels every session pod must match")
+    session_tolerations: list[dict[str, Any]] = Field([], description="Tolerations every session pod gets")
     mcp_probe_seconds: float = 60.0
     mcp_backoff_max_seconds: float = 600.0
     conflict_retry_seconds: float = 30.0

@@ -76,10 +76,13 @@ GATEWAY_STARTED_CHECK = (f"import urllib.request; "
 
 def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: str,
               runner_resources: dict[str, Any], gateway_resources: dict[str, Any],
-              credential_keys: Iterable[str] = (), runner_image: str | None = None) -> dict[str, Any]:
+              credential_keys: Iterable[str] = (), runner_image: str | None = None,
+              node_selector: dict[str, str] | None = None, tolerations: Iterable[dict[str, Any]] = ()
+              ) -> dict[str, Any]:
     """`image`: the sandbox image (the gateway; the runner too unless `runner_image`, the runtime's agent
     image, or the session's own spec.agent.image says otherwise). `credential_keys`: the session Secret's
-    MCP credential keys, mounted into the gateway alone."""
+    MCP credential keys, mounted into the gateway alone. `node_selector`, `tolerations`: the operator's
+    placement for every session; the session's own spec adds to them (its selector wins on the same label)."""
     spec = session.spec
     mcp_keys = sorted(credential_keys)
     gateway = {
@@ -129,9 +132,12 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         pod_spec["volumes"].append(_secret_volume("mcp-secrets", session.child_name, mcp_keys))
     if spec.runtime_class_name:
         pod_spec["runtimeClassName"] = spec.runtime_class_name
-    if spec.node_selector:
-        pod_spec["nodeSelector"] = dict(spec.node_selector)
-    if spec.tolerations:
-        pod_spec["tolerations"] = list(spec.tolerations)
+    selector = {**(node_selector or {}), **spec.node_selector}
+    if selector:
+        pod_spec["nodeSelector"] = selector
+    placed = list(tolerations)
+    all_tolerations = [*placed, *(toleration for toleration in spec.tolerations if toleration not in placed)]
+    if all_tolerations:
+        pod_spec["tolerations"] = all_tolerations
     return {"apiVersion": "v1", "kind": "Pod",
             "metadata": session.metadata({naming.CONFIG_HASH_ANNOTATION: config_digest}), "spec": pod_spec}

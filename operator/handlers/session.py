@@ -417,7 +417,9 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                          config_digest=config_hash(children["ConfigMap"], children["Secret"]),
                          runner_resources=settings.runner_resources,
                          gateway_resources=settings.gateway_resources, credential_keys=rendered.credentials,
-                         runner_image=settings.runner_image(spec.agent.runtime))
+                         runner_image=settings.runner_image(spec.agent.runtime),
+                         node_selector=settings.session_node_selector,
+                         tolerations=settings.session_tolerations)
 
     wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
                      or meta.get("deletionTimestamp"))

@@ -144,6 +144,22 @@ def test_pod_passes_scheduling_fields_and_resources_through():
     assert "runtimeClassName" not in defaults and "tolerations" not in defaults
 
 
+def test_pod_adds_the_operators_placement_to_the_sessions_own():
+    real_node = {"key": "agentbox.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}
+    own = {"key": "sandbox", "operator": "Exists", "effect": "NoSchedule"}
+    session = make_session(nodeSelector={"pool": "agents", "zone": "b"}, tolerations=[own, real_node])
+    pod = build_pod(session, image="img:1", pull_policy="Never", config_digest="abc", runner_resources={},
+                    gateway_resources={}, node_selector={"agentbox.dev/real-node": "true", "zone": "a"},
+                    tolerations=[real_node])
+    assert pod["spec"]["nodeSelector"] == {"agentbox.dev/real-node": "true", "pool": "agents", "zone": "b"}
+    assert pod["spec"]["tolerations"] == [real_node, own]
+    placed = build_pod(make_session(), image="img:1", pull_policy="Never", config_digest="abc",
+                       runner_resources={}, gateway_resources={},
+                       node_selector={"agentbox.dev/real-node": "true"}, tolerations=[real_node])
+    assert placed["spec"]["nodeSelector"] == {"agentbox.dev/real-node": "true"}
+    assert placed["spec"]["tolerations"] == [real_node]
+
+
 def test_config_hash_follows_configmap_and_secret():
     session = make_session()
     configmap, secret = build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {})

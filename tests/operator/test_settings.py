@@ -14,6 +14,16 @@ def test_objects_reconciled_at_once_are_bounded_by_the_setting(monkeypatch):
     assert settings.queueing.worker_limit == 64
 
 
+def test_session_placement_comes_from_json_in_the_environment(monkeypatch):
+    monkeypatch.setenv("AGENTBOX_SESSION_NODE_SELECTOR", '{"agentbox.dev/real-node": "true"}')
+    monkeypatch.setenv("AGENTBOX_SESSION_TOLERATIONS",
+                       '[{"key": "agentbox.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]')
+    settings = OperatorSettings()
+    assert settings.session_node_selector == {"agentbox.dev/real-node": "true"}
+    assert settings.session_tolerations == [{"key": "agentbox.dev/real-node", "operator": "Exists",
+                                             "effect": "NoSchedule"}]
+
+
 BODY = {
     "apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSession",
     "metadata": {"name": "s1", "namespace": "t1", "uid": "u-1", "resourceVersion": "7", "generation": 2,
