@@ -36,7 +36,7 @@ from agentbox.crds.mcpserver import (
     SecretKeySelector,
     Stdio,
 )
-from agentbox.crds.naming import ORG_LABEL
+from agentbox.crds.naming import NEEDS_REAUTH, OAUTH_ANNOTATION, ORG_LABEL
 
 TABLE = "mcp_configurations"
 TOKENS_TABLE = "mcp_oauth_tokens"
@@ -174,10 +174,6 @@ def secret_data(credentials: Credentials) -> dict[str, str]:
 
 def labels(config: Configuration) -> dict[str, str]:
     return {ORG_LABEL: config.org_id, MCP_CONFIGURATION_LABEL: str(config.id)}
-
-
-NEEDS_REAUTH = "needs-reauth"
-OAUTH_ANNOTATION = "agentbox.dev/oauth"  # "needs-reauth" while the OAuth grant no longer holds
 
 
 def configuration_status(stored: str, stored_message: str | None, config_id: uuid.UUID,

@@ -21,6 +21,10 @@ SUSPEND_REASON_ANNOTATION = "agentbox.dev/suspend-reason"
 # The id of the API request that last changed the session (its audit row carries the same id): the
 # operator repeats it in the Events and log lines that follow from the change.
 REQUEST_ID_ANNOTATION = "agentbox.dev/request-id"
+# Set by the API on an MCPServer whose OAuth grant no longer holds (value NEEDS_REAUTH); the operator then
+# keeps the server's Authorized condition False.
+OAUTH_ANNOTATION = "agentbox.dev/oauth"
+NEEDS_REAUTH = "needs-reauth"
 RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a key and file name in the session's Secret)
 
 

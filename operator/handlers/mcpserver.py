@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from agentbox.crds import agentsession, mcpserver
 from agentbox.crds.conditions import ConditionStatus, ConditionType, MCPServerPhase, Reason
 from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
+from agentbox.crds.naming import NEEDS_REAUTH, OAUTH_ANNOTATION
 from agentbox.operator import metrics, probe
 from agentbox.operator.build import mcp
 from agentbox.operator.handlers.session import reconcile
@@ -59,10 +60,6 @@ async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec) -> tuple[list[
         return await probe.list_tools(spec, token, headers), ""
     except Exception as error:  # any transport, protocol or timeout failure means "unreachable"
         return None, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
-
-
-OAUTH_ANNOTATION = "agentbox.dev/oauth"
-NEEDS_REAUTH = "needs-reauth"
 
 
 def _authorized(previous: dict[str, Any] | None, annotations: dict[str, str],
