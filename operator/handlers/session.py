@@ -99,7 +99,8 @@ class RequestIdFilter(logging.Filter):
 
 
 logging.getLogger("kopf.objects").addFilter(RequestIdFilter())
-# The next expiry check of each session with a shutdownTime or idleTimeout (no kopf timer: no finalizer).
+# The next check of each session with a shutdownTime (expiry) or idleTimeout (suspension); no kopf timer:
+# no finalizer.
 _expiries = Later(about=_about)
 # A full reconcile again after a held pod could not be created (its name taken, refused, an API error).
 _retries = Later(about=_about)
