@@ -23,8 +23,7 @@ CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
 
 __all__ = ["HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER", "MAX_NAME", "ORG_LABEL",
            "REQUEST_ID_ANNOTATION", "RESERVED_PREFIX", "SESSION_LABEL", "SUSPEND_REASON_ANNOTATION",
-           "TENANT_LABEL", "child_name",
-           "label_value", "short_hash", "slug"]
+           "TENANT_LABEL", "child_name", "label_value", "short_hash", "slug"]
 
 
 def tenant_namespace(org: str) -> str:
