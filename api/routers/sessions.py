@@ -25,6 +25,7 @@ from agentbox.api.routers.common import (
     audit_details,
     audit_target,
     audited_transaction,
+    background_task,
     kube,
     kube_problem,
 )
@@ -422,13 +423,8 @@ async def _kept_active(client: Kube, shared: Services, namespace: str,
             await asyncio.sleep(_activity_interval(session))
             await _touch(client, shared, namespace, session)
 
-    keeping = asyncio.create_task(keep())
-    try:
+    async with background_task("session-activity", keep()):
         yield
-    finally:
-        keeping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await keeping
 
 
 def _follow_turn(client: Kube, shared: Services, namespace: str, session: dict[str, Any], base_url: str,
