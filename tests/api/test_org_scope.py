@@ -28,29 +28,6 @@ def org_scoped_operations() -> list[tuple[str, str]]:
             if path.startswith("/api/v1/") and path not in NOT_ORG_SCOPED for method in operations]
 
 
-@pytest.mark.parametrize(("method", "path"), org_scoped_operations())
-async def test_no_org_in_the_token_is_a_403_problem(method, path):
-    database = Database("postgresql://nobody@127.0.0.1:1/none", connect_timeout=0.2)
-    services = Services(settings=Settings(encryption_keys=[]), database=database, verifier=TokenVerifier(
-        issuer=ISSUER, audience=AUDIENCE, leeway=30, hs256_secret=HS256_SECRET))
-    for placeholder, value in PATH_VALUES.items():
-        path = path.replace(placeholder, value)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(create_app(services_override=services)),
-                                 base_url="http://api.test") as api:
-        body = {} if method in ("POST", "PUT") else None
-        response = await api.request(method, path, headers=NO_ORG, json=body)
-    assert response.status_code == 403, response.text
-    assert response.headers["content-type"] == "application/problem+json"
-    assert "organisation" in response.json()["detail"] or "org admins" in response.json()["detail"]
-
-
-NOT_A_DNS_LABEL = ["Acme Corp", "../x", "a" * 64, "ACME", "acme-", "acme.corp", "-acme", "ac\u00e9me"]
-
-
-def _bearer_for_org(org: object) -> dict[str, str]:
-    return {"Authorization": f"Bearer {hs256(sub='u', app_metadata={'org_id': org, 'role': 'admin'})}"}
-
-
 async def _call(method: str, path: str, headers: dict[str, str]) -> httpx.Response:
     database = Database("postgresql://nobody@127.0.0.1:1/none", connect_timeout=0.2)
     services = Services(settings=Settings(encryption_keys=[]), database=database, verifier=TokenVerifier(
@@ -61,6 +38,21 @@ async def _call(method: str, path: str, headers: dict[str, str]) -> httpx.Respon
                                  base_url="http://api.test") as api:
         return await api.request(method, path, headers=headers,
                                  json={} if method in ("POST", "PUT") else None)
+
+
+@pytest.mark.parametrize(("method", "path"), org_scoped_operations())
+async def test_no_org_in_the_token_is_a_403_problem(method, path):
+    response = await _call(method, path, NO_ORG)
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "organisation" in response.json()["detail"] or "org admins" in response.json()["detail"]
+
+
+NOT_A_DNS_LABEL = ["Acme Corp", "../x", "a" * 64, "ACME", "acme-", "acme.corp", "-acme", "ac\u00e9me"]
+
+
+def _bearer_for_org(org: object) -> dict[str, str]:
+    return {"Authorization": f"Bearer {hs256(sub='u', app_metadata={'org_id': org, 'role': 'admin'})}"}
 
 
 @pytest.mark.parametrize("org", NOT_A_DNS_LABEL)
