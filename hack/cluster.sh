@@ -54,7 +54,11 @@ provisioner_log="$cluster_dir/logs/storage-provisioner.log"
 volumes_dir="$cluster_dir/volumes"
 # kwok's PortForward resource lets a local process stand in for a pod's port (hack/session_runners.py).
 kwok_crds=PortForward
+# kwok's default (40 s times a heartbeat factor of 5) is how long a restarted kwok-controller would leave
+# the fake nodes unmanaged: 40 s, as a kubelet's.
+node_lease_seconds=40
 wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds real-node=$real_node"
+wanted_versions+=" node-lease=$node_lease_seconds"
 
 require_kwok_binaries() {
   local missing=()
@@ -123,6 +127,7 @@ YAML
       --kube-scheduler-binary "$kube_bin/kube-scheduler" \
       --kwok-controller-binary "$bin_root/kwok-$KWOK_VERSION/kwok" \
       --enable-crds "$kwok_crds" \
+      --node-lease-duration-seconds "$node_lease_seconds" --heartbeat-factor 1 \
       --wait 120s >"$create_log" 2>&1; then
     tail -n 15 "$create_log" >&2
     delete_kwok_cluster
@@ -229,6 +234,27 @@ YAML
   start_provisioner
 }
 
+# kwok runs a fake node's pods only while it holds the node's lease. A restarted kwok-controller has a new
+# identity and would wait out the leases of the one before it: a lease not renewed since the restart
+# belongs to that dead controller, so drop it, and wait until the new one holds every fake node's lease.
+take_over_node_leases() { # RESTARTED_AT (UTC, %Y-%m-%dT%H:%M:%S)
+  local restarted_at=$1 deadline=$((SECONDS + 60)) node renewed waiting
+  while :; do
+    waiting=()
+    for node in $(kubectl_ get nodes --selector type=kwok -o jsonpath='{.items[*].metadata.name}'); do
+      renewed=$(kubectl_ get lease --namespace kube-node-lease "$node" --ignore-not-found \
+        -o jsonpath='{.spec.renewTime}')
+      [ -n "$renewed" ] && [[ ! ${renewed:0:19} < $restarted_at ]] && continue
+      waiting+=("$node")
+      [ -z "$renewed" ] || kubectl_ delete lease --namespace kube-node-lease "$node" --ignore-not-found >/dev/null
+    done
+    [ ${#waiting[@]} -eq 0 ] && return 0
+    [ $SECONDS -lt $deadline ] \
+      || die "kwok did not take over the leases of ${waiting[*]} in 60 s: see $cluster_dir/logs/kwok-controller.log"
+    sleep 1
+  done
+}
+
 kwok_up() {
   require_kwok_binaries
   mkdir -p "$KWOK_WORKDIR"
@@ -249,10 +275,13 @@ kwok_up() {
         create_kwok_cluster
       else
         say "starting stopped cluster '$name'"
+        local restarted_at; restarted_at=$(date -u +%Y-%m-%dT%H:%M:%S)
         if ! kwokctl_ start cluster --timeout 30s --wait 30s >/dev/null 2>&1 || ! wait_api_ready 30; then
           say "cluster '$name' did not come back (state damaged?); recreating it"
           delete_kwok_cluster
           create_kwok_cluster
+        else
+          take_over_node_leases "$restarted_at"
         fi
       fi
     fi
