@@ -3,6 +3,7 @@
 #
 #   hack/cluster.sh up          create, restart or reuse the cluster; the last line printed is its kubeconfig
 #   hack/cluster.sh down        delete the cluster and stop its storage provisioner
+#   hack/cluster.sh stop        stop the cluster's processes and keep its state (`up` starts it again)
 #   hack/cluster.sh kubeconfig  print the kubeconfig path of a cluster that exists
 #   hack/cluster.sh status      say whether the cluster, its nodes and its provisioner are up
 #
@@ -304,6 +305,18 @@ kwok_down() {
   say "deleted cluster '$name'"
 }
 
+kwok_stop() {
+  if [ ! -f "$cluster_dir/kwok.yaml" ]; then
+    say "no cluster '$name'"
+    return 0
+  fi
+  require_kwok_binaries
+  "$here/real-node.sh" down
+  stop_provisioner
+  kwokctl_ stop cluster >/dev/null 2>&1 || die "kwokctl could not stop cluster '$name'"
+  say "stopped cluster '$name'; \`hack/cluster.sh up\` starts it again"
+}
+
 kwok_kubeconfig_path() {
   [ -f "$kwok_kubeconfig" ] || die "no cluster '$name': run \`hack/cluster.sh up\`"
   echo "$kwok_kubeconfig"
@@ -361,6 +374,8 @@ kind_down() {
   rm -rf "$(dirname "$kind_kubeconfig")"
 }
 
+kind_stop() { die "stop is for kwok clusters: stop kind's node containers with docker instead"; }
+
 kind_kubeconfig_path() {
   [ -f "$kind_kubeconfig" ] || die "no kind cluster '$name': run \`hack/cluster.sh up\`"
   echo "$kind_kubeconfig"
@@ -377,19 +392,19 @@ kind_status() {
 case $kind in kwok | kind) ;; *) die "AGENTBOX_CLUSTER_KIND='$kind' must be kwok or kind" ;; esac
 command=${1:-}
 case $command in
-  up | down)
-    # One `up` or `down` per cluster at a time: test sessions started together share the cluster.
+  up | down | stop)
+    # One `up`, `down` or `stop` per cluster at a time: test sessions started together share the cluster.
     # flock -o keeps the lock out of the daemons `up` starts, which would otherwise hold it for life.
     if [ -z "${AGENTBOX_CLUSTER_LOCKED:-}" ]; then
       mkdir -p "$cache/locks"
       rc=0
       AGENTBOX_CLUSTER_LOCKED=1 flock -E 75 -o -w 900 "$cache/locks/$kind-$name.lock" "$0" "$command" || rc=$?
-      [ $rc -ne 75 ] || die "another \`hack/cluster.sh up|down\` of '$name' held its lock for 15 minutes; re-run when it ends"
+      [ $rc -ne 75 ] || die "another \`hack/cluster.sh up|down|stop\` of '$name' held its lock for 15 minutes; re-run when it ends"
       exit $rc
     fi
     "${kind}_$command"
     ;;
   kubeconfig) "${kind}_kubeconfig_path" ;;
   status) "${kind}_status" ;;
-  *) die "usage: hack/cluster.sh up|down|kubeconfig|status" ;;
+  *) die "usage: hack/cluster.sh up|down|stop|kubeconfig|status" ;;
 esac
