@@ -41,6 +41,14 @@ class OperatorSettings(BaseSettings):
                                         "limits": {"cpu": "2", "memory": "2Gi"}}
     gateway_resources: dict[str, Any] = {"requests": {"cpu": "50m", "memory": "96Mi"},
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
+    egress_resources: dict[str, Any] = {"requests": {"cpu": "25m", "memory": "48Mi"},
+                                        "limits": {"cpu": "500m", "memory": "128Mi"}}
+    # Hosts every session's agent may reach through its egress proxy, beside the session's spec.egress.allow.
+    egress_default_allow: list[str] = Field([], description="Hosts every session may reach through its "
+                                                            "egress proxy (names, or *.domain)")
+    # Provider name -> base URL the egress proxy forwards to instead of the public API (a fake provider in
+    # tests and development; http:// only to loopback).
+    provider_upstreams: dict[str, str] = Field({}, description="Provider base URLs replacing the public APIs")
     # Where session pods may run, beside each session's own spec.nodeSelector and spec.tolerations (which
     # win on a clash): the local real node, for one, is tainted and labelled agentbox.dev/real-node=true.
     session_node_selector: dict[str, str] = Field({}, description="Node labels every session pod must match")

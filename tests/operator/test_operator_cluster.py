@@ -543,6 +543,17 @@ async def test_the_first_pod_follows_a_secret_left_by_an_earlier_pass(operator, 
             session_manifest("bad8", "t-x", agent={"env": [{"name": "AGENTBOX_RUNTIME", "value": "x"}]}),
             "AGENTBOX_",
         ),
+        (
+            session_manifest("bad9", "t-x", agent={"env": [{"name": "ANTHROPIC_API_KEY", "value": "sk-x"}]}),
+            "spec.egress.providerKey",
+        ),
+        (session_manifest("bad10", "t-x", egress={"allow": ["https://github.com"]}), "spec.egress.allow"),
+        (session_manifest("bad11", "t-x", egress={"allow": ["10.0.0.1"]}), "spec.egress.allow"),
+        (
+            session_manifest("bad12", "t-x", agent={"runtime": "scripted"},
+                             egress={"providerKey": {"name": "k", "key": "api-key"}}),
+            "spec.egress.provider is required",
+        ),
     ],
 )
 async def test_invalid_specs_are_rejected_at_admission(ops, namespace, manifest, field):
