@@ -445,7 +445,7 @@ async def test_the_api_keeps_credentials_in_tenant_namespaces_and_nowhere_else(k
     labels = {"agentbox.dev/mcp-configuration": "c1"}
     spec = {"transport": "streamable-http", "url": "http://127.0.0.1:9/mcp"}
     await api_kube.apply_mcp_server(rbac_tenant, "tools", spec, {"token": "one"}, labels)
-    await api_kube.apply_mcp_secret(rbac_tenant, "tools", {"token": "two"}, labels)
+    await api_kube.apply_secret(rbac_tenant, "tools", {"token": "two"}, labels)
     secret = await api_kube.get_secret(rbac_tenant, "tools")
     assert secret is not None and base64.b64decode(secret.data["token"]) == b"two"
     await api_kube.delete_mcp_server(rbac_tenant, "tools")
@@ -458,7 +458,7 @@ async def test_the_api_keeps_credentials_in_tenant_namespaces_and_nowhere_else(k
             await api_kube.get_secret(where, name)
         assert refused.value.status == 403
     with pytest.raises(KubeError) as refused:
-        await api_kube.apply_mcp_secret(namespace, "tools", {"token": "one"}, labels)
+        await api_kube.apply_secret(namespace, "tools", {"token": "one"}, labels)
     assert refused.value.status == 403
     assert not await api_kube.wait_for_tenant_access(namespace, 0)
     # No namespace may go: neither a plain one nor a tenant's.
