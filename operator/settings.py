@@ -11,6 +11,7 @@ import kopf
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentbox.crds.agentsession import HostPattern
 from agentbox.operator.naming import MANAGED_BY, MANAGER, TENANT_LABEL
 
 FIELD_MANAGER = "agentbox-operator"
@@ -44,7 +45,7 @@ class OperatorSettings(BaseSettings):
     egress_resources: dict[str, Any] = {"requests": {"cpu": "25m", "memory": "48Mi"},
                                         "limits": {"cpu": "500m", "memory": "128Mi"}}
     # Hosts every session's agent may reach through its egress proxy, beside the session's spec.egress.allow.
-    egress_default_allow: list[str] = Field([], description="Hosts every session may reach through its "
+    egress_default_allow: list[HostPattern] = Field([], description="Hosts every session may reach through its "
                                                             "egress proxy (names, or *.domain)")
     # Provider name -> base URL the egress proxy forwards to instead of the public API (a fake provider in
     # tests and development; http:// only to loopback).

@@ -136,6 +136,14 @@ async def test_each_agent_runtime_s_image_reaches_the_operator(kube):
     assert json.loads(none["AGENTBOX_AGENT_IMAGES"]) == {}, "every runtime in sandbox.image"
 
 
+async def test_the_egress_allow_list_reaches_the_operator(kube):
+    defaults = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED)))
+    assert json.loads(defaults["AGENTBOX_EGRESS_DEFAULT_ALLOW"]) == []
+    listed = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED, "--set-json",
+                                               'sandbox.egressAllow=["registry.npmjs.org","*.pypi.org"]')))
+    assert json.loads(listed["AGENTBOX_EGRESS_DEFAULT_ALLOW"]) == ["registry.npmjs.org", "*.pypi.org"]
+
+
 async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database_never_sees(kube):
     def api_of(objects: list[dict]) -> tuple[dict, dict | None]:
         deployment = next(o for o in objects
@@ -250,6 +258,7 @@ async def test_the_api_is_granted_exactly_what_it_uses(kube, values, expected):
     (["--set", "api.auditCheckpoints.intervalSeconds=0"], "at '/api/auditCheckpoints/intervalSeconds'"),
     (["--set", "sandbox.agentImages.gemni=x"], "at '/sandbox/agentImages': additional properties 'gemni'"),
     (["--set", "sandbox.agentImages.codex="], "at '/sandbox/agentImages/codex'"),
+    (["--set-json", 'sandbox.egressAllow=["https://x.org"]'], "at '/sandbox/egressAllow/0'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
