@@ -44,9 +44,9 @@ class OperatorSettings(BaseSettings):
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
     egress_resources: dict[str, Any] = {"requests": {"cpu": "25m", "memory": "48Mi"},
                                         "limits": {"cpu": "500m", "memory": "128Mi"}}
-    # Hosts every session's agent may reach through its egress proxy, beside the session's spec.egress.allow.
-    egress_default_allow: list[HostPattern] = Field([], description="Hosts every session may reach through its "
-                                                            "egress proxy (names, or *.domain)")
+    egress_default_allow: list[HostPattern] = Field(
+        [], description="Hosts every session's agent may reach through its egress proxy, beside the "
+                        "session's spec.egress.allow (names, or *.domain)")
     # Provider name -> base URL the egress proxy forwards to instead of the public API (a fake provider in
     # tests and development; http:// only to loopback).
     provider_upstreams: dict[str, str] = Field({}, description="Provider base URLs replacing the public APIs")
