@@ -158,6 +158,16 @@ async def _current(kube: Kube, namespace: str, name: str, uid: str) -> dict[str,
     return body if body is not None and body["metadata"]["uid"] == uid else None
 
 
+def provider_key_secrets() -> dict[tuple[str, str], list[str]]:
+    """(namespace, Secret) -> the sessions whose spec.egress.providerKey it holds (of those seen)."""
+    sessions_by_secret: dict[tuple[str, str], list[str]] = {}
+    for (namespace, name), body in _latest.items():
+        ref = (((body.get("spec") or {}).get("egress") or {}).get("providerKey") or {}).get("name")
+        if ref:
+            sessions_by_secret.setdefault((namespace, ref), []).append(name)
+    return sessions_by_secret
+
+
 class NameConflictError(kopf.TemporaryError):
     """A child's name is held by an object we do not own; retried slowly in case it goes away."""
 

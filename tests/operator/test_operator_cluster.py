@@ -147,6 +147,19 @@ async def test_a_provider_key_reaches_the_egress_proxy_alone(operator, ops, tena
     assert proxy["allow"] == ["api.github.com"] and proxy["provider"]["keyFile"].endswith("/provider-key")
     assert found["NetworkPolicy"]["spec"]["egress"][1]["ports"] == [{"protocol": "TCP", "port": 443}]
 
+    # A rotated key reaches the proxy: the operator re-reads the Secret and the pod rolls.
+    rotated = "sk-ant-rotated-" + secrets.token_hex(8)
+    await ops.merge_patch("Secret", tenant, "llm-keys",
+                          {"data": {"anthropic": base64.b64encode(rotated.encode()).decode()}})
+
+    async def rolled():
+        now = await children(ops, tenant, "keyed")
+        copied = base64.b64decode(((now["Secret"] or {}).get("data") or {}).get("provider-key", "")).decode()
+        replaced = now["Pod"] is not None and now["Pod"]["metadata"]["uid"] != pod["metadata"]["uid"]
+        return copied == rotated and replaced
+
+    await eventually(rolled, timeout=30, what="the rotated key copied and the pod replaced")
+
 HARDENING_FLIPS = {
     "allowPrivilegeEscalation": lambda pod: pod["spec"]["containers"][0]["securityContext"].update(
         allowPrivilegeEscalation=True
