@@ -46,8 +46,10 @@ RUNTIME_PROVIDERS: dict[str, Provider] = {"claude-code": "anthropic", "gemini": 
 # provider credential in plain text (the CR and the pod spec are readable): refused in spec.agent.env.
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY", "ALL_PROXY", "https_proxy", "http_proxy",
                    "no_proxy", "all_proxy")
+# Node.js (22.21 and later) sends fetch() and node:http(s) through the proxy variables only with this set.
+NODE_PROXY_SWITCH = "NODE_USE_ENV_PROXY"
 CREDENTIAL_VARIABLES = ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN",
                         "GEMINI_API_KEY", "GOOGLE_API_KEY", "OPENAI_API_KEY", "CODEX_API_KEY")
-RESERVED_ENV_NAMES = tuple(sorted({*CREDENTIAL_VARIABLES, *PROXY_VARIABLES,
+RESERVED_ENV_NAMES = tuple(sorted({*CREDENTIAL_VARIABLES, *PROXY_VARIABLES, NODE_PROXY_SWITCH,
                                    *(api.base_url_variable for api in PROVIDER_APIS.values())}))
 

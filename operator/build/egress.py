@@ -9,7 +9,7 @@ the proxy's route as the provider's base URL, and the proxy as its HTTPS_PROXY.
 from typing import Any
 from urllib.parse import urlsplit
 
-from agentbox.crds.providers import PLACEHOLDER_KEY, PROVIDER_APIS, PROXY_VARIABLES
+from agentbox.crds.providers import NODE_PROXY_SWITCH, PLACEHOLDER_KEY, PROVIDER_APIS, PROXY_VARIABLES
 from agentbox.operator.build.common import Session
 
 EGRESS_HOST = "127.0.0.1"
@@ -43,6 +43,7 @@ def runner_variables(session: Session, *, has_key: bool) -> list[dict[str, str]]
     proxy = f"http://{EGRESS_HOST}:{EGRESS_CONNECT_PORT}"
     env = [{"name": name, "value": "127.0.0.1,localhost,::1" if name.lower() == "no_proxy" else proxy}
            for name in PROXY_VARIABLES if not name.lower().startswith("all_")]
+    env.append({"name": NODE_PROXY_SWITCH, "value": "1"})
     provider = session.spec.provider
     if has_key and provider is not None:
         api = PROVIDER_APIS[provider]

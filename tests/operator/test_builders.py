@@ -420,6 +420,7 @@ def test_the_runner_gets_the_placeholder_and_the_proxy_route(runtime, key_variab
     assert env[base_url_variable] == route
     assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:8767"
     assert env["NO_PROXY"] == "127.0.0.1,localhost,::1"
+    assert env["NODE_USE_ENV_PROXY"] == "1", "Node.js agents' own fetch() goes through the proxy too"
     assert not any(item.get("valueFrom") for item in pod["spec"]["containers"][0]["env"]), \
         "nothing in the runner's environment comes from a Secret"
 
