@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from agentbox.crds.conditions import SessionPhase
 from agentbox.crds.fields import (
@@ -139,7 +139,14 @@ HOST_PATTERN_RE = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[
 _CEL_HOST_PATTERN = HOST_PATTERN_RE.replace("\\", "\\\\")  # a CEL string literal escapes backslashes
 HOST_PATTERN_MESSAGE = ("spec.egress.allow[] must be a lower-case host name (api.github.com) or *. and a "
                         "domain (*.githubusercontent.com): no scheme, port, path or IP address")
+def _not_an_address(host: str) -> str:
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(HOST_PATTERN_MESSAGE)
+    return host
+
+
 HostPattern = Annotated[str, StringConstraints(pattern=HOST_PATTERN_RE, min_length=1, max_length=253),
+                        AfterValidator(_not_an_address),
                         Field(json_schema_extra={"x-kubernetes-validations": [
                             {"rule": f"self.matches('{_CEL_HOST_PATTERN}') && !self.matches('^[0-9.]+$')",
                              "message": HOST_PATTERN_MESSAGE}]})]
@@ -162,12 +169,6 @@ class Egress(KubeModel):
         None, description="The Secret key (same namespace) holding the provider's API key. Mounted only "
                           "into the egress proxy: the agent gets a placeholder and the proxy's address as "
                           "its base URL.")
-
-    @model_validator(mode="after")
-    def _hosts_not_addresses(self) -> "Egress":
-        if any(re.fullmatch(r"[0-9.]+", host) for host in self.allow):
-            raise ValueError(HOST_PATTERN_MESSAGE)
-        return self
 
 
 PROVIDER_NEEDED_MESSAGE = (f"spec.egress.provider is required with spec.egress.providerKey when spec.agent."

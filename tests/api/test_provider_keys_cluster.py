@@ -152,8 +152,9 @@ async def test_plain_text_keys_and_bad_input_are_refused_naming_the_field(setup)
     assert spaced.status_code == 422 and spaced.json()["errors"][0]["field"] == "body.apiKey"
     unknown = await api.put(f"{BASE}/user/mistral", headers=ALICE, json={"apiKey": OTHER_KEY})
     assert unknown.status_code == 422 and unknown.json()["errors"][0]["field"] == "path.provider"
-    host = await api.post("/api/v1/sessions", headers=ALICE, json={"egress": {"allow": ["https://x.org"]}})
-    assert host.status_code == 422 and host.json()["errors"][0]["field"].startswith("body.egress.allow")
+    for bad_host in ("https://x.org", "10.0.0.1"):
+        host = await api.post("/api/v1/sessions", headers=ALICE, json={"egress": {"allow": [bad_host]}})
+        assert host.status_code == 422 and host.json()["errors"][0]["field"] == "body.egress.allow.0"
     assert await superuser.fetchval("SELECT count(*) FROM provider_keys") == before
 
 
