@@ -139,6 +139,8 @@ HOST_PATTERN_RE = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[
 _CEL_HOST_PATTERN = HOST_PATTERN_RE.replace("\\", "\\\\")  # a CEL string literal escapes backslashes
 HOST_PATTERN_MESSAGE = ("spec.egress.allow[] must be a lower-case host name (api.github.com) or *. and a "
                         "domain (*.githubusercontent.com): no scheme, port, path or IP address")
+
+
 def _not_an_address(host: str) -> str:
     if re.fullmatch(r"[0-9.]+", host):
         raise ValueError(HOST_PATTERN_MESSAGE)
