@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
+from http import HTTPStatus
 
 import h11
 
@@ -113,9 +114,9 @@ class TunnelProxy:
                                                  "reason": refusal.reason})
             body = f"{refusal.reason}\n".encode()
             writer.write(connection.send(h11.Response(
-                status_code=refusal.status, headers=[("content-type", "text/plain; charset=utf-8"),
-                                                     ("content-length", str(len(body))),
-                                                     ("connection", "close")])) or b"")
+                status_code=refusal.status, reason=HTTPStatus(refusal.status).phrase.encode(),
+                headers=[("content-type", "text/plain; charset=utf-8"), ("content-length", str(len(body))),
+                         ("connection", "close")])) or b"")
             writer.write(connection.send(h11.Data(data=body)) or b"")
             writer.write(connection.send(h11.EndOfMessage()) or b"")
             await writer.drain()

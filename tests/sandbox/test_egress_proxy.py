@@ -185,7 +185,7 @@ async def test_connect_tunnels_to_an_allowed_host(tmp_path, echo_port):
 async def test_connect_refuses_a_host_not_on_the_allow_list(tmp_path, echo_port, caplog):
     async with proxy(tmp_path, None, ["*.example.org"], [echo_port]) as config:
         head, body = await _connect(config.listen.connect_port, f"localhost:{echo_port}")
-    assert head.startswith(b"HTTP/1.1 403"), head
+    assert head.startswith(b"HTTP/1.1 403 Forbidden"), head
     assert b"egress to localhost is not allowed" in body and b"spec.egress.allow" in body
     assert any("egress refused" in record.getMessage() for record in caplog.records)
 
