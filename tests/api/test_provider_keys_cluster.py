@@ -24,7 +24,7 @@ from agentbox.api.settings import Settings
 from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256
 
 SUFFIX = secrets.token_hex(3)
-ORG_A, ORG_B = f"pka{SUFFIX}", f"pkb{SUFFIX}"
+ORG_A, ORG_B, ORG_NO_NAMESPACE = f"pka{SUFFIX}", f"pkb{SUFFIX}", f"pkc{SUFFIX}"
 ORG_KEY = "sk-ant-org-" + secrets.token_hex(16)
 USER_KEY = "sk-ant-user-" + secrets.token_hex(16)
 OTHER_KEY = "sk-ant-other-" + secrets.token_hex(16)
@@ -43,7 +43,8 @@ ADMIN_B = bearer("admin-b", ORG_B, "admin")
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def setup(postgres, kube):
     superuser = await asyncpg.connect(postgres.superuser_dsn)
-    await superuser.executemany("INSERT INTO organizations (id, name) VALUES ($1, $1)", [(ORG_A,), (ORG_B,)])
+    await superuser.executemany("INSERT INTO organizations (id, name) VALUES ($1, $1)",
+                                [(ORG_A,), (ORG_B,), (ORG_NO_NAMESPACE,)])
     database = Database(postgres.app_dsn)
     api_client = client.ApiClient(configuration=kube._configuration)
     cluster = ApiKube(api_client)
@@ -180,3 +181,16 @@ async def test_deleting_a_key_removes_row_and_secret_and_another_orgs_answer_404
     assert again.status_code == 201, again.text
     cr = await cluster.get_session(f"tenant-{ORG_A}", "alice-again")
     assert cr["spec"]["egress"]["providerKey"]["name"] == secret_name(None, "anthropic")
+
+
+async def test_a_failed_kubernetes_write_takes_the_database_change_back(setup):
+    api, _cluster, superuser = setup
+    admin = bearer("admin-c", ORG_NO_NAMESPACE, "admin")
+    answer = await api.put(f"{BASE}/org/gemini", headers=admin, json={"apiKey": OTHER_KEY})
+    assert answer.status_code == 409 and "does not exist" in answer.json()["detail"], answer.text
+    stored = await superuser.fetchval("SELECT count(*) FROM provider_keys WHERE org_id = $1",
+                                      ORG_NO_NAMESPACE)
+    assert stored == 0
+    outcome = await superuser.fetchval("SELECT outcome FROM audit_logs WHERE org_id = $1 ORDER BY seq DESC "
+                                       "LIMIT 1", ORG_NO_NAMESPACE)
+    assert outcome == "failed"
