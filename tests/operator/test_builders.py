@@ -457,3 +457,18 @@ def test_egress_ports_are_https_and_the_mcp_servers_own():
     assert egress_ports([]) == [443]
     assert egress_ports(["https://mcp.example.com/mcp", "https://x.example.com:8443/sse",
                          "http://plain.example.com/mcp"]) == [80, 443, 8443]
+
+
+def test_the_proxy_accepts_the_egress_json_the_operator_renders(tmp_path):
+    from agentbox.operator.build.egress import egress_config
+    from agentbox.sandbox.egress.config import load
+
+    for runtime in ("claude-code", "gemini", "codex"):
+        session = _keyed_session(agent={"runtime": runtime})
+        path = tmp_path / "egress.json"
+        path.write_text(build_configmap(session, {}, egress_config(
+            session, has_key=True, default_allow=["*.npmjs.org"]))["data"]["egress.json"])
+        config = load(path)
+        assert config.provider is not None and config.provider.upstream.startswith("https://")
+        assert config.allow == ["*.npmjs.org", "api.github.com"] and config.connect_ports == [443]
+        assert config.allow_private_networks is False
