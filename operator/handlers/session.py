@@ -459,8 +459,9 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
                          node_selector=settings.session_node_selector,
                          tolerations=settings.session_tolerations)
 
-    wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
-                     or meta.get("deletionTimestamp") or key_missing)
+    stopped = bool(spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
+                   or meta.get("deletionTimestamp"))
+    wants_pod = not (stopped or key_missing)
     # A session never reconciled before: create each child outright, the pod in the same round as soon as
     # its claim exists (one call each instead of a read plus an apply; the scheduler can do nothing with a
     # pod whose claim does not exist yet, and a failed attempt costs a backoff); only names already taken
@@ -542,7 +543,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     status = derive(observed, _now())
     await _write_status(kube, body, status)
     _schedule_expiry(kube, settings, observed, status, meta["uid"])
-    if key_missing and not (spec.lifecycle.suspend or meta.get("deletionTimestamp")):
+    if key_missing and not stopped:
         raise ProviderKeyMissingError(key_missing, delay=settings.conflict_retry_seconds)
     return status
 
