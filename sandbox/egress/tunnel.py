@@ -87,8 +87,8 @@ class TunnelProxy:
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, h11.ProtocolError):
+            pass  # a client that went away or spoke no HTTP: nothing to answer
         finally:
             writer.close()
             with contextlib.suppress(ConnectionError):
