@@ -162,7 +162,7 @@ class Kube:
                                secret_data: dict[str, str], labels: dict[str, str]) -> None:
         """Create or replace the MCPServer and, when it has credentials, its Secret of the same name."""
         labels = {**labels, **MANAGED_BY}
-        await self.apply_mcp_secret(namespace, name, secret_data, labels)
+        await self.apply_secret(namespace, name, secret_data, labels)
         body = {"apiVersion": mcpserver.API_VERSION, "kind": mcpserver.KIND,
                 "metadata": {"name": name, "namespace": namespace, "labels": labels}, "spec": spec}
         try:
@@ -179,9 +179,9 @@ class Kube:
             await self._call(self.custom.replace_namespaced_custom_object, mcpserver.GROUP, mcpserver.VERSION,
                              namespace, mcpserver.PLURAL, name, body)
 
-    async def apply_mcp_secret(self, namespace: str, name: str, secret_data: dict[str, str],
-                               labels: dict[str, str]) -> None:
-        """Replace the MCPServer's Secret with exactly `secret_data`; no data, no Secret."""
+    async def apply_secret(self, namespace: str, name: str, secret_data: dict[str, str],
+                           labels: dict[str, str]) -> None:
+        """Create or replace the Secret with exactly `secret_data`; no data, no Secret."""
         if not secret_data:
             await self._ignore_missing(self.core.delete_namespaced_secret, name, namespace)
             return
@@ -211,6 +211,9 @@ class Kube:
             if exc.status == 404:
                 return None
             raise
+
+    async def delete_secret(self, namespace: str, name: str) -> None:
+        await self._ignore_missing(self.core.delete_namespaced_secret, name, namespace)
 
     async def delete_mcp_server(self, namespace: str, name: str) -> None:
         await self._ignore_missing(self.custom.delete_namespaced_custom_object, mcpserver.GROUP,

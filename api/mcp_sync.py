@@ -294,7 +294,7 @@ async def apply(kube: Kube, namespace: str, config: Configuration, credentials: 
 async def apply_secret(kube: Kube, namespace: str, config: Configuration, credentials: Credentials) -> None:
     """Rewrite only the configuration's Secret (the MCPServer, its annotations and status stay)."""
     await _refuse_foreign(kube, namespace, config)
-    await kube.apply_mcp_secret(namespace, config.name, secret_data(credentials), labels(config))
+    await kube.apply_secret(namespace, config.name, secret_data(credentials), labels(config))
 
 
 async def remove(kube: Kube, namespace: str, config: Configuration) -> None:

@@ -3,10 +3,11 @@
 The same models validate the API's request bodies and generate the CRD schema (`make crds`).
 """
 
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from agentbox.crds.conditions import SessionPhase
 from agentbox.crds.fields import (
@@ -20,6 +21,8 @@ from agentbox.crds.fields import (
     ToolFilter,
     preserve_unknown,
 )
+from agentbox.crds.mcpserver import SecretKeySelector
+from agentbox.crds.providers import PROVIDER_APIS, RESERVED_ENV_NAMES, RUNTIME_PROVIDERS, Provider
 
 GROUP = "agentbox.dev"
 VERSION = "v1alpha1"
@@ -43,14 +46,21 @@ class Tenant(KubeModel):
                     "wherever it becomes part of a name or label.")
 
 
+RESERVED_ENV_MESSAGE = ("spec.agent.env[].name must not be a provider credential, base URL or proxy variable "
+                        f"({', '.join(RESERVED_ENV_NAMES)}): the platform sets them; a provider key goes in "
+                        "spec.egress.providerKey, where only the egress proxy reads it")
+
+
 class EnvVar(KubeModel):
     """An environment variable for the agent (a Kubernetes EnvVar)."""
 
     name: Annotated[str, StringConstraints(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$", max_length=256)] = Field(
-        description="Variable name. Names starting with AGENTBOX_ are reserved for the sandbox.",
+        description="Variable name. Names starting with AGENTBOX_ are reserved for the sandbox; provider "
+                    "credentials, base URLs and proxy variables are set by the platform.",
         json_schema_extra={"x-kubernetes-validations": [
             {"rule": "!self.startsWith('AGENTBOX_')",
-             "message": "spec.agent.env[].name must not start with AGENTBOX_ (reserved)"}]})
+             "message": "spec.agent.env[].name must not start with AGENTBOX_ (reserved)"},
+            {"rule": f"!(self in {list(RESERVED_ENV_NAMES)})", "message": RESERVED_ENV_MESSAGE}]})
     value: str | None = Field(None, description="A literal value.", max_length=32768)
     value_from: dict[str, Any] | None = preserve_unknown(
         "A source for the value (secretKeyRef, configMapKeyRef, fieldRef...).", default=None)
@@ -59,6 +69,8 @@ class EnvVar(KubeModel):
     def _not_reserved(self) -> "EnvVar":
         if self.name.startswith("AGENTBOX_"):
             raise ValueError("spec.agent.env[].name must not start with AGENTBOX_ (reserved)")
+        if self.name in RESERVED_ENV_NAMES:
+            raise ValueError(RESERVED_ENV_MESSAGE)
         return self
 
 
@@ -122,8 +134,57 @@ class Lifecycle(KubeModel):
                           "message through the API resumes it.")
 
 
+# A host name, or *. and a domain for every name under it (not the domain itself).
+HOST_PATTERN_RE = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_CEL_HOST_PATTERN = HOST_PATTERN_RE.replace("\\", "\\\\")  # a CEL string literal escapes backslashes
+HOST_PATTERN_MESSAGE = ("spec.egress.allow[] must be a lower-case host name (api.github.com) or *. and a "
+                        "domain (*.githubusercontent.com): no scheme, port, path or IP address")
+
+
+def _not_an_address(host: str) -> str:
+    if re.fullmatch(r"[0-9.]+", host):
+        raise ValueError(HOST_PATTERN_MESSAGE)
+    return host
+
+
+HostPattern = Annotated[str, StringConstraints(pattern=HOST_PATTERN_RE, min_length=1, max_length=253),
+                        AfterValidator(_not_an_address),
+                        Field(json_schema_extra={"x-kubernetes-validations": [
+                            {"rule": f"self.matches('{_CEL_HOST_PATTERN}') && !self.matches('^[0-9.]+$')",
+                             "message": HOST_PATTERN_MESSAGE}]})]
+
+
+class Egress(KubeModel):
+    """Where the agent may connect, through the egress proxy in its pod, and the provider key the proxy
+    adds to the agent's model API calls."""
+
+    allow: list[HostPattern] = Field(
+        default_factory=list, max_length=64,
+        description="Hosts the agent may reach over HTTPS through the proxy, beside the operator's default "
+                    "list: names such as api.github.com, or *.example.com for every name under "
+                    "example.com. The provider's API needs no entry.")
+    provider: Provider | None = Field(
+        None, description="The model provider whose key spec.egress.providerKey holds: anthropic, gemini "
+                          "or openai. Defaults to the runtime's (claude-code: anthropic, gemini: gemini, "
+                          "codex: openai); scripted and custom sessions name one.")
+    provider_key: SecretKeySelector | None = Field(
+        None, description="The Secret key (same namespace) holding the provider's API key. Mounted only "
+                          "into the egress proxy: the agent gets a placeholder and the proxy's address as "
+                          "its base URL.")
+
+
+PROVIDER_NEEDED_MESSAGE = (f"spec.egress.provider is required with spec.egress.providerKey when spec.agent."
+                           f"runtime is not one of {', '.join(RUNTIME_PROVIDERS)} (one of "
+                           f"{', '.join(PROVIDER_APIS)})")
+
+
 class AgentSessionSpec(KubeModel):
     """The desired state of an agent sandbox."""
+
+    model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
+        {"rule": "!has(self.egress) || !has(self.egress.providerKey) || has(self.egress.provider) || "
+                 f"(has(self.agent.runtime) && self.agent.runtime in {list(RUNTIME_PROVIDERS)})",
+         "message": PROVIDER_NEEDED_MESSAGE}]}}
 
     tenant: Tenant = Field(description="Who the session belongs to.")
     agent: AgentSpec = Field(default_factory=AgentSpec, description="The agent and how it starts.",
@@ -147,6 +208,14 @@ class AgentSessionSpec(KubeModel):
         json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
     lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Suspension and expiry.",
                                  json_schema_extra={"default": {}})
+    egress: Egress = Field(default_factory=Egress, description="The agent's way out: hosts allowed through "
+                                                              "the egress proxy, and the provider key.",
+                           json_schema_extra={"default": {}})
+
+    @property
+    def provider(self) -> Provider | None:
+        """The provider the session's key is for (None: scripted or custom without spec.egress.provider)."""
+        return self.egress.provider or RUNTIME_PROVIDERS.get(self.agent.runtime)
 
     @model_validator(mode="after")
     def _unique_mcp_servers(self) -> "AgentSessionSpec":
@@ -154,6 +223,8 @@ class AgentSessionSpec(KubeModel):
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise ValueError(f"spec.mcpServers names must be unique; repeated: {', '.join(duplicates)}")
+        if self.egress.provider_key is not None and self.provider is None:
+            raise ValueError(PROVIDER_NEEDED_MESSAGE)
         if self.resources and set(self.resources) - {"limits", "requests", "claims"}:
             raise ValueError("spec.resources may only hold limits, requests and claims")
         return self

@@ -54,6 +54,7 @@ class Reason(StrEnum):
     NAME_CONFLICT = "NameConflict"
     INVALID_SPEC = "InvalidSpec"
     RECONCILE_ERROR = "ReconcileError"
+    PROVIDER_KEY_NOT_FOUND = "ProviderKeyNotFound"
     SHUTDOWN_TIME_REACHED = "ShutdownTimeReached"
     IDLE_TIMEOUT_REACHED = "IdleTimeoutReached"
     TERMINATING = "Terminating"

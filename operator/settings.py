@@ -11,6 +11,7 @@ import kopf
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from agentbox.crds.agentsession import HostPattern
 from agentbox.operator.naming import MANAGED_BY, MANAGER, TENANT_LABEL
 
 FIELD_MANAGER = "agentbox-operator"
@@ -41,6 +42,15 @@ class OperatorSettings(BaseSettings):
                                         "limits": {"cpu": "2", "memory": "2Gi"}}
     gateway_resources: dict[str, Any] = {"requests": {"cpu": "50m", "memory": "96Mi"},
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
+    # The proxy holds about 51 MiB resident once started (measured: python -m agentbox.sandbox.egress).
+    egress_resources: dict[str, Any] = {"requests": {"cpu": "25m", "memory": "64Mi"},
+                                        "limits": {"cpu": "500m", "memory": "128Mi"}}
+    egress_default_allow: list[HostPattern] = Field(
+        [], description="Hosts every session's agent may reach through its egress proxy, beside the "
+                        "session's spec.egress.allow (names, or *.domain)")
+    # Provider name -> base URL the egress proxy forwards to instead of the public API (a fake provider in
+    # tests and development; http:// only to loopback).
+    provider_upstreams: dict[str, str] = Field({}, description="Provider base URLs replacing the public APIs")
     # Where session pods may run, beside each session's own spec.nodeSelector and spec.tolerations (which
     # win on a clash): the local real node, for one, is tainted and labelled agentbox.dev/real-node=true.
     session_node_selector: dict[str, str] = Field({}, description="Node labels every session pod must match")

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 
 def mount_routers(app: FastAPI) -> None:
-    from agentbox.api.routers import audit, health, mcp, oauth, orgs, prompts, sessions
+    from agentbox.api.routers import audit, health, mcp, oauth, orgs, prompts, provider_keys, sessions
 
-    for module in (health, orgs, sessions, mcp, oauth, prompts, audit):
+    for module in (health, orgs, sessions, mcp, oauth, prompts, provider_keys, audit):
         app.include_router(module.router)

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import Field, ValidationError, model_validator
 
+from agentbox.api import provider_keys
 from agentbox.api.app import Services, services
 from agentbox.api.auth import Principal, tenant_member
 from agentbox.api.kube import MANAGED_BY, Kube, KubeError, tenant_namespace, user_label
@@ -37,6 +38,8 @@ from agentbox.crds.agentsession import (
     AgentSession,
     AgentSessionSpec,
     AgentSpec,
+    Egress,
+    HostPattern,
     Lifecycle,
     MCPServerRef,
     ObjectMeta,
@@ -45,6 +48,7 @@ from agentbox.crds.agentsession import (
 )
 from agentbox.crds.conditions import Reason, SessionPhase
 from agentbox.crds.fields import DNS_LABEL_PATTERN, Condition, DnsLabel, parse_duration
+from agentbox.crds.mcpserver import SecretKeySelector
 from agentbox.crds.naming import (
     LAST_ACTIVITY_ANNOTATION,
     ORG_LABEL,
@@ -52,6 +56,7 @@ from agentbox.crds.naming import (
     SUSPEND_REASON_ANNOTATION,
     USER_LABEL,
 )
+from agentbox.crds.providers import RUNTIME_PROVIDERS, Provider
 
 router = APIRouter(prefix="/api/v1/sessions", tags=["sessions"], route_class=AuditedRoute)
 log = logging.getLogger("agentbox.api.sessions")
@@ -68,12 +73,27 @@ TURN_FOLLOW_MAX_SECONDS = 6 * 3600.0
 STUCK_PHASES = (SessionPhase.FAILED, SessionPhase.NEEDS_AUTH, SessionPhase.EXPIRED, SessionPhase.TERMINATING)
 
 
+class EgressRequest(ApiModel):
+    """Where the session's agent may connect through its egress proxy. The provider key is not given here:
+    the session uses the caller's own stored key for its provider, else the org's (/api/v1/provider-keys)."""
+
+    allow: list[HostPattern] = Field(default_factory=list, max_length=64, description=(
+        "Hosts the agent may reach over HTTPS, beside the platform's default list: api.github.com, or "
+        "*.example.com for every name under example.com. The provider's API needs no entry."))
+    provider: Provider | None = Field(None, description="The model provider; defaults to the runtime's "
+                                                        "(claude-code: anthropic, gemini: gemini, codex: "
+                                                        "openai). Scripted and custom sessions may name one.")
+
+
 class SessionCreate(ApiModel):
     name: DnsLabel | None = Field(None, description="Leave out to have one generated.")
-    agent: AgentSpec = Field(default_factory=AgentSpec)
+    agent: AgentSpec = Field(default_factory=AgentSpec, description=(
+        "The agent. Provider credentials, base URLs and proxy variables are refused in agent.env: store "
+        "the key under /api/v1/provider-keys and the session's egress proxy adds it."))
     workspace: Workspace = Field(default_factory=Workspace)
     mcp_servers: list[MCPServerRef] = Field(default_factory=list, max_length=32)
     lifecycle: Lifecycle = Field(default_factory=Lifecycle)
+    egress: EgressRequest = Field(default_factory=EgressRequest)
 
     @model_validator(mode="after")
     def _tenant_safe(self) -> SessionCreate:
@@ -204,7 +224,12 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
         async with audited_transaction(request, principal) as conn:
             variables = {"name": name, "runtime": body.agent.runtime, "model": body.agent.model}
             composed = await compose_for(conn, shared, principal, variables)
-            audit_details(request, prompt_version=composed.version)
+            provider = body.egress.provider or RUNTIME_PROVIDERS.get(body.agent.runtime)
+            key = await provider_keys.resolve(conn, principal.sub, provider) if provider else None
+            audit_details(request, prompt_version=composed.version, provider=provider,
+                          provider_key=key["name"] if key else None)
+            egress = Egress(allow=body.egress.allow, provider=body.egress.provider,
+                            provider_key=SecretKeySelector(**key) if key else None)
             try:
                 resource = AgentSession(
                     metadata=ObjectMeta(name=name, namespace=namespace, labels={
@@ -213,7 +238,7 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
                     spec=AgentSessionSpec(tenant=Tenant(org=principal.org, user=principal.sub),
                                           agent=body.agent, workspace=body.workspace,
                                           mcp_servers=body.mcp_servers, system_prompt=composed.text,
-                                          lifecycle=body.lifecycle))
+                                          lifecycle=body.lifecycle, egress=egress))
             except ValidationError as exc:
                 raise ProblemError(422, "Unprocessable Content", "the session is not valid",
                                    errors=field_errors(exc.errors())) from exc

@@ -18,9 +18,11 @@ def dns_egress() -> dict[str, Any]:
             "ports": [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]}
 
 
-def build_session_policy(session: Session, api_namespace: str,
-                         api_pod_labels: dict[str, str]) -> dict[str, Any]:
-    """Ingress only from the control-plane API; egress to DNS and public addresses only."""
+def build_session_policy(session: Session, api_namespace: str, api_pod_labels: dict[str, str],
+                         ports: list[int]) -> dict[str, Any]:
+    """Ingress only from the control-plane API; egress to DNS, and to public addresses on `ports` only
+    (egress.egress_ports: HTTPS and the session's MCP servers' ports). A NetworkPolicy knows addresses,
+    not names: which hosts the agent reaches is the egress proxy's allow-list."""
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": session.metadata(),
         "spec": {
@@ -32,6 +34,7 @@ def build_session_policy(session: Session, api_namespace: str,
                          "ports": [{"protocol": "TCP", "port": naming.ENDPOINT_PORT}]}],
             "egress": [dns_egress(),
                        {"to": [{"ipBlock": {"cidr": "0.0.0.0/0", "except": PRIVATE_IPV4}},
-                               {"ipBlock": {"cidr": "::/0", "except": PRIVATE_IPV6}}]}],
+                               {"ipBlock": {"cidr": "::/0", "except": PRIVATE_IPV6}}],
+                        "ports": [{"protocol": "TCP", "port": port} for port in ports]}],
         },
     }

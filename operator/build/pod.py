@@ -1,4 +1,6 @@
-"""The sandbox pod: the agent runner plus the MCP gateway as a native sidecar, PSS "restricted"."""
+"""The sandbox pod: the agent runner plus the MCP gateway and the egress proxy as native sidecars, PSS
+"restricted". Each credential is mounted into the one container that uses it: MCP credentials into the
+gateway, the provider key into the egress proxy, the runner token into the runner."""
 
 import hashlib
 import json
@@ -7,13 +9,26 @@ from typing import Any
 
 from agentbox.operator import naming
 from agentbox.operator.build.common import Session
-from agentbox.operator.build.configmap import CONFIG_DIR, GATEWAY_CONFIG_KEY, SYSTEM_PROMPT_KEY
+from agentbox.operator.build.configmap import (
+    CONFIG_DIR,
+    EGRESS_CONFIG_KEY,
+    GATEWAY_CONFIG_KEY,
+    SYSTEM_PROMPT_KEY,
+)
+from agentbox.operator.build.egress import (
+    EGRESS_HOST,
+    EGRESS_PORT,
+    EGRESS_SECRETS_DIR,
+    PROVIDER_KEY,
+    runner_variables,
+)
 from agentbox.operator.build.mcp import GATEWAY_HOST, GATEWAY_PORT, SECRETS_DIR
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 
 SANDBOX_UID = 65532
 WORKSPACE_DIR = "/workspace"
 RUNNER_CONTAINER = "runner"
+EGRESS_CONTAINER = "egress"
 # Where the runner says why it gave up on its agent when it exits (read back by status.container_failure).
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # An auth refusal the runner remembers across its container's restarts: on the pod's /tmp emptyDir.
@@ -32,11 +47,12 @@ def container_security_context() -> dict[str, Any]:
             "runAsGroup": SANDBOX_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def _mounts(secrets_volume: str | None, workspace: bool) -> list[dict[str, Any]]:
+def _mounts(secrets_volume: str | None, workspace: bool,
+            secrets_dir: str = SECRETS_DIR) -> list[dict[str, Any]]:
     mounts = [{"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
               {"name": "tmp", "mountPath": "/tmp"}]  # noqa: S108 (an emptyDir, not the host's /tmp)
     if secrets_volume:
-        mounts.append({"name": secrets_volume, "mountPath": SECRETS_DIR, "readOnly": True})
+        mounts.append({"name": secrets_volume, "mountPath": secrets_dir, "readOnly": True})
     if workspace:
         mounts.append({"name": "workspace", "mountPath": WORKSPACE_DIR})
     return mounts
@@ -49,7 +65,7 @@ def _secret_volume(name: str, secret_name: str, keys: list[str]) -> dict[str, An
                                      "items": [{"key": key, "path": key} for key in keys]}}
 
 
-def runner_env(session: Session) -> list[dict[str, Any]]:
+def runner_env(session: Session, *, provider_key: bool = False) -> list[dict[str, Any]]:
     agent = session.spec.agent
     env = [{"name": "AGENTBOX_RUNTIME", "value": agent.runtime},
            {"name": "AGENTBOX_RUNNER_TOKEN_FILE", "value": f"{SECRETS_DIR}/{RUNNER_TOKEN_KEY}"},
@@ -65,24 +81,32 @@ def runner_env(session: Session) -> list[dict[str, Any]]:
         env.append({"name": "AGENTBOX_AGENT_COMMAND", "value": json.dumps([*agent.command, *agent.args])})
     elif agent.args:
         env.append({"name": "AGENTBOX_AGENT_ARGS", "value": json.dumps(agent.args)})
-    # User variables come last but can never shadow ours: AGENTBOX_* names are rejected at admission.
+    env.extend(runner_variables(session, has_key=provider_key))
+    # User variables come last but can never shadow ours: AGENTBOX_* names, provider credentials, base URLs
+    # and proxy variables are rejected at admission.
     env.extend(var.model_dump(by_alias=True, exclude_none=True) for var in agent.env)
     return env
 
 
-GATEWAY_STARTED_CHECK = (f"import urllib.request; "
-                         f"urllib.request.urlopen('http://{GATEWAY_HOST}:{GATEWAY_PORT}/healthz', timeout=2)")
+def _started_check(host: str, port: int) -> list[str]:
+    # Loopback only, hence exec: a kubelet HTTP probe would knock on the pod's address.
+    return ["python", "-c", f"import urllib.request; urllib.request.urlopen('http://{host}:{port}/healthz', "
+                            "timeout=2)"]
 
 
 def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: str,
               runner_resources: dict[str, Any], gateway_resources: dict[str, Any],
-              credential_keys: Iterable[str] = (), runner_image: str | None = None,
+              egress_resources: dict[str, Any] | None = None,
+              credential_keys: Iterable[str] = (), provider_key: bool = False,
+              runner_image: str | None = None,
               node_selector: dict[str, str] | None = None, tolerations: Iterable[dict[str, Any]] = ()
               ) -> dict[str, Any]:
     """`image`: the sandbox image (the gateway; the runner too unless `runner_image`, the runtime's agent
     image, or the session's own spec.agent.image says otherwise). `credential_keys`: the session Secret's
-    MCP credential keys, mounted into the gateway alone. `node_selector`, `tolerations`: the operator's
-    placement for every session; the session's own spec adds to them (its selector wins on the same label)."""
+    MCP credential keys, mounted into the gateway alone. `provider_key`: the session Secret holds the
+    provider's key (PROVIDER_KEY), mounted into the egress proxy alone. `node_selector`, `tolerations`: the
+    operator's placement for every session; the session's own spec adds to them (its selector wins on the
+    same label)."""
     spec = session.spec
     mcp_keys = sorted(credential_keys)
     gateway = {
@@ -91,19 +115,30 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         "env": [{"name": "AGENTBOX_GATEWAY_CONFIG", "value": f"{CONFIG_DIR}/{GATEWAY_CONFIG_KEY}"},
                 {"name": "HOME", "value": "/tmp"}],  # noqa: S108 (an emptyDir)
         "restartPolicy": "Always",  # a native sidecar: starts first, lives as long as the runner
-        # The runner starts once this passes, so the agent's first tool call finds the gateway listening
-        # (on loopback only, hence exec: a kubelet HTTP probe would knock on the pod's address).
-        "startupProbe": {"exec": {"command": ["python", "-c", GATEWAY_STARTED_CHECK]},
+        # The runner starts once this passes, so the agent's first tool call finds the gateway listening.
+        "startupProbe": {"exec": {"command": _started_check(GATEWAY_HOST, GATEWAY_PORT)},
                          "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 120},
         "resources": gateway_resources, "securityContext": container_security_context(),
         # An empty items list would project every key, so no credentials means no secret volume at all.
         "volumeMounts": _mounts("mcp-secrets" if mcp_keys else None, workspace=False)}
+    egress = {
+        "name": EGRESS_CONTAINER, "image": image, "imagePullPolicy": pull_policy,
+        "command": ["python", "-m", "agentbox.sandbox.egress"],
+        "env": [{"name": "AGENTBOX_EGRESS_CONFIG", "value": f"{CONFIG_DIR}/{EGRESS_CONFIG_KEY}"},
+                {"name": "HOME", "value": "/tmp"}],  # noqa: S108 (an emptyDir)
+        "restartPolicy": "Always",
+        # The agent's first model call and download find the proxy listening.
+        "startupProbe": {"exec": {"command": _started_check(EGRESS_HOST, EGRESS_PORT)},
+                         "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 120},
+        "resources": egress_resources or gateway_resources, "securityContext": container_security_context(),
+        "volumeMounts": _mounts("egress-secrets" if provider_key else None, workspace=False,
+                                secrets_dir=EGRESS_SECRETS_DIR)}
     runner = {
         "name": RUNNER_CONTAINER, "image": spec.agent.image or runner_image or image,
         "imagePullPolicy": pull_policy,
         "command": ["python", "-m", "agentbox.sandbox.runner"],
         "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
-        "env": runner_env(session), "workingDir": WORKSPACE_DIR,
+        "env": runner_env(session, provider_key=provider_key), "workingDir": WORKSPACE_DIR,
         # Ready only while the agent can take a message (not starting, not refusing to authenticate).
         "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
         # The runner's own message when it gives up (it exits 69 or 77); the tail of its log when it dies
@@ -119,7 +154,7 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         "terminationGracePeriodSeconds": 15,
         "securityContext": {"runAsNonRoot": True, "runAsUser": SANDBOX_UID, "runAsGroup": SANDBOX_UID,
                             "fsGroup": SANDBOX_UID, "seccompProfile": {"type": "RuntimeDefault"}},
-        "initContainers": [gateway],
+        "initContainers": [gateway, egress],
         "containers": [runner],
         "volumes": [
             {"name": "workspace", "persistentVolumeClaim": {"claimName": session.child_name}},
@@ -130,6 +165,8 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
     }
     if mcp_keys:
         pod_spec["volumes"].append(_secret_volume("mcp-secrets", session.child_name, mcp_keys))
+    if provider_key:
+        pod_spec["volumes"].append(_secret_volume("egress-secrets", session.child_name, [PROVIDER_KEY]))
     if spec.runtime_class_name:
         pod_spec["runtimeClassName"] = spec.runtime_class_name
     selector = {**(node_selector or {}), **spec.node_selector}

@@ -1,4 +1,5 @@
-"""The session Secret: the runner token and the MCP credentials, mounted at /var/run/agentbox/secrets."""
+"""The session Secret: the runner token, the MCP credentials and the provider key, each item mounted into
+the one container that reads it (operator/build/pod.py)."""
 
 import secrets
 from typing import Any

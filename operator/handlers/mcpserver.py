@@ -3,6 +3,7 @@ and re-render the sessions that use a server whenever it changes."""
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
 from agentbox.crds.naming import NEEDS_REAUTH, OAUTH_ANNOTATION
 from agentbox.operator import metrics, probe
 from agentbox.operator.build import mcp
-from agentbox.operator.handlers.session import reconcile
+from agentbox.operator.handlers.session import provider_key_secrets, reconcile
 from agentbox.operator.kube import Kube
 from agentbox.operator.later import Later
 from agentbox.operator.settings import OperatorSettings
@@ -218,7 +219,8 @@ async def credentials_changed(kube: Kube, settings: OperatorSettings, namespace:
 
 
 async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
-    """Re-read every Secret an MCPServer references each secret_check_seconds; act on changed data.
+    """Re-read every Secret an MCPServer or a session's provider key references each secret_check_seconds;
+    act on changed data (a session's pod rolls: its config hash covers the key it copied).
 
     Polling with `get` rather than a Secret watch: a watch needs list/watch on every Secret of the
     cluster, which the chart does not grant (least privilege); the referenced Secrets are few."""
@@ -239,12 +241,19 @@ async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
             await asyncio.sleep(settings.secret_check_seconds)
         first_pass = False
         try:
-            wanted = referenced_secrets()
-            keys = list(wanted)
+            wanted, keyed = referenced_secrets(), provider_key_secrets()
+            keys = list({*wanted, *keyed})
             found = dict(zip(keys, await asyncio.gather(*(read(key) for key in keys)), strict=True))
             for key, digest in found.items():
                 if (key in digests and digests[key] != digest) or (started and key not in digests):
-                    await credentials_changed(kube, settings, key[0], wanted[key])
+                    if key in wanted:
+                        await credentials_changed(kube, settings, key[0], wanted[key])
+                    for session in keyed.get(key, []):
+                        body = await kube.get(agentsession.KIND, key[0], session)
+                        # A key still missing is reported on the session and retried on its own schedule.
+                        with contextlib.suppress(kopf.TemporaryError):
+                            if body is not None:
+                                await reconcile(kube, settings, body)
             digests, started = found, True
         except Exception:  # one failed pass must not end the loop: the next pass compares again
             log.exception("checking referenced Secrets failed")

@@ -22,6 +22,7 @@ from agentbox.operator import metrics, naming, workspace
 from agentbox.operator.build import mcp
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.configmap import build_configmap
+from agentbox.operator.build.egress import PROVIDER_KEY, egress_config, egress_ports
 from agentbox.operator.build.networkpolicy import build_session_policy
 from agentbox.operator.build.pod import build_pod, config_hash
 from agentbox.operator.build.pvc import build_pvc
@@ -157,12 +158,26 @@ async def _current(kube: Kube, namespace: str, name: str, uid: str) -> dict[str,
     return body if body is not None and body["metadata"]["uid"] == uid else None
 
 
+def provider_key_secrets() -> dict[tuple[str, str], list[str]]:
+    """(namespace, Secret) -> the sessions whose spec.egress.providerKey it holds (of those seen)."""
+    sessions_by_secret: dict[tuple[str, str], list[str]] = {}
+    for (namespace, name), body in _latest.items():
+        ref = (((body.get("spec") or {}).get("egress") or {}).get("providerKey") or {}).get("name")
+        if ref:
+            sessions_by_secret.setdefault((namespace, ref), []).append(name)
+    return sessions_by_secret
+
+
 class NameConflictError(kopf.TemporaryError):
     """A child's name is held by an object we do not own; retried slowly in case it goes away."""
 
 
 class PodRejectedError(kopf.TemporaryError):
     """The apiserver refused the pod (quota, admission); retried slowly in case room appears."""
+
+
+class ProviderKeyMissingError(kopf.TemporaryError):
+    """spec.egress.providerKey names a Secret key that does not exist; retried slowly until it does."""
 
 
 API_RETRY_SECONDS = 5.0
@@ -300,6 +315,19 @@ async def _references(kube: Kube, namespace: str, spec: AgentSessionSpec) -> mcp
     return mcp.render(spec.mcp_servers, servers, data)
 
 
+async def _provider_key(kube: Kube, namespace: str, spec: AgentSessionSpec) -> tuple[str | None, str | None]:
+    """(the provider key as base64, why it is missing): (None, None) when the session names none."""
+    ref = spec.egress.provider_key
+    if ref is None:
+        return None, None
+    secret = await kube.get("Secret", namespace, ref.name)
+    value = ((secret or {}).get("data") or {}).get(ref.key)
+    if value:
+        return value, None
+    where = f"Secret {ref.name} not found" if secret is None else f"Secret {ref.name} has no key {ref.key}"
+    return None, f"spec.egress.providerKey: {where}; the sandbox starts once it exists"
+
+
 async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
     """Create the pod; None when its name is taken. A refusal (quota, admission) is a PodRejectedError."""
     try:
@@ -405,25 +433,35 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         meta, spec = body["metadata"], AgentSessionSpec.model_validate(body.get("spec") or {})
     session = Session(name, namespace, meta["uid"], spec)
     child = session.child_name
-    rendered = await _references(kube, namespace, spec)
+    rendered, (provider_key, key_missing) = await asyncio.gather(_references(kube, namespace, spec),
+                                                                 _provider_key(kube, namespace, spec))
+    proxy_config = egress_config(session, has_key=provider_key is not None,
+                                 default_allow=settings.egress_default_allow,
+                                 upstreams=settings.provider_upstreams)
+    secret_items = {**rendered.credentials, **({PROVIDER_KEY: provider_key} if provider_key else {})}
+    ports = egress_ports([upstream["url"] for upstream in rendered.config["upstreams"] if "url" in upstream])
 
     def manifests(token: str) -> dict[str, dict[str, Any]]:
         return dict(zip(CHILD_KINDS[:-1], [
-            build_configmap(session, rendered.config), build_secret(session, token, rendered.credentials),
-            build_pvc(session), build_service(session),
-            build_session_policy(session, settings.api_namespace, settings.api_pod_labels)], strict=True))
+            build_configmap(session, rendered.config, proxy_config),
+            build_secret(session, token, secret_items), build_pvc(session), build_service(session),
+            build_session_policy(session, settings.api_namespace, settings.api_pod_labels, ports)],
+            strict=True))
 
     def pod_for(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
                          config_digest=config_hash(children["ConfigMap"], children["Secret"]),
                          runner_resources=settings.runner_resources,
-                         gateway_resources=settings.gateway_resources, credential_keys=rendered.credentials,
+                         gateway_resources=settings.gateway_resources,
+                         egress_resources=settings.egress_resources, credential_keys=rendered.credentials,
+                         provider_key=provider_key is not None,
                          runner_image=settings.runner_image(spec.agent.runtime),
                          node_selector=settings.session_node_selector,
                          tolerations=settings.session_tolerations)
 
-    wants_pod = not (spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
-                     or meta.get("deletionTimestamp"))
+    stopped = bool(spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
+                   or meta.get("deletionTimestamp"))
+    wants_pod = not (stopped or key_missing)
     # A session never reconciled before: create each child outright, the pod in the same round as soon as
     # its claim exists (one call each instead of a read plus an apply; the scheduler can do nothing with a
     # pod whose claim does not exist yet, and a failed attempt costs a backoff); only names already taken
@@ -500,10 +538,13 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     elif pod is not None:
         await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
         pod = None
-    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod)
+    blocked = (Reason.PROVIDER_KEY_NOT_FOUND, key_missing) if key_missing else None
+    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod, blocked=blocked)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
     _schedule_expiry(kube, settings, observed, status, meta["uid"])
+    if key_missing and not stopped:
+        raise ProviderKeyMissingError(key_missing, delay=settings.conflict_retry_seconds)
     return status
 
 

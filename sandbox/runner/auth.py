@@ -80,7 +80,8 @@ class AuthPolicy:
         parts = [f"the agent requires authentication: {what} ({describe_error(error)})"]
         if self.runtime in SELF_READ_CREDENTIALS:  # its advertised methods are logins a person does
             variables = " or ".join(SELF_READ_CREDENTIALS[self.runtime])
-            parts.append(f"{self.runtime} reads {variables}: set one in the session's agent.env")
+            parts.append(f"{self.runtime} reads {variables}: store a provider key for the session (its "
+                         "spec.egress.providerKey; the API's /api/v1/provider-keys)")
         elif ids:
             parts.append(f"it advertises {', '.join(ids)}; set {AUTH_METHOD_VARIABLE} in the session's "
                          "agent.env to one of them, with the credentials it needs")

@@ -18,7 +18,8 @@ from .conftest import AUDIENCE, HS256_SECRET, ISSUER, hs256
 
 # Not org-scoped: the platform's own route, and the OAuth callback (the browser, bound by its state).
 NOT_ORG_SCOPED = {"/api/v1/orgs", "/api/v1/mcp/oauth/callback"}
-PATH_VALUES = {"{name}": "s1", "{configuration_id}": str(uuid.uuid4()), "{prompt_id}": str(uuid.uuid4())}
+PATH_VALUES = {"{name}": "s1", "{configuration_id}": str(uuid.uuid4()), "{prompt_id}": str(uuid.uuid4()),
+               "{provider}": "anthropic"}
 NO_ORG = {"Authorization": f"Bearer {hs256(sub='drifter', app_metadata={'role': 'admin'})}"}
 
 

@@ -136,6 +136,14 @@ async def test_each_agent_runtime_s_image_reaches_the_operator(kube):
     assert json.loads(none["AGENTBOX_AGENT_IMAGES"]) == {}, "every runtime in sandbox.image"
 
 
+async def test_the_egress_allow_list_reaches_the_operator(kube):
+    defaults = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED)))
+    assert json.loads(defaults["AGENTBOX_EGRESS_DEFAULT_ALLOW"]) == []
+    listed = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED, "--set-json",
+                                               'sandbox.egressAllow=["registry.npmjs.org","*.pypi.org"]')))
+    assert json.loads(listed["AGENTBOX_EGRESS_DEFAULT_ALLOW"]) == ["registry.npmjs.org", "*.pypi.org"]
+
+
 async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database_never_sees(kube):
     def api_of(objects: list[dict]) -> tuple[dict, dict | None]:
         deployment = next(o for o in objects
@@ -250,6 +258,7 @@ async def test_the_api_is_granted_exactly_what_it_uses(kube, values, expected):
     (["--set", "api.auditCheckpoints.intervalSeconds=0"], "at '/api/auditCheckpoints/intervalSeconds'"),
     (["--set", "sandbox.agentImages.gemni=x"], "at '/sandbox/agentImages': additional properties 'gemni'"),
     (["--set", "sandbox.agentImages.codex="], "at '/sandbox/agentImages/codex'"),
+    (["--set-json", 'sandbox.egressAllow=["https://x.org"]'], "at '/sandbox/egressAllow/0'"),
 ])
 async def test_bad_values_fail_naming_the_field(kube, values, named):
     error = await helm_fails(kube, "template", "abx", str(CHART), *REQUIRED, *values)
@@ -445,7 +454,7 @@ async def test_the_api_keeps_credentials_in_tenant_namespaces_and_nowhere_else(k
     labels = {"agentbox.dev/mcp-configuration": "c1"}
     spec = {"transport": "streamable-http", "url": "http://127.0.0.1:9/mcp"}
     await api_kube.apply_mcp_server(rbac_tenant, "tools", spec, {"token": "one"}, labels)
-    await api_kube.apply_mcp_secret(rbac_tenant, "tools", {"token": "two"}, labels)
+    await api_kube.apply_secret(rbac_tenant, "tools", {"token": "two"}, labels)
     secret = await api_kube.get_secret(rbac_tenant, "tools")
     assert secret is not None and base64.b64decode(secret.data["token"]) == b"two"
     await api_kube.delete_mcp_server(rbac_tenant, "tools")
@@ -458,7 +467,7 @@ async def test_the_api_keeps_credentials_in_tenant_namespaces_and_nowhere_else(k
             await api_kube.get_secret(where, name)
         assert refused.value.status == 403
     with pytest.raises(KubeError) as refused:
-        await api_kube.apply_mcp_secret(namespace, "tools", {"token": "one"}, labels)
+        await api_kube.apply_secret(namespace, "tools", {"token": "one"}, labels)
     assert refused.value.status == 403
     assert not await api_kube.wait_for_tenant_access(namespace, 0)
     # No namespace may go: neither a plain one nor a tenant's.

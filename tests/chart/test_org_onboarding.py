@@ -92,7 +92,7 @@ async def test_an_org_waits_until_the_operator_lets_the_api_into_its_namespace(k
             assert created.status_code == 201, f"{created.text}\n{operator.tail()}"
             print(f"org created {time.monotonic() - started:.2f} s after the operator started")
             # Its credentials can be written at once.
-            await onboarding.kube.apply_mcp_secret(namespace, "tools", {"token": "t"},
+            await onboarding.kube.apply_secret(namespace, "tools", {"token": "t"},
                                                    {"agentbox.dev/mcp-configuration": "c1"})
             assert await onboarding.kube.get_secret(namespace, "tools") is not None
     finally:

@@ -11,7 +11,7 @@ from agentbox.api.migrate import APP_ROLE
 from .conftest import create_orgs
 
 TENANT_TABLES = ["organizations", "users", "memberships", "mcp_configurations", "mcp_oauth_tokens",
-                 "oauth_states", "system_prompts", "audit_logs"]
+                 "oauth_states", "system_prompts", "audit_logs", "provider_keys"]
 
 
 @pytest.fixture(scope="module", autouse=True)

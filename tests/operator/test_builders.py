@@ -42,11 +42,11 @@ def make_pod(session: Session, digest: str = "abc") -> dict:
 def test_every_child_is_owned_labelled_and_named_alike():
     session = make_session()
     children = [
-        build_configmap(session, {}),
+        build_configmap(session, {}, {}),
         build_secret(session, b64("t"), {}),
         build_pvc(session),
         build_service(session),
-        build_session_policy(session, "agentbox-system", {"a": "b"}),
+        build_session_policy(session, "agentbox-system", {"a": "b"}, [443]),
         make_pod(session),
     ]
     for child in children:
@@ -91,14 +91,16 @@ def test_pod_layout_matches_the_sandbox_interface():
     pod = make_pod(
         make_session(agent={"runtime": "scripted", "model": "m1", "env": [{"name": "X", "value": "1"}]})
     )
-    (gateway,) = pod["spec"]["initContainers"]
+    gateway, egress = pod["spec"]["initContainers"]
     (runner,) = pod["spec"]["containers"]
-    assert gateway["restartPolicy"] == "Always"  # native sidecar
+    assert gateway["restartPolicy"] == egress["restartPolicy"] == "Always"  # native sidecars
     assert gateway["command"] == ["python", "-m", "agentbox.sandbox.gateway"]
     assert runner["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     probe = gateway["startupProbe"]["exec"]["command"]
     assert probe[:2] == ["python", "-c"] and "http://127.0.0.1:8765/healthz" in probe[2]
     assert {"name": "AGENTBOX_GATEWAY_CONFIG", "value": "/etc/agentbox/gateway.json"} in gateway["env"]
+    assert "http://127.0.0.1:8766/healthz" in egress["startupProbe"]["exec"]["command"][2]
+    assert {"name": "AGENTBOX_EGRESS_CONFIG", "value": "/etc/agentbox/egress.json"} in egress["env"]
     assert runner["command"] == ["python", "-m", "agentbox.sandbox.runner"]
     assert runner["ports"][0]["containerPort"] == 3284
     env = {item["name"]: item.get("value") for item in runner["env"]}
@@ -162,10 +164,11 @@ def test_pod_adds_the_operators_placement_to_the_sessions_own():
 
 def test_config_hash_follows_configmap_and_secret():
     session = make_session()
-    configmap, secret = build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {})
+    configmap, secret = build_configmap(session, {"a": 1}, {}), build_secret(session, b64("t"), {})
     digest = config_hash(configmap, secret)
-    assert digest == config_hash(build_configmap(session, {"a": 1}), build_secret(session, b64("t"), {}))
-    assert digest != config_hash(build_configmap(session, {"a": 2}), secret)
+    assert digest == config_hash(build_configmap(session, {"a": 1}, {}), build_secret(session, b64("t"), {}))
+    assert digest != config_hash(build_configmap(session, {"a": 2}, {}), secret)
+    assert digest != config_hash(build_configmap(session, {"a": 1}, {"allow": ["x.org"]}), secret)
     assert digest != config_hash(configmap, build_secret(session, b64("t"), {"mcp-x-token": b64("new")}))
 
 
@@ -200,10 +203,11 @@ def test_runner_sees_only_its_token_and_the_gateway_only_mcp_credentials():
     secret = build_secret(session, b64("runner"), credentials)
     pod = build_pod(session, image="img:1", pull_policy="IfNotPresent", config_digest="x",
                     runner_resources={}, gateway_resources={}, credential_keys=credentials)
-    (gateway,) = pod["spec"]["initContainers"]
+    gateway, egress = pod["spec"]["initContainers"]
     (runner,) = pod["spec"]["containers"]
     assert _secret_files(pod, runner) == {"runner-token"}
     assert _secret_files(pod, gateway) == set(credentials)
+    assert _secret_files(pod, egress) == set(), "no provider key: the proxy mounts no secret"
     assert _secret_files(pod, runner) | _secret_files(pod, gateway) == set(secret["data"])
     for container in (runner, gateway):
         (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/var/run/agentbox/secrets"]
@@ -234,9 +238,8 @@ def test_pvc_and_service():
 
 
 def test_session_network_policy():
-    policy = build_session_policy(make_session(), "agentbox-system", {"app.kubernetes.io/component": "api"})[
-        "spec"
-    ]
+    policy = build_session_policy(make_session(), "agentbox-system", {"app.kubernetes.io/component": "api"},
+                                  [443, 8443])["spec"]
     assert policy["policyTypes"] == ["Ingress", "Egress"]
     (source,) = policy["ingress"][0]["from"]
     assert source["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "agentbox-system"}
@@ -246,6 +249,7 @@ def test_session_network_policy():
     assert v4["ipBlock"]["cidr"] == "0.0.0.0/0"
     assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"} <= set(v4["ipBlock"]["except"])
     assert {"fc00::/7", "fe80::/10"} <= set(v6["ipBlock"]["except"])
+    assert public["ports"] == [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 8443}]
 
 
 def server(spec, phase="Ready"):
@@ -369,3 +373,102 @@ def test_stdio_secret_env_reaches_only_the_gateway_as_files():
     missing = mcp.render([MCPServerRef(name="gh")], servers, {"gh": {"pat": b64("P")}})
     assert [problem.reason for problem in missing.problems] == [Reason.SECRET_NOT_FOUND]
     assert "gh/other" in missing.problems[0].message
+
+
+# The egress proxy and the provider key -------------------------------------------------------------------
+
+PROVIDER_KEY_VALUE = "sk-ant-real-0123456789"
+
+
+def _keyed_session(**spec) -> Session:
+    return make_session(egress={"allow": ["api.github.com"],
+                                "providerKey": {"name": "keys", "key": "anthropic"}}, **spec)
+
+
+def test_the_provider_key_is_mounted_into_the_egress_proxy_alone():
+    session = _keyed_session()
+    secret = build_secret(session, b64("runner"),
+                          {"mcp-gh-token": b64("T"), "provider-key": b64(PROVIDER_KEY_VALUE)})
+    pod = build_pod(session, image="img:1", pull_policy="IfNotPresent", config_digest="x",
+                    runner_resources={}, gateway_resources={}, credential_keys={"mcp-gh-token": b64("T")},
+                    provider_key=True)
+    gateway, egress = pod["spec"]["initContainers"]
+    (runner,) = pod["spec"]["containers"]
+    assert egress["name"] == "egress" and egress["restartPolicy"] == "Always", "a native sidecar"
+    assert egress["command"] == ["python", "-m", "agentbox.sandbox.egress"]
+    assert _secret_files(pod, egress) == {"provider-key"}
+    assert _secret_files(pod, gateway) == {"mcp-gh-token"}
+    assert _secret_files(pod, runner) == {"runner-token"}
+    assert set(secret["data"]) == _secret_files(pod, egress) | _secret_files(pod, gateway) | _secret_files(
+        pod, runner)
+    (mount,) = [m for m in egress["volumeMounts"] if m["name"] == "egress-secrets"]
+    assert mount == {"name": "egress-secrets", "mountPath": "/var/run/agentbox/egress", "readOnly": True}
+
+
+@pytest.mark.parametrize(("runtime", "key_variable", "base_url_variable", "route"), [
+    ("claude-code", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "http://127.0.0.1:8766/anthropic"),
+    ("gemini", "GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL", "http://127.0.0.1:8766/gemini"),
+    ("codex", "OPENAI_API_KEY", "OPENAI_BASE_URL", "http://127.0.0.1:8766/openai"),
+])
+def test_the_runner_gets_the_placeholder_and_the_proxy_route(runtime, key_variable, base_url_variable,
+                                                            route):
+    session = make_session(agent={"runtime": runtime}, egress={"providerKey": {"name": "keys", "key": "k"}})
+    pod = build_pod(session, image="img:1", pull_policy="IfNotPresent", config_digest="x",
+                    runner_resources={}, gateway_resources={}, provider_key=True)
+    env = {item["name"]: item["value"] for item in pod["spec"]["containers"][0]["env"]}
+    assert env[key_variable] == "agentbox-placeholder-key"
+    assert env[base_url_variable] == route
+    assert env["HTTPS_PROXY"] == env["https_proxy"] == "http://127.0.0.1:8767"
+    assert env["NO_PROXY"] == "127.0.0.1,localhost,::1"
+    assert env["NODE_USE_ENV_PROXY"] == "1", "Node.js agents' own fetch() goes through the proxy too"
+    assert not any(item.get("valueFrom") for item in pod["spec"]["containers"][0]["env"]), \
+        "nothing in the runner's environment comes from a Secret"
+
+
+def test_without_a_provider_key_the_agent_gets_no_provider_variables():
+    pod = make_pod(make_session(egress={"allow": ["api.github.com"]}))
+    env = {item["name"] for item in pod["spec"]["containers"][0]["env"]}
+    assert "HTTPS_PROXY" in env, "every agent goes out through the proxy"
+    assert not env & {"ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL"}
+    assert "egress-secrets" not in {volume["name"] for volume in pod["spec"]["volumes"]}
+
+
+def test_egress_json_names_the_key_file_and_never_holds_the_key():
+    from agentbox.operator.build.egress import egress_config
+
+    session = _keyed_session()
+    config = egress_config(session, has_key=True, default_allow=["*.npmjs.org", "api.github.com"])
+    assert config["allow"] == ["*.npmjs.org", "api.github.com"]
+    assert config["provider"] == {"name": "anthropic", "upstream": "https://api.anthropic.com",
+                                  "keyHeader": "x-api-key", "keyPrefix": "",
+                                  "keyFile": "/var/run/agentbox/egress/provider-key"}
+    configmap = build_configmap(session, {}, config)
+    assert PROVIDER_KEY_VALUE not in json.dumps(configmap)
+    assert json.loads(configmap["data"]["egress.json"]) == config
+    faked = egress_config(session, has_key=True, default_allow=[],
+                          upstreams={"anthropic": "http://127.0.0.1:9999"})
+    assert faked["provider"]["upstream"] == "http://127.0.0.1:9999"
+    assert "provider" not in egress_config(session, has_key=False, default_allow=[])
+
+
+def test_egress_ports_are_https_and_the_mcp_servers_own():
+    from agentbox.operator.build.egress import egress_ports
+
+    assert egress_ports([]) == [443]
+    assert egress_ports(["https://mcp.example.com/mcp", "https://x.example.com:8443/sse",
+                         "http://plain.example.com/mcp"]) == [80, 443, 8443]
+
+
+def test_the_proxy_accepts_the_egress_json_the_operator_renders(tmp_path):
+    from agentbox.operator.build.egress import egress_config
+    from agentbox.sandbox.egress.config import load
+
+    for runtime in ("claude-code", "gemini", "codex"):
+        session = _keyed_session(agent={"runtime": runtime})
+        path = tmp_path / "egress.json"
+        path.write_text(build_configmap(session, {}, egress_config(
+            session, has_key=True, default_allow=["*.npmjs.org"]))["data"]["egress.json"])
+        config = load(path)
+        assert config.provider is not None and config.provider.upstream.startswith("https://")
+        assert config.allow == ["*.npmjs.org", "api.github.com"] and config.connect_ports == [443]
+        assert config.allow_private_networks is False

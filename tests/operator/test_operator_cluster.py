@@ -4,6 +4,7 @@ import asyncio
 import base64
 import copy
 import json
+import secrets
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -108,6 +109,56 @@ async def test_session_becomes_ready_with_every_child(operator, ops, tenant):
     assert again["Pod"]["metadata"]["uid"] == pod["metadata"]["uid"]
     assert again["Secret"]["data"]["runner-token"] == secret["runner-token"]
 
+
+
+async def test_a_provider_key_reaches_the_egress_proxy_alone(operator, ops, tenant):
+    key = "sk-ant-op-" + secrets.token_hex(8)
+    await ops.create(session_manifest("keyed", tenant, agent={"runtime": "claude-code"}, egress={
+        "allow": ["api.github.com"], "providerKey": {"name": "llm-keys", "key": "anthropic"}}))
+    # The key's Secret does not exist yet: the session says so and no pod is made.
+    waiting = await session_in_phase(ops, tenant, "keyed", "Failed")
+    ready = next(c for c in waiting["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["reason"] == "ProviderKeyNotFound" and "spec.egress.providerKey" in ready["message"]
+    assert await ops.get("Pod", tenant, naming.child_name("keyed")) is None
+    await ops.create({"apiVersion": "v1", "kind": "Secret",
+                      "metadata": {"name": "llm-keys", "namespace": tenant},
+                      "data": {"anthropic": base64.b64encode(key.encode()).decode()}})
+    body = await session_in_phase(ops, tenant, "keyed", "Running")
+    found = await children(ops, tenant, "keyed")
+    pod = found["Pod"]
+    (runner,) = pod["spec"]["containers"]
+    gateway, egress = pod["spec"]["initContainers"]
+    env = {item["name"]: item for item in runner["env"]}
+    assert env["ANTHROPIC_API_KEY"] == {"name": "ANTHROPIC_API_KEY", "value": "agentbox-placeholder-key"}
+    assert env["ANTHROPIC_BASE_URL"]["value"] == "http://127.0.0.1:8766/anthropic"
+    assert env["HTTPS_PROXY"]["value"] == "http://127.0.0.1:8767"
+    volumes = {volume["name"]: volume for volume in pod["spec"]["volumes"]}
+
+    def secret_items(container):
+        return {item["key"] for mount in container["volumeMounts"]
+                for item in (volumes[mount["name"]].get("secret") or {}).get("items", [])}
+
+    assert secret_items(egress) == {"provider-key"}
+    assert "provider-key" not in secret_items(runner) | secret_items(gateway)
+    assert base64.b64decode(found["Secret"]["data"]["provider-key"]).decode() == key
+    readable = json.dumps([body, pod, found["ConfigMap"], found["NetworkPolicy"]])
+    assert key not in readable, "the key is in the Secrets alone"
+    proxy = json.loads(found["ConfigMap"]["data"]["egress.json"])
+    assert proxy["allow"] == ["api.github.com"] and proxy["provider"]["keyFile"].endswith("/provider-key")
+    assert found["NetworkPolicy"]["spec"]["egress"][1]["ports"] == [{"protocol": "TCP", "port": 443}]
+
+    # A rotated key reaches the proxy: the operator re-reads the Secret and the pod rolls.
+    rotated = "sk-ant-rotated-" + secrets.token_hex(8)
+    await ops.merge_patch("Secret", tenant, "llm-keys",
+                          {"data": {"anthropic": base64.b64encode(rotated.encode()).decode()}})
+
+    async def rolled():
+        now = await children(ops, tenant, "keyed")
+        copied = base64.b64decode(((now["Secret"] or {}).get("data") or {}).get("provider-key", "")).decode()
+        replaced = now["Pod"] is not None and now["Pod"]["metadata"]["uid"] != pod["metadata"]["uid"]
+        return copied == rotated and replaced
+
+    await eventually(rolled, timeout=30, what="the rotated key copied and the pod replaced")
 
 HARDENING_FLIPS = {
     "allowPrivilegeEscalation": lambda pod: pod["spec"]["containers"][0]["securityContext"].update(
@@ -542,6 +593,17 @@ async def test_the_first_pod_follows_a_secret_left_by_an_earlier_pass(operator, 
         (
             session_manifest("bad8", "t-x", agent={"env": [{"name": "AGENTBOX_RUNTIME", "value": "x"}]}),
             "AGENTBOX_",
+        ),
+        (
+            session_manifest("bad9", "t-x", agent={"env": [{"name": "ANTHROPIC_API_KEY", "value": "sk-x"}]}),
+            "spec.egress.providerKey",
+        ),
+        (session_manifest("bad10", "t-x", egress={"allow": ["https://github.com"]}), "spec.egress.allow"),
+        (session_manifest("bad11", "t-x", egress={"allow": ["10.0.0.1"]}), "spec.egress.allow"),
+        (
+            session_manifest("bad12", "t-x", agent={"runtime": "scripted"},
+                             egress={"providerKey": {"name": "k", "key": "api-key"}}),
+            "spec.egress.provider is required",
         ),
     ],
 )

@@ -55,10 +55,14 @@ with open(path, "w") as file:
 print(json.dumps({"owner": os.stat(path).st_uid, "content": open(path).read()}))
 """
 # GET argv[1] with a timeout; the status and body, or the error. A body is checked, not just a connect.
+# Straight to the address (what the NetworkPolicy decides), unless argv[2] is "proxy": then through the
+# session's egress proxy, as the pod's HTTPS_PROXY says.
 FETCH = """
 import json, sys, urllib.error, urllib.request
+direct = [] if sys.argv[2:] == ["proxy"] else [urllib.request.ProxyHandler({})]
+opener = urllib.request.build_opener(*direct)
 try:
-    with urllib.request.urlopen(sys.argv[1], timeout=3) as response:
+    with opener.open(sys.argv[1], timeout=3) as response:
         print(json.dumps({"status": response.status, "body": response.read().decode()}))
 except urllib.error.HTTPError as error:
     print(json.dumps({"status": error.code, "body": error.read().decode()}))
@@ -193,15 +197,19 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
     # Admitted in a namespace that enforces PSS restricted, so the pod as rendered passes it.
     namespace = await ops.get("Namespace", None, tenant)
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    (gateway,) = pod["status"]["initContainerStatuses"]
+    gateway, egress = pod["status"]["initContainerStatuses"]
     (runner,) = pod["status"]["containerStatuses"]
     assert gateway["started"] and "running" in gateway["state"] and runner["ready"], pod["status"]
+    assert egress["name"] == "egress" and egress["started"] and "running" in egress["state"], pod["status"]
 
-    for container in ("runner", "gateway"):
+    for container in ("runner", "gateway", "egress"):
         facts = await run_python(kube, pod, container, IDENTITY)
         assert facts == {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "root": "EROFS", "NoNewPrivs": "1",
                          "CapEff": "0000000000000000", "Seccomp": "2"}, container
     assert await run_python(kube, pod, "runner", WORKSPACE_WRITE) == {"owner": SANDBOX_UID, "content": "kept"}
+    # The egress proxy in the pod refuses a host the session does not allow (its answer, not a timeout).
+    refused = await run_python(kube, pod, "runner", FETCH, "https://not-allowed.example/", "proxy")
+    assert "403" in refused.get("error", ""), refused
 
     # As the API does from outside the cluster: the pod's port through the Kubernetes API.
     secret = await ops.get("Secret", tenant, naming.child_name("real"))

@@ -13,8 +13,8 @@ from agentbox.operator import naming
 pytestmark = pytest.mark.cluster
 
 REFUSAL = ("the agent requires authentication: it refused session/prompt (Invalid API key [-32000]); "
-           "claude-code reads ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN: set one in the session's "
-           "agent.env")
+           "claude-code reads ANTHROPIC_API_KEY or CLAUDE_CODE_OAUTH_TOKEN: store a provider key for the "
+           "session (its spec.egress.providerKey; the API's /api/v1/provider-keys)")
 GAVE_UP = ("gave up after 5 failed starts in a row: agent codex-acp exited with code 1 during the ACP "
            "handshake; its last stderr: Error: spawn codex ENOENT")
 ROOT_IMAGE = 'container has runAsNonRoot and image will run as root (pod: "s_t(1)", container: runner)'

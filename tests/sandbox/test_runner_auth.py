@@ -81,7 +81,8 @@ def test_a_refused_prompt_names_the_variables_claude_code_reads_not_its_logins()
         [AuthMethodAgent(id="claude-login", name="Log in")], None, refusal, refused="session/prompt")
     assert message == ("the agent requires authentication: it refused session/prompt (Invalid API key "
                        '[-32000]: {"hint": "run /login"}); claude-code reads ANTHROPIC_API_KEY or '
-                       "CLAUDE_CODE_OAUTH_TOKEN: set one in the session's agent.env")
+                       "CLAUDE_CODE_OAUTH_TOKEN: store a provider key for the session (its "
+                       "spec.egress.providerKey; the API's /api/v1/provider-keys)")
 
 
 def test_only_the_auth_required_code_counts():
