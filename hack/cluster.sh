@@ -12,8 +12,8 @@
 #   AGENTBOX_CACHE          where binaries and cluster state live (default ~/.cache/agentbox)
 #   AGENTBOX_CLUSTER_NODES  fake nodes on kwok (default 2)
 #   AGENTBOX_NODE_PODS      pods each fake node admits (default 1000: two nodes hold 1,000 sessions twice over)
-#   AGENTBOX_REAL_NODE      1: also a real node (kubelet, containerd) on this machine that runs pods as
-#                           containers (hack/real-node.sh; root only); 0 (default): kwok nodes alone
+#   AGENTBOX_REAL_NODE      1 (default): also a real node (kubelet, containerd) on this machine that runs
+#                           pods as containers (hack/real-node.sh; root, Debian or Ubuntu); 0: kwok nodes alone
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -40,7 +40,7 @@ die() { echo "cluster: $*" >&2; exit 1; }
   || die "AGENTBOX_CLUSTER_NAME='$name' is not a DNS label (lowercase letters, digits, '-')"
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_CLUSTER_NODES='$nodes' must be a positive integer"
 [[ $node_pods =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_NODE_PODS='$node_pods' must be a positive integer"
-real_node=${AGENTBOX_REAL_NODE:-0}
+real_node=${AGENTBOX_REAL_NODE:-1}
 [[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
 
 # ---------------------------------------------------------------------------------------------- kwok
@@ -257,6 +257,8 @@ take_over_node_leases() { # RESTARTED_AT (UTC, %Y-%m-%dT%H:%M:%S)
 
 kwok_up() {
   require_kwok_binaries
+  # Before the cluster is made for it: a machine that cannot host the node fails here, saying how to opt out.
+  if [ "$real_node" = 1 ]; then "$here/real-node.sh" check; fi
   mkdir -p "$KWOK_WORKDIR"
   if [ -d "$cluster_dir" ] && [ "$(cat "$versions_stamp" 2>/dev/null)" != "$wanted_versions" ]; then
     say "cluster '$name' was made by other binaries or options, or never finished; recreating it"

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from fixtures.cluster import REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL
+from fixtures.cluster import REAL_NODE, REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL, KubectlError
 from fixtures.polling import eventually
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import OperatorProcess, mcpserver_manifest, session_in_phase, session_manifest
@@ -28,12 +28,15 @@ from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 from agentbox.operator.kube import Kube as OperatorKube
 from agentbox.operator.settings import OperatorSettings
 
-pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
+# Generous for a loaded machine (two cores, a CI run beside): a wait that runs out says what it saw.
+pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.timeout(900)]
 
 SCOPE = "t-rn-*"
 DEFAULTS = OperatorSettings()
 # A real pod's start: image already local, but two Python processes on two busy cores.
 START_SECONDS = 180
+# kube-router programs a new pod's policy a few seconds after the pod starts; far longer under load.
+POLICY_SECONDS = 120
 
 # Run inside a container with `python -c`: what the process is allowed, as JSON.
 IDENTITY = """
@@ -122,14 +125,38 @@ async def tenants(kube, ops) -> AsyncIterator[Callable[[], Awaitable[str]]]:
             await ops.delete("Namespace", None, name)
 
 
-async def real_session(ops, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+async def node_state(kube, namespace: str) -> str:
+    """What a failed wait saw: the namespace's pods and events, and the real node's conditions."""
+    parts = []
+    for args in (("get", "pods", "-n", namespace, "-o", "wide"),
+                 ("get", "events", "-n", namespace, "--sort-by=.lastTimestamp"),
+                 ("describe", "pods", "-n", namespace),
+                 ("get", "node", REAL_NODE, "-o", "jsonpath={.status.conditions}")):
+        try:
+            parts.append(f"$ kubectl {' '.join(args)}\n{await kube.kubectl(*args)}")
+        except KubectlError as error:
+            parts.append(str(error))
+    return "\n".join(parts)
+
+
+@contextlib.asynccontextmanager
+async def saying_state(kube, namespace: str) -> AsyncIterator[None]:
+    """A wait that fails inside says what the pods of `namespace` and the node were doing."""
+    try:
+        yield
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{await node_state(kube, namespace)}") from None
+
+
+async def real_session(kube, ops, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     """An AgentSession placed on the real node, once Running; with its pod."""
     await ops.create(session_manifest(name, namespace, **REAL_NODE_PLACEMENT, **spec))
-    body = await session_in_phase(ops, namespace, name, "Running", timeout=START_SECONDS)
+    async with saying_state(kube, namespace):
+        body = await session_in_phase(ops, namespace, name, "Running", timeout=START_SECONDS)
     return {"session": body, "pod": await ops.get("Pod", namespace, body["status"]["podName"])}
 
 
-async def client_pod(ops, namespace: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+async def client_pod(kube, ops, namespace: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
     """A pod of the sandbox image that only waits, to run probes in; on the real node, once Ready."""
     await ops.create({
         "apiVersion": "v1", "kind": "Pod",
@@ -148,7 +175,8 @@ async def client_pod(ops, namespace: str, name: str, labels: dict[str, str]) -> 
         statuses = (pod or {}).get("status", {}).get("containerStatuses") or []
         return pod if statuses and all(status["ready"] for status in statuses) else None
 
-    return await eventually(ready, timeout=START_SECONDS, what=f"client pod {namespace}/{name} Ready")
+    async with saying_state(kube, namespace):
+        return await eventually(ready, timeout=START_SECONDS, what=f"client pod {namespace}/{name} Ready")
 
 
 async def run(*command: str) -> str:
@@ -187,7 +215,7 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
     tenant = await tenants()
     demo_tools = {"command": "python", "args": ["-m", "agentbox.sandbox.demo_tools"]}
     await ops.create(mcpserver_manifest("demo", tenant, transport="stdio", stdio=demo_tools))
-    started = await real_session(ops, tenant, "real", mcpServers=[{"name": "demo"}])
+    started = await real_session(kube, ops, tenant, "real", mcpServers=[{"name": "demo"}])
     session, pod = started["session"], started["pod"]
     assert pod["spec"]["nodeName"] == real_node
     # Admitted in a namespace that enforces PSS restricted, so the pod as rendered passes it.
@@ -224,13 +252,14 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
                 replies = [m for m in messages[asked[-1] + 1:] if m["role"] == "agent"] if asked else []
                 return replies and (await runner_api.get("/status")).json()["status"] == "stable" and replies
 
-            replies = await eventually(answered, timeout=60, what="the agent's answer")
+            async with saying_state(kube, tenant):
+                replies = await eventually(answered, timeout=120, what="the agent's answer")
             assert replies[-1]["content"] == "FROM A REAL NODE", replies
     finally:
         await forwarder.close()
 
     # As the API does inside the cluster: the session's endpoint, a Service name, from a pod labelled like it.
-    api = await client_pod(ops, api_namespace, "api-real", dict(DEFAULTS.api_pod_labels))
+    api = await client_pod(kube, ops, api_namespace, "api-real", dict(DEFAULTS.api_pod_labels))
     assert session["status"]["endpoint"] == f"http://{naming.child_name('real')}.{tenant}.svc:3284"
     assert await run_python(kube, api, "client", FETCH, f"{session['status']['endpoint']}/readyz") == READY
 
@@ -238,11 +267,12 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
 async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operator, kube, ops, tenants,
                                                                      api_namespace):
     tenant_a, tenant_b = await tenants(), await tenants()
-    a1, a2, b1 = await asyncio.gather(real_session(ops, tenant_a, "a1"), real_session(ops, tenant_a, "a2"),
-                                      real_session(ops, tenant_b, "b1"))
+    a1, a2, b1 = await asyncio.gather(real_session(kube, ops, tenant_a, "a1"),
+                                      real_session(kube, ops, tenant_a, "a2"),
+                                      real_session(kube, ops, tenant_b, "b1"))
     api, stranger = await asyncio.gather(
-        client_pod(ops, api_namespace, "api-np", dict(DEFAULTS.api_pod_labels)),
-        client_pod(ops, api_namespace, "stranger", {"app": "stranger"}))
+        client_pod(kube, ops, api_namespace, "api-np", dict(DEFAULTS.api_pod_labels)),
+        client_pod(kube, ops, api_namespace, "stranger", {"app": "stranger"}))
 
     def url(target: dict[str, Any]) -> str:
         return f"http://{target['pod']['status']['podIP']}:{naming.ENDPOINT_PORT}/readyz"
@@ -254,7 +284,7 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
     for target in (a1, a2, b1):
         async def allowed(target=target):
             return await answers(api, "client", target) == READY
-        await eventually(allowed, timeout=30,
+        await eventually(allowed, timeout=POLICY_SECONDS,
                          what=f"the API pod reaching {target['pod']['metadata']['name']}")
 
     # Denied: another session of the same tenant, another tenant's session, a pod not labelled as the API.
@@ -266,7 +296,8 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
             answered.clear()
             answered.update(await answers(source, container, target))
             return "error" in answered
-        await eventually(refused, timeout=30, details=lambda answered=answered: f"it answered {answered}",
+        await eventually(refused, timeout=POLICY_SECONDS,
+                         details=lambda answered=answered: f"it answered {answered}",
                          what=f"{source['metadata']['name']} refused by {target['pod']['metadata']['name']}")
 
     # Allowed egress: DNS through the cluster resolver, which answers for another session's Service name
@@ -283,13 +314,14 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
     ("root-only", {"CrashLoopBackOff", "ContainerConfigError"}),
 ])
 async def test_an_agent_image_that_cannot_run_fails_the_session_with_a_reason(
-        real_operator, ops, tenants, broken_images, image, reasons):
+        real_operator, kube, ops, tenants, broken_images, image, reasons):
     tenant = await tenants()
     name = "broken"
     agent = {"runtime": "scripted", "image": broken_images.get(image, image)}
     await ops.create(session_manifest(name, tenant, **REAL_NODE_PLACEMENT, agent=agent))
     # Never left Starting: Failed, with the reason on the Ready condition and the container named.
-    body = await session_in_phase(ops, tenant, name, "Failed", timeout=START_SECONDS)
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, name, "Failed", timeout=START_SECONDS)
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] in reasons, ready
     assert "runner" in ready["message"], ready
