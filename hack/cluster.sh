@@ -59,6 +59,7 @@ kwok_crds=PortForward
 node_lease_seconds=40
 wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds real-node=$real_node"
 wanted_versions+=" node-lease=$node_lease_seconds"
+if [ "$real_node" = 1 ]; then wanted_versions+=" fake-node-ip=127.0.0.1"; fi
 
 require_kwok_binaries() {
   local missing=()
@@ -99,6 +100,9 @@ YAML
   # `kubernetes` Service (10.0.0.1, so the serving certificate names it, and the API server listens beyond
   # loopback); the API server reaches the kubelet (logs, exec, port-forward) at its node address with a
   # client certificate; kwok's controller keeps to its fake nodes and leaves the real one to its kubelet.
+  # The API server dials nodes at their InternalIP first (the real node's name resolves nowhere): kwok's
+  # controller serves the fake nodes' kubelet API on loopback, so that is their InternalIP (else logs,
+  # exec and port-forward of their pods would go to a made-up address).
   if [ "$real_node" = 1 ]; then cat >>"$config" <<YAML
   kubeApiserverCertSANs: [10.0.0.1]
 componentsPatches:
@@ -112,6 +116,7 @@ componentsPatches:
   extraArgs:
   - {key: manage-all-nodes, value: "false", override: true}
   - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
+  - {key: node-ip, value: 127.0.0.1, override: true}
 YAML
   fi
   say "creating kwok cluster '$name' (Kubernetes $K8S_VERSION) in $cluster_dir"
@@ -213,7 +218,10 @@ start_provisioner() {
 # The cluster's own contents: fake nodes with room for many pods, and a default StorageClass whose
 # claims bind. Both steps are idempotent and cheap, so `up` runs them every time.
 furnish_kwok_cluster() {
-  kwokctl_ scale node --replicas "$nodes" \
+  # With the real node, no made-up InternalIP: kwok's controller gives the fake nodes its own (loopback).
+  local addresses=()
+  if [ "$real_node" = 1 ]; then addresses=(--param '.nodeIPs=[]'); fi
+  kwokctl_ scale node --replicas "$nodes" "${addresses[@]}" \
     --param ".allocatable.pods=$node_pods" \
     --param '.allocatable.cpu=1000' \
     --param '.allocatable.memory="4Ti"' >/dev/null 2>&1 \

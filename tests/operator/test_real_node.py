@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 import pytest
 import pytest_asyncio
-from fixtures.cluster import REAL_NODE, REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL, KubectlError
+from fixtures.cluster import REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL
 from fixtures.polling import eventually
+from fixtures.real_pods import IDENTITY, WORKSPACE_WRITE, restricted_identity, run_python, saying_state
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import OperatorProcess, mcpserver_manifest, session_in_phase, session_manifest
 
@@ -38,25 +39,6 @@ START_SECONDS = 180
 # kube-router programs a new pod's policy a few seconds after the pod starts; far longer under load.
 POLICY_SECONDS = 120
 
-# Run inside a container with `python -c`: what the process is allowed, as JSON.
-IDENTITY = """
-import errno, json, os
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-try:
-    open("/written-by-test", "w")
-    root = "writable"
-except OSError as error:
-    root = errno.errorcode.get(error.errno, str(error.errno))
-print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "root": root,
-                  **{key: status[key].strip() for key in ("NoNewPrivs", "CapEff", "Seccomp")}}))
-"""
-WORKSPACE_WRITE = """
-import json, os
-path = "/workspace/written-by-test"
-with open(path, "w") as file:
-    file.write("kept")
-print(json.dumps({"owner": os.stat(path).st_uid, "content": open(path).read()}))
-"""
 # GET argv[1] with a timeout; the status and body, or the error. A body is checked, not just a connect.
 FETCH = """
 import json, sys, urllib.error, urllib.request
@@ -125,29 +107,6 @@ async def tenants(kube, ops) -> AsyncIterator[Callable[[], Awaitable[str]]]:
             await ops.delete("Namespace", None, name)
 
 
-async def node_state(kube, namespace: str) -> str:
-    """What a failed wait saw: the namespace's pods and events, and the real node's conditions."""
-    parts = []
-    for args in (("get", "pods", "-n", namespace, "-o", "wide"),
-                 ("get", "events", "-n", namespace, "--sort-by=.lastTimestamp"),
-                 ("describe", "pods", "-n", namespace),
-                 ("get", "node", REAL_NODE, "-o", "jsonpath={.status.conditions}")):
-        try:
-            parts.append(f"$ kubectl {' '.join(args)}\n{await kube.kubectl(*args)}")
-        except KubectlError as error:
-            parts.append(str(error))
-    return "\n".join(parts)
-
-
-@contextlib.asynccontextmanager
-async def saying_state(kube, namespace: str) -> AsyncIterator[None]:
-    """A wait that fails inside says what the pods of `namespace` and the node were doing."""
-    try:
-        yield
-    except AssertionError as error:
-        raise AssertionError(f"{error}\n{await node_state(kube, namespace)}") from None
-
-
 async def real_session(kube, ops, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     """An AgentSession placed on the real node, once Running; with its pod."""
     await ops.create(session_manifest(name, namespace, **REAL_NODE_PLACEMENT, **spec))
@@ -204,13 +163,6 @@ async def broken_images(real_node, tmp_path_factory) -> dict[str, str]:
     return images
 
 
-async def run_python(kube, pod: dict[str, Any], container: str, code: str, *args: str) -> Any:
-    meta = pod["metadata"]
-    out = await kube.kubectl("exec", "-n", meta["namespace"], meta["name"], "-c", container, "--",
-                             "python", "-c", code, *args)
-    return json.loads(out)
-
-
 async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenants, api_namespace, real_node):
     tenant = await tenants()
     demo_tools = {"command": "python", "args": ["-m", "agentbox.sandbox.demo_tools"]}
@@ -227,8 +179,7 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
 
     for container in ("runner", "gateway"):
         facts = await run_python(kube, pod, container, IDENTITY)
-        assert facts == {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "root": "EROFS", "NoNewPrivs": "1",
-                         "CapEff": "0000000000000000", "Seccomp": "2"}, container
+        assert facts == restricted_identity(SANDBOX_UID), container
     assert await run_python(kube, pod, "runner", WORKSPACE_WRITE) == {"owner": SANDBOX_UID, "content": "kept"}
 
     # As the API does from outside the cluster: the pod's port through the Kubernetes API.
