@@ -182,10 +182,12 @@ async def session_journey(kube, node: str, namespace: str, release: str, org: st
         sent = await api.post("/api/v1/sessions/real/message", headers=admin, json={"content": content})
         assert sent.status_code == 200, sent.text
 
-        async def answered():
+        async def answered():  # the reply is complete once the agent is stable again
+            status = (await api.get("/api/v1/sessions/real/status", headers=admin)).json()
             messages = (await api.get("/api/v1/sessions/real/messages", headers=admin)).json()["messages"]
             asked = [i for i, m in enumerate(messages) if m["role"] == "user" and m["content"] == content]
-            return [m for m in messages[asked[-1] + 1:] if m["role"] == "agent"] if asked else None
+            replies = [m for m in messages[asked[-1] + 1:] if m["role"] == "agent"] if asked else []
+            return replies if replies and status.get("status") == "stable" else None
         async with saying_state(kube, tenant):
             replies = await eventually(answered, timeout=120, interval=1, what="the agent's answer")
         assert replies[-1]["content"] == "FROM THE CHART", replies
