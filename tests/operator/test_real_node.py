@@ -276,3 +276,31 @@ async def test_an_agent_image_that_cannot_run_fails_the_session_with_a_reason(
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] in reasons, ready
     assert "runner" in ready["message"], ready
+
+
+async def test_a_real_agent_without_credentials_runs_until_it_refuses_and_the_session_needs_auth(
+        real_operator, kube, ops, tenants):
+    """Claude Code's ACP adapter from its image (make images), with no API key: it starts, opens its
+    session, refuses the first prompt, and the session reads NeedsAuth, never Running with every turn
+    failing."""
+    tenant = await tenants()
+    started = await real_session(kube, ops, tenant, "claude", agent={"runtime": "claude-code"})
+    pod = started["pod"]
+    (runner,) = pod["spec"]["containers"]
+    assert runner["image"] == DEFAULTS.agent_images["claude-code"]
+    secret = await ops.get("Secret", tenant, naming.child_name("claude"))
+    token = base64.b64decode(secret["data"][RUNNER_TOKEN_KEY]).decode()
+    forwarder = PortForwarder(kube._configuration)
+    try:
+        url = forwarder.local_url(tenant, pod["metadata"]["name"], naming.ENDPOINT_PORT)
+        async with httpx.AsyncClient(base_url=url, timeout=90,
+                                     headers={"Authorization": f"Bearer {token}"}) as runner_api:
+            sent = await runner_api.post("/message", json={"content": "hello"})
+            assert sent.status_code == 200, sent.text
+    finally:
+        await forwarder.close()
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, "claude", "NeedsAuth", timeout=START_SECONDS)
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "AgentNeedsAuth", ready
+    assert "ANTHROPIC_API_KEY" in ready["message"], ready
