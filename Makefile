@@ -37,7 +37,7 @@ cluster: venv binaries ## create or reuse the local cluster (CLUSTER=kwok|kind) 
 	@hack/cluster.sh up
 
 .PHONY: images
-images: ## build the control-plane and sandbox images with buildah (no Docker, no registry) for the real node
+images: ## build the control-plane, sandbox and agent images with buildah (no Docker, no registry) for the real node
 	@hack/images.sh
 
 # What the real node's pods run, for the targets that start sessions; nothing with AGENTBOX_REAL_NODE=0.
