@@ -9,6 +9,8 @@ CLUSTER     ?= kwok
 CLUSTER_NAME ?= agentbox
 export AGENTBOX_CLUSTER_KIND := $(CLUSTER)
 export AGENTBOX_CLUSTER_NAME := $(CLUSTER_NAME)
+# The real node beside the kwok nodes is on unless AGENTBOX_REAL_NODE=0 (hack/cluster.sh has the default).
+REAL_NODE   := $(if $(filter 0,$(AGENTBOX_REAL_NODE)),0,1)
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -35,8 +37,15 @@ cluster: venv binaries ## create or reuse the local cluster (CLUSTER=kwok|kind) 
 	@hack/cluster.sh up
 
 .PHONY: images
-images: ## build the control-plane and sandbox images with buildah (no Docker, no registry) for the real node
+images: ## build the control-plane, sandbox and agent images with buildah (no Docker, no registry) for the real node
 	@hack/images.sh
+
+# What the real node's pods run, for the targets that start sessions; nothing with AGENTBOX_REAL_NODE=0.
+.PHONY: node-images
+node-images:
+ifeq ($(REAL_NODE),1)
+	@hack/images.sh
+endif
 
 .PHONY: cluster-down
 cluster-down: ## delete the local cluster
@@ -56,7 +65,7 @@ unit: venv ## the fast layer alone: no cluster, no database
 	@$(VENV)/bin/pytest -m "not cluster and not postgres and not e2e and not agents" $(PYTEST_ARGS)
 
 .PHONY: test
-test: lint binaries agent-packages ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e, the real agents
+test: lint binaries agent-packages node-images ## everything: lint, import contracts, unit, integration on the real cluster and database, e2e, the real agents
 	@$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 .PHONY: agent-packages
@@ -68,7 +77,7 @@ agents: venv agent-packages ## the real ACP agents' tests
 	@$(VENV)/bin/pytest -m agents tests/sandbox/test_real_agents.py $(PYTEST_ARGS)
 
 .PHONY: e2e
-e2e: venv binaries ## the end-to-end journeys and the chart's tests (CLUSTER=kind: images built and loaded, needs Docker)
+e2e: venv binaries node-images ## the end-to-end journeys and the chart's tests (CLUSTER=kind: images built and loaded, needs Docker)
 ifeq ($(CLUSTER),kind)
 	@if command -v docker >/dev/null 2>&1 && command -v kind >/dev/null 2>&1 && docker info >/dev/null 2>&1; then \
 	  docker build -q -t ghcr.io/agentbox-dev/agentbox:0.1.0 . && \
@@ -84,7 +93,7 @@ bench: venv binaries ## the benchmarks; JSON results in bench/results/
 	@$(PY) -m bench $(BENCH_ARGS)
 
 .PHONY: dev
-dev: venv binaries ## bring the whole system up locally (cluster, database, operator, API)
+dev: venv binaries node-images ## bring the whole system up locally (cluster, database, operator, API)
 	@hack/dev.sh up
 
 .PHONY: dev-down

@@ -2,13 +2,13 @@
 containers on the real node (hack/real-node.sh), beside the same sessions on kwok's fake nodes, at each
 `--rates` per second. JSON on stdout, progress on stderr.
 
-    AGENTBOX_REAL_NODE=1 python -m bench.bench_realnode [--sessions 20 --rates 1 5]
+    python -m bench.bench_realnode [--sessions 20 --rates 1 5]
 
 Running means the runner's readiness probe passed: on the real node, two Python processes started in a
 PSS-restricted pod with its workspace claim mounted; on kwok, the same objects with nothing started. The
 machine's cores bound the real rate: the CPU each session's start costs is reported per process, the real
 node's parts (containerd, kubelet...) and its pods' containers included.
-Without AGENTBOX_REAL_NODE=1 it reports itself skipped.
+With AGENTBOX_REAL_NODE=0 (no real node) it reports itself skipped.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from bench.bench_operator import (
     install_crds,
     latency_ms,
 )
-from tests.fixtures.cluster import REAL_NODE_PLACEMENT, cache_dir
+from tests.fixtures.cluster import REAL_NODE_ENABLED, REAL_NODE_PLACEMENT, cache_dir
 from tests.operator.operator_harness import OperatorProcess, session_manifest
 
 # Small requests so that the node's two cores admit every session; limits a Python process lives within.
@@ -104,8 +104,9 @@ async def main() -> int:
     parser.add_argument("--rates", type=float, nargs="+", default=[1.0, 5.0])
     args = parser.parse_args()
     result: dict[str, Any] = {"benchmark": "realnode", "sessions": args.sessions}
-    if os.environ.get("AGENTBOX_REAL_NODE") != "1":
-        print(json.dumps({**result, "skipped": "needs the real node: AGENTBOX_REAL_NODE=1"}, indent=2))
+    if not REAL_NODE_ENABLED:
+        skipped = "needs the real node, which AGENTBOX_REAL_NODE=0 turns off"
+        print(json.dumps({**result, "skipped": skipped}, indent=2))
         return 0
 
     kubeconfig = cluster_kubeconfig()

@@ -3,7 +3,7 @@
 #   kube-apiserver, kube-controller-manager, kube-scheduler, kubectl  (k8s.io/kubernetes, wrapper module)
 #   etcd                                                               (go.etcd.io/etcd/server/v3, wrapper module)
 #   kwok, kwokctl, helm                                                (plain go install)
-# With AGENTBOX_REAL_NODE=1, also what the real node beside the kwok nodes runs (hack/real-node.sh):
+# Unless AGENTBOX_REAL_NODE=0, also what the real node beside the kwok nodes runs (hack/real-node.sh):
 #   kubelet, kube-proxy                (the same wrapper module: most of their packages are already compiled)
 #   coredns, kube-router               (plain go install)
 # Prints nothing but progress; the last line names the bin directory. Safe to re-run: each tool is
@@ -34,8 +34,10 @@ install_into() {
   mv -f "$3" "$1/$2.tmp" && mv -f "$1/$2.tmp" "$1/$2"
 }
 
-real_node=${AGENTBOX_REAL_NODE:-0}
+real_node=${AGENTBOX_REAL_NODE:-1}
 [[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
+# Not minutes of building for a node this machine cannot run.
+if [ "$real_node" = 1 ]; then "$here/real-node.sh" check-host; fi
 
 build_kubernetes() (
   local dir="$bin_root/kubernetes-$K8S_VERSION"

@@ -13,8 +13,8 @@
 #   AGENTBOX_CACHE          where binaries and cluster state live (default ~/.cache/agentbox)
 #   AGENTBOX_CLUSTER_NODES  fake nodes on kwok (default 2)
 #   AGENTBOX_NODE_PODS      pods each fake node admits (default 1000: two nodes hold 1,000 sessions twice over)
-#   AGENTBOX_REAL_NODE      1: also a real node (kubelet, containerd) on this machine that runs pods as
-#                           containers (hack/real-node.sh; root only); 0 (default): kwok nodes alone
+#   AGENTBOX_REAL_NODE      1 (default): also a real node (kubelet, containerd) on this machine that runs
+#                           pods as containers (hack/real-node.sh; root, Debian or Ubuntu); 0: kwok nodes alone
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -41,7 +41,7 @@ die() { echo "cluster: $*" >&2; exit 1; }
   || die "AGENTBOX_CLUSTER_NAME='$name' is not a DNS label (lowercase letters, digits, '-')"
 [[ $nodes =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_CLUSTER_NODES='$nodes' must be a positive integer"
 [[ $node_pods =~ ^[1-9][0-9]*$ ]] || die "AGENTBOX_NODE_PODS='$node_pods' must be a positive integer"
-real_node=${AGENTBOX_REAL_NODE:-0}
+real_node=${AGENTBOX_REAL_NODE:-1}
 [[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
 
 # ---------------------------------------------------------------------------------------------- kwok
@@ -60,6 +60,7 @@ kwok_crds=PortForward
 node_lease_seconds=40
 wanted_versions="kubernetes=$K8S_VERSION etcd=$ETCD_VERSION kwok=$KWOK_VERSION crds=$kwok_crds real-node=$real_node"
 wanted_versions+=" node-lease=$node_lease_seconds"
+if [ "$real_node" = 1 ]; then wanted_versions+=" fake-node-ip=127.0.0.1"; fi
 
 require_kwok_binaries() {
   local missing=()
@@ -100,6 +101,9 @@ YAML
   # `kubernetes` Service (10.0.0.1, so the serving certificate names it, and the API server listens beyond
   # loopback); the API server reaches the kubelet (logs, exec, port-forward) at its node address with a
   # client certificate; kwok's controller keeps to its fake nodes and leaves the real one to its kubelet.
+  # The API server dials nodes at their InternalIP first (the real node's name resolves nowhere): kwok's
+  # controller serves the fake nodes' kubelet API on loopback, so that is their InternalIP (else logs,
+  # exec and port-forward of their pods would go to a made-up address).
   if [ "$real_node" = 1 ]; then cat >>"$config" <<YAML
   kubeApiserverCertSANs: [10.0.0.1]
 componentsPatches:
@@ -113,6 +117,7 @@ componentsPatches:
   extraArgs:
   - {key: manage-all-nodes, value: "false", override: true}
   - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
+  - {key: node-ip, value: 127.0.0.1, override: true}
 YAML
   fi
   say "creating kwok cluster '$name' (Kubernetes $K8S_VERSION) in $cluster_dir"
@@ -214,7 +219,10 @@ start_provisioner() {
 # The cluster's own contents: fake nodes with room for many pods, and a default StorageClass whose
 # claims bind. Both steps are idempotent and cheap, so `up` runs them every time.
 furnish_kwok_cluster() {
-  kwokctl_ scale node --replicas "$nodes" \
+  # With the real node, no made-up InternalIP: kwok's controller gives the fake nodes its own (loopback).
+  local addresses=()
+  if [ "$real_node" = 1 ]; then addresses=(--param '.nodeIPs=[]'); fi
+  kwokctl_ scale node --replicas "$nodes" "${addresses[@]}" \
     --param ".allocatable.pods=$node_pods" \
     --param '.allocatable.cpu=1000' \
     --param '.allocatable.memory="4Ti"' >/dev/null 2>&1 \
@@ -258,6 +266,8 @@ take_over_node_leases() { # RESTARTED_AT (UTC, %Y-%m-%dT%H:%M:%S)
 
 kwok_up() {
   require_kwok_binaries
+  # Before the cluster is made for it: a machine that cannot host the node fails here, saying how to opt out.
+  if [ "$real_node" = 1 ]; then "$here/real-node.sh" check; fi
   mkdir -p "$KWOK_WORKDIR"
   if [ -d "$cluster_dir" ] && [ "$(cat "$versions_stamp" 2>/dev/null)" != "$wanted_versions" ]; then
     say "cluster '$name' was made by other binaries or options, or never finished; recreating it"

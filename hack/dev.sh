@@ -6,15 +6,16 @@
 #   hack/dev.sh down    stop and remove all of it (the cluster, the database, .dev/)
 #   hack/dev.sh status  what is running
 #
-# The operator and the API run as local processes, not as the chart's Deployments: kwok nodes run no
-# containers. They authenticate as the chart's own ServiceAccounts (token kubeconfigs from
-# hack/chart_identity.py), so dev has exactly the permissions a real install has. The API reaches session
-# runners as it would from outside any cluster: port-forward through the Kubernetes API. On kwok, session
-# pods are stood in for by hack/session_runners.py (the real runner and gateway, started locally per pod,
+# The operator and the API run as local processes, not as the chart's Deployments. They authenticate as
+# the chart's own ServiceAccounts (token kubeconfigs from hack/chart_identity.py), so dev has exactly the
+# permissions a real install has. The API reaches session runners as it would from outside any cluster:
+# port-forward through the Kubernetes API. Session pods run as containers on the real node (the operator
+# places every session there); with AGENTBOX_REAL_NODE=0 they land on kwok nodes, which run no containers,
+# and hack/session_runners.py stands in for each (the real runner and gateway, started locally per pod,
 # with a kwok PortForward leading the pod's port to them).
 #
 # Environment: AGENTBOX_DEV_API_PORT (8000), AGENTBOX_DEV_OPERATOR_PORT (8081, liveness),
-#   AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE.
+#   AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_REAL_NODE (1), AGENTBOX_CACHE.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -24,6 +25,7 @@ repo=$(cd "$here/.." && pwd)
 
 export AGENTBOX_CLUSTER_NAME=${AGENTBOX_CLUSTER_NAME:-agentbox}
 export AGENTBOX_CLUSTER_KIND=${AGENTBOX_CLUSTER_KIND:-kwok}
+real_node=${AGENTBOX_REAL_NODE:-1}
 cache=${AGENTBOX_CACHE:-$HOME/.cache/agentbox}
 dev="$repo/.dev"
 py="$repo/.venv/bin/python"
@@ -164,7 +166,16 @@ up() {
   "$py" "$here/chart_identity.py" --kubeconfig "$kubeconfig" --kubectl "$kubectl" --helm "$helm" \
     --namespace "$system_namespace" --release "$release" --out "$dev/identity" | sed 's/^/    /' >&2
 
-  say "operator, session stand-ins (kwok) and API (local processes)"
+  # Sessions on the real node (hack/real-node.sh taints and labels it), or on kwok with stand-ins.
+  local placement=() stand_ins=0
+  if [ "$AGENTBOX_CLUSTER_KIND" = kwok ] && [ "$real_node" = 1 ]; then
+    placement=(AGENTBOX_SESSION_NODE_SELECTOR='{"agentbox.dev/real-node": "true"}'
+      AGENTBOX_SESSION_TOLERATIONS='[{"key": "agentbox.dev/real-node", "operator": "Exists", "effect": "NoSchedule"}]')
+  elif [ "$AGENTBOX_CLUSTER_KIND" = kwok ]; then
+    stand_ins=1
+  fi
+  if [ $stand_ins = 1 ]; then say "operator, session stand-ins (kwok) and API (local processes)"
+  else say "operator and API (local processes); session pods run as containers"; fi
   # Processes from an earlier run talk to the cluster they started with: a recreated one needs new ones.
   local server; server=$(kube config view --minify -o jsonpath='{.clusters[0].cluster.server}')
   if [ "$(cat "$dev/cluster-server" 2>/dev/null)" != "$server" ]; then
@@ -175,15 +186,22 @@ up() {
   fi
   # The chart's operator environment (its Deployment's), then what differs for a local process.
   local operator_env; mapfile -t operator_env <"$dev/identity/operator.env"
+  # An operator started with the other placement would put sessions where nothing runs them.
+  if [ "$(cat "$dev/session-placement" 2>/dev/null)" != "${placement[*]}" ]; then
+    stop_process operator "agentbox.operator"
+    printf '%s' "${placement[*]}" >"$dev/session-placement"
+  fi
   start_process operator "agentbox.operator" \
-    "${operator_env[@]}" KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_METRICS_PORT=0 \
+    "${operator_env[@]}" "${placement[@]}" KUBECONFIG="$dev/identity/operator.kubeconfig" AGENTBOX_METRICS_PORT=0 \
     -- "$py" -m agentbox.operator --peering agentbox --liveness "http://127.0.0.1:${AGENTBOX_DEV_OPERATOR_PORT:-8081}/healthz"
-  if [ "$AGENTBOX_CLUSTER_KIND" = kwok ]; then  # kind runs session pods for real
+  if [ $stand_ins = 1 ]; then  # the real node and kind run session pods for real
     running session-runners "session_runners.py" || rm -f "$dev/session-runners.ready"
     start_process session-runners "session_runners.py" \
       -- "$py" "$here/session_runners.py" --kubeconfig "$kubeconfig" --state-dir "$dev/pods" \
       --ready-file "$dev/session-runners.ready"
     wait_file "$dev/session-runners.ready" 30 "the session stand-ins" "$dev/logs/session-runners.log"
+  else
+    stop_process session-runners "session_runners.py"
   fi
   start_process api "agentbox.api" \
     KUBECONFIG="$dev/identity/api.kubeconfig" AGENTBOX_PORT="$api_port" AGENTBOX_DATABASE_URL="$app_dsn" \

@@ -2,13 +2,16 @@
 # The project's images, built on this machine with no Docker and no registry (`make images`):
 #   1. a Debian base made by debootstrap (python3 is 3.11 on bookworm, the project's version), its root
 #      filesystem cached under $AGENTBOX_CACHE/images per suite, committed as localhost/agentbox/debian-python;
-#   2. buildah builds of Dockerfile (control plane) and sandbox/images/Dockerfile (sandbox) FROM that base,
-#      tagged with the names the chart and the operator use, so pods find them without pulling;
-#   3. docker archives of both under $AGENTBOX_CACHE/images/archives, imported into the real node's
+#   2. buildah builds of Dockerfile (control plane), sandbox/images/Dockerfile (sandbox) and, per runtime
+#      that sandbox/images/agents.json pins, sandbox/images/Dockerfile.agent (the runner and that agent,
+#      on Node.js and the agent package from the npm registry) FROM that base, tagged with the names the
+#      chart and the operator use, so pods find them without pulling;
+#   3. docker archives of each under $AGENTBOX_CACHE/images/archives, imported into the real node's
 #      containerd (hack/real-node.sh) when it runs, else at its next `up`.
 # Unchanged sources rebuild nothing (buildah's layer cache) and import nothing.
 #
-# Environment: AGENTBOX_CACHE, AGENTBOX_DEBIAN_SUITE (bookworm), AGENTBOX_DEBIAN_MIRROR (apt's own).
+# Environment: AGENTBOX_CACHE, AGENTBOX_DEBIAN_SUITE (bookworm), AGENTBOX_DEBIAN_MIRROR (apt's own),
+#   AGENTBOX_AGENT_RUNTIMES (the runtimes whose agent images to build: every one agents.json pins).
 # Root only (debootstrap).
 set -euo pipefail
 
@@ -73,7 +76,8 @@ build_image() { # IMAGE DOCKERFILE BUILD-ARG...
   for arg in "$@"; do args+=(--build-arg "$arg"); done
   mkdir -p "$images_dir/logs"
   local log="$images_dir/logs/$(basename "${image%%:*}").log"
-  buildah bud --layers --pull-never --network host -f "$repo/$dockerfile" -t "$image" "${args[@]}" "$repo" \
+  # Docker's image format: the OCI one has no SHELL, which Dockerfile.agent's bash-only steps need.
+  buildah bud --format docker --layers --pull-never --network host -f "$repo/$dockerfile" -t "$image" "${args[@]}" "$repo" \
     >"$log" 2>&1 || { tail -n 20 "$log" >&2; die "building $image failed (log $log)"; }
   local id archive stamp
   id=$(buildah images --quiet --no-trunc "$image" | head -n 1)
@@ -95,4 +99,10 @@ build_base
 build_image "ghcr.io/agentbox-dev/agentbox:$version" Dockerfile "PYTHON_IMAGE=$base_image"
 build_image "ghcr.io/agentbox-dev/sandbox:$version" sandbox/images/Dockerfile \
   "BUILD_IMAGE=$base_image" "RUNTIME_IMAGE=$base_image"
+runtimes=${AGENTBOX_AGENT_RUNTIMES:-$(python3 -c 'import json, sys; print(*json.load(open(sys.argv[1]))["agents"])' \
+  "$repo/sandbox/images/agents.json")}
+for runtime in $runtimes; do
+  build_image "ghcr.io/agentbox-dev/agent-$runtime:$version" sandbox/images/Dockerfile.agent \
+    "BASE=$base_image" "RUNTIME=$runtime"
+done
 "$here/real-node.sh" import "$archives"/*.tar

@@ -3,6 +3,9 @@
 # local kwok cluster, with cluster DNS (CoreDNS) and NetworkPolicy enforcement (kube-router) on it, so
 # session pods run as containers. `hack/cluster.sh up|down` call this when AGENTBOX_REAL_NODE=1.
 #
+#   hack/real-node.sh check     fail, saying how to opt out, unless this machine can host the node for
+#                               this cluster (root, Debian or Ubuntu, no other cluster holding it)
+#   hack/real-node.sh check-host the same, but whatever cluster holds the node
 #   hack/real-node.sh up        install what is missing, start (or keep) every part; idempotent
 #   hack/real-node.sh down      delete the node's pods through the API, stop every part, clean the host
 #   hack/real-node.sh status    say what runs
@@ -17,7 +20,8 @@
 # registry.
 #
 # Environment: AGENTBOX_CLUSTER_NAME (agentbox), AGENTBOX_CACHE, AGENTBOX_REAL_NODE_POD_CIDR (10.244.0.0/24).
-# Root only (it runs containerd and a kubelet); Debian or Ubuntu (apt).
+# Root only (it runs containerd and a kubelet); Debian or Ubuntu (apt). The Makefile and hack/cluster.sh
+# bring it up unless AGENTBOX_REAL_NODE=0.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -53,6 +57,7 @@ packages=(containerd runc containernetworking-plugins iptables ipset nftables co
 
 say() { echo "real-node: $*" >&2; }
 die() { echo "real-node: $*" >&2; exit 1; }
+opt_out="set AGENTBOX_REAL_NODE=0 for kwok nodes alone (no pod then runs as a container)"
 
 kubectl_() { "$kubectl" --kubeconfig "$admin_kubeconfig" "$@"; }
 ctr_() { ctr --address "$socket" --namespace k8s.io "$@"; }
@@ -461,25 +466,41 @@ YAML
 
 # ---------------------------------------------------------------------------------------------- up, down
 
+# What the machine must offer, checked before anything is built or created for the node.
+check_host() {
+  [ "$(uname -s)" = Linux ] || die "the real node (on by default) runs a kubelet, so Linux only: $opt_out"
+  [ "$(id -u)" = 0 ] || die "the real node (on by default) runs containerd and a kubelet as root: run as root, or $opt_out"
+  command -v apt-get >/dev/null 2>&1 && command -v dpkg-query >/dev/null 2>&1 \
+    || die "the real node (on by default) needs Debian or Ubuntu (apt installs its containerd, runc and CNI plugins): $opt_out"
+  [ -n "$(ls -A /sys/fs/cgroup 2>/dev/null)" ] || die "the real node (on by default) needs cgroups at /sys/fs/cgroup: $opt_out"
+}
+
+# One real node per machine: another cluster that still exists keeps it.
+check_owner() {
+  local owner; owner=$(cat "$owner_file" 2>/dev/null || true)
+  [ -n "$owner" ] && [ "$owner" != "$name" ] && any_running && [ -d "$cache/kwok/clusters/$owner" ] \
+    && die "the one real node of this machine serves cluster '$owner': \`AGENTBOX_CLUSTER_NAME=$owner hack/cluster.sh down\` first, or $opt_out"
+  return 0
+}
+
 require() {
-  [ "$(id -u)" = 0 ] || die "the real node runs containerd and a kubelet: run as root"
+  check_host
   local missing=() b
   for b in "$kube_bin/kubelet" "$kube_bin/kube-proxy" "$bin_root/coredns-$COREDNS_VERSION/coredns" \
     "$bin_root/kube-router-$KUBE_ROUTER_VERSION/kube-router" "$kubectl"; do
     [ -x "$b" ] || missing+=("$(basename "$b")")
   done
   [ ${#missing[@]} -eq 0 ] \
-    || die "missing ${missing[*]} under $bin_root: run \`AGENTBOX_REAL_NODE=1 make binaries\`"
+    || die "missing ${missing[*]} under $bin_root: run \`make binaries\`"
   [ -f "$admin_kubeconfig" ] && [ -f "$pki/ca.key" ] \
-    || die "no cluster '$name' to join: run \`AGENTBOX_REAL_NODE=1 hack/cluster.sh up\`"
+    || die "no cluster '$name' to join: run \`hack/cluster.sh up\`"
 }
 
 up() {
   require
   local owner; owner=$(cat "$owner_file" 2>/dev/null || true)
+  check_owner
   if [ -n "$owner" ] && [ "$owner" != "$name" ] && any_running; then
-    [ -d "$cache/kwok/clusters/$owner" ] \
-      && die "the real node serves cluster '$owner': \`AGENTBOX_CLUSTER_NAME=$owner hack/cluster.sh down\` first"
     say "cluster '$owner' is gone: stopping the node it left running"
     stop_parts
   fi
@@ -616,10 +637,12 @@ status() {
 }
 
 case ${1:-} in
+  check) check_host; check_owner ;;
+  check-host) check_host ;;
   up) up ;;
   down) down ;;
   status) status ;;
   install) install_packages ;;
   import) shift; import_command "$@" ;;
-  *) die "usage: hack/real-node.sh up|down|status|install|import ARCHIVE..." ;;
+  *) die "usage: hack/real-node.sh check|check-host|up|down|status|install|import ARCHIVE..." ;;
 esac

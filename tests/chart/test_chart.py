@@ -144,6 +144,29 @@ async def test_the_egress_allow_list_reaches_the_operator(kube):
     assert json.loads(listed["AGENTBOX_EGRESS_DEFAULT_ALLOW"]) == ["registry.npmjs.org", "*.pypi.org"]
 
 
+async def test_placement_values_reach_sessions_and_every_pod_of_the_api(kube, monkeypatch):
+    selector, tolerations = {"pool": "agents"}, [{"key": "dedicated", "operator": "Exists"}]
+    defaults = operator_env(documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED)))
+    assert defaults["AGENTBOX_SESSION_NODE_SELECTOR"] == "{}"
+    assert defaults["AGENTBOX_SESSION_TOLERATIONS"] == "[]"
+    placement = [f"{prefix}.{key}={json.dumps(value)}" for prefix in ("sandbox", "api")
+                 for key, value in (("nodeSelector", selector), ("tolerations", tolerations))]
+    placed = documents(await helm(kube, "template", "abx", str(CHART), *REQUIRED,
+                                  *(arg for value in placement for arg in ("--set-json", value))))
+    # The operator reads its environment as the chart wrote it.
+    for name, value in operator_env(placed).items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()
+    assert (settings.session_node_selector, settings.session_tolerations) == (selector, tolerations)
+    # The migration Job and the test pod run where the API does (on a tainted pool they would never start).
+    pods = {o["metadata"]["name"]: o["spec"] if o["kind"] == "Pod" else o["spec"]["template"]["spec"]
+            for o in placed if o["kind"] in ("Deployment", "Job", "Pod")}
+    for name in ("abx-agentbox-api", "abx-agentbox-migrate-1", "abx-agentbox-test-api"):
+        assert pods[name].get("nodeSelector") == selector, name
+        assert pods[name].get("tolerations") == tolerations, name
+    assert "nodeSelector" not in pods["abx-agentbox-operator"]
+
+
 async def test_the_api_signs_audit_checkpoints_with_a_generated_key_the_database_never_sees(kube):
     def api_of(objects: list[dict]) -> tuple[dict, dict | None]:
         deployment = next(o for o in objects

@@ -36,7 +36,10 @@ KEY_ENTRY = generate_key_entry("k1")
 
 
 def bearer(sub: str, org: str = ORG, role: str = "user") -> dict[str, str]:
-    return {"Authorization": f"Bearer {hs256(sub=sub, app_metadata={'org_id': org, 'role': role})}"}
+    # Minted at import, so valid for as long as a whole run may take to reach these tests.
+    expires = int(time.time()) + 3 * 3600
+    token = hs256(sub=sub, app_metadata={"org_id": org, "role": role}, exp=expires)
+    return {"Authorization": f"Bearer {token}"}
 
 
 ADMIN, USER = bearer("admin-1", role="admin"), bearer("user-1")

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from fixtures.cluster import REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL
 from fixtures.polling import eventually
+from fixtures.real_pods import IDENTITY, WORKSPACE_WRITE, restricted_identity, run_python, saying_state
 from kubernetes_asyncio.client.exceptions import ApiException
 from operator_harness import OperatorProcess, mcpserver_manifest, session_in_phase, session_manifest
 
@@ -28,32 +29,16 @@ from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 from agentbox.operator.kube import Kube as OperatorKube
 from agentbox.operator.settings import OperatorSettings
 
-pytestmark = [pytest.mark.cluster, pytest.mark.realnode]
+# Generous for a loaded machine (two cores, a CI run beside): a wait that runs out says what it saw.
+pytestmark = [pytest.mark.cluster, pytest.mark.realnode, pytest.mark.timeout(900)]
 
 SCOPE = "t-rn-*"
 DEFAULTS = OperatorSettings()
 # A real pod's start: image already local, but two Python processes on two busy cores.
 START_SECONDS = 180
+# kube-router programs a new pod's policy a few seconds after the pod starts; far longer under load.
+POLICY_SECONDS = 120
 
-# Run inside a container with `python -c`: what the process is allowed, as JSON.
-IDENTITY = """
-import errno, json, os
-status = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
-try:
-    open("/written-by-test", "w")
-    root = "writable"
-except OSError as error:
-    root = errno.errorcode.get(error.errno, str(error.errno))
-print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "root": root,
-                  **{key: status[key].strip() for key in ("NoNewPrivs", "CapEff", "Seccomp")}}))
-"""
-WORKSPACE_WRITE = """
-import json, os
-path = "/workspace/written-by-test"
-with open(path, "w") as file:
-    file.write("kept")
-print(json.dumps({"owner": os.stat(path).st_uid, "content": open(path).read()}))
-"""
 # GET argv[1] with a timeout; the status and body, or the error. A body is checked, not just a connect.
 # Straight to the address (what the NetworkPolicy decides), unless argv[2] is "proxy": then through the
 # session's egress proxy, as the pod's HTTPS_PROXY says.
@@ -126,14 +111,15 @@ async def tenants(kube, ops) -> AsyncIterator[Callable[[], Awaitable[str]]]:
             await ops.delete("Namespace", None, name)
 
 
-async def real_session(ops, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
+async def real_session(kube, ops, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
     """An AgentSession placed on the real node, once Running; with its pod."""
     await ops.create(session_manifest(name, namespace, **REAL_NODE_PLACEMENT, **spec))
-    body = await session_in_phase(ops, namespace, name, "Running", timeout=START_SECONDS)
+    async with saying_state(kube, namespace):
+        body = await session_in_phase(ops, namespace, name, "Running", timeout=START_SECONDS)
     return {"session": body, "pod": await ops.get("Pod", namespace, body["status"]["podName"])}
 
 
-async def client_pod(ops, namespace: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
+async def client_pod(kube, ops, namespace: str, name: str, labels: dict[str, str]) -> dict[str, Any]:
     """A pod of the sandbox image that only waits, to run probes in; on the real node, once Ready."""
     await ops.create({
         "apiVersion": "v1", "kind": "Pod",
@@ -152,7 +138,8 @@ async def client_pod(ops, namespace: str, name: str, labels: dict[str, str]) -> 
         statuses = (pod or {}).get("status", {}).get("containerStatuses") or []
         return pod if statuses and all(status["ready"] for status in statuses) else None
 
-    return await eventually(ready, timeout=START_SECONDS, what=f"client pod {namespace}/{name} Ready")
+    async with saying_state(kube, namespace):
+        return await eventually(ready, timeout=START_SECONDS, what=f"client pod {namespace}/{name} Ready")
 
 
 async def run(*command: str) -> str:
@@ -180,18 +167,11 @@ async def broken_images(real_node, tmp_path_factory) -> dict[str, str]:
     return images
 
 
-async def run_python(kube, pod: dict[str, Any], container: str, code: str, *args: str) -> Any:
-    meta = pod["metadata"]
-    out = await kube.kubectl("exec", "-n", meta["namespace"], meta["name"], "-c", container, "--",
-                             "python", "-c", code, *args)
-    return json.loads(out)
-
-
 async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenants, api_namespace, real_node):
     tenant = await tenants()
     demo_tools = {"command": "python", "args": ["-m", "agentbox.sandbox.demo_tools"]}
     await ops.create(mcpserver_manifest("demo", tenant, transport="stdio", stdio=demo_tools))
-    started = await real_session(ops, tenant, "real", mcpServers=[{"name": "demo"}])
+    started = await real_session(kube, ops, tenant, "real", mcpServers=[{"name": "demo"}])
     session, pod = started["session"], started["pod"]
     assert pod["spec"]["nodeName"] == real_node
     # Admitted in a namespace that enforces PSS restricted, so the pod as rendered passes it.
@@ -204,8 +184,7 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
 
     for container in ("runner", "gateway", "egress"):
         facts = await run_python(kube, pod, container, IDENTITY)
-        assert facts == {"uid": SANDBOX_UID, "gid": SANDBOX_UID, "root": "EROFS", "NoNewPrivs": "1",
-                         "CapEff": "0000000000000000", "Seccomp": "2"}, container
+        assert facts == restricted_identity(SANDBOX_UID), container
     assert await run_python(kube, pod, "runner", WORKSPACE_WRITE) == {"owner": SANDBOX_UID, "content": "kept"}
     # The egress proxy in the pod refuses a host the session does not allow (its answer, not a timeout).
     refused = await run_python(kube, pod, "runner", FETCH, "https://not-allowed.example/", "proxy")
@@ -232,13 +211,14 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
                 replies = [m for m in messages[asked[-1] + 1:] if m["role"] == "agent"] if asked else []
                 return replies and (await runner_api.get("/status")).json()["status"] == "stable" and replies
 
-            replies = await eventually(answered, timeout=60, what="the agent's answer")
+            async with saying_state(kube, tenant):
+                replies = await eventually(answered, timeout=120, what="the agent's answer")
             assert replies[-1]["content"] == "FROM A REAL NODE", replies
     finally:
         await forwarder.close()
 
     # As the API does inside the cluster: the session's endpoint, a Service name, from a pod labelled like it.
-    api = await client_pod(ops, api_namespace, "api-real", dict(DEFAULTS.api_pod_labels))
+    api = await client_pod(kube, ops, api_namespace, "api-real", dict(DEFAULTS.api_pod_labels))
     assert session["status"]["endpoint"] == f"http://{naming.child_name('real')}.{tenant}.svc:3284"
     assert await run_python(kube, api, "client", FETCH, f"{session['status']['endpoint']}/readyz") == READY
 
@@ -246,11 +226,12 @@ async def test_a_session_runs_as_real_containers(real_operator, kube, ops, tenan
 async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operator, kube, ops, tenants,
                                                                      api_namespace):
     tenant_a, tenant_b = await tenants(), await tenants()
-    a1, a2, b1 = await asyncio.gather(real_session(ops, tenant_a, "a1"), real_session(ops, tenant_a, "a2"),
-                                      real_session(ops, tenant_b, "b1"))
+    a1, a2, b1 = await asyncio.gather(real_session(kube, ops, tenant_a, "a1"),
+                                      real_session(kube, ops, tenant_a, "a2"),
+                                      real_session(kube, ops, tenant_b, "b1"))
     api, stranger = await asyncio.gather(
-        client_pod(ops, api_namespace, "api-np", dict(DEFAULTS.api_pod_labels)),
-        client_pod(ops, api_namespace, "stranger", {"app": "stranger"}))
+        client_pod(kube, ops, api_namespace, "api-np", dict(DEFAULTS.api_pod_labels)),
+        client_pod(kube, ops, api_namespace, "stranger", {"app": "stranger"}))
 
     def url(target: dict[str, Any]) -> str:
         return f"http://{target['pod']['status']['podIP']}:{naming.ENDPOINT_PORT}/readyz"
@@ -262,7 +243,7 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
     for target in (a1, a2, b1):
         async def allowed(target=target):
             return await answers(api, "client", target) == READY
-        await eventually(allowed, timeout=30,
+        await eventually(allowed, timeout=POLICY_SECONDS,
                          what=f"the API pod reaching {target['pod']['metadata']['name']}")
 
     # Denied: another session of the same tenant, another tenant's session, a pod not labelled as the API.
@@ -274,7 +255,8 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
             answered.clear()
             answered.update(await answers(source, container, target))
             return "error" in answered
-        await eventually(refused, timeout=30, details=lambda answered=answered: f"it answered {answered}",
+        await eventually(refused, timeout=POLICY_SECONDS,
+                         details=lambda answered=answered: f"it answered {answered}",
                          what=f"{source['metadata']['name']} refused by {target['pod']['metadata']['name']}")
 
     # Allowed egress: DNS through the cluster resolver, which answers for another session's Service name
@@ -291,13 +273,42 @@ async def test_network_policy_isolates_sessions_and_lets_dns_through(real_operat
     ("root-only", {"CrashLoopBackOff", "ContainerConfigError"}),
 ])
 async def test_an_agent_image_that_cannot_run_fails_the_session_with_a_reason(
-        real_operator, ops, tenants, broken_images, image, reasons):
+        real_operator, kube, ops, tenants, broken_images, image, reasons):
     tenant = await tenants()
     name = "broken"
     agent = {"runtime": "scripted", "image": broken_images.get(image, image)}
     await ops.create(session_manifest(name, tenant, **REAL_NODE_PLACEMENT, agent=agent))
     # Never left Starting: Failed, with the reason on the Ready condition and the container named.
-    body = await session_in_phase(ops, tenant, name, "Failed", timeout=START_SECONDS)
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, name, "Failed", timeout=START_SECONDS)
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] in reasons, ready
     assert "runner" in ready["message"], ready
+
+
+async def test_a_real_agent_without_credentials_runs_until_it_refuses_and_the_session_needs_auth(
+        real_operator, kube, ops, tenants):
+    """Claude Code's ACP adapter from its image (make images), with no API key: it starts, opens its
+    session, refuses the first prompt, and the session reads NeedsAuth, never Running with every turn
+    failing."""
+    tenant = await tenants()
+    started = await real_session(kube, ops, tenant, "claude", agent={"runtime": "claude-code"})
+    pod = started["pod"]
+    (runner,) = pod["spec"]["containers"]
+    assert runner["image"] == DEFAULTS.agent_images["claude-code"]
+    secret = await ops.get("Secret", tenant, naming.child_name("claude"))
+    token = base64.b64decode(secret["data"][RUNNER_TOKEN_KEY]).decode()
+    forwarder = PortForwarder(kube._configuration)
+    try:
+        url = forwarder.local_url(tenant, pod["metadata"]["name"], naming.ENDPOINT_PORT)
+        async with httpx.AsyncClient(base_url=url, timeout=90,
+                                     headers={"Authorization": f"Bearer {token}"}) as runner_api:
+            sent = await runner_api.post("/message", json={"content": "hello"})
+            assert sent.status_code == 200, sent.text
+    finally:
+        await forwarder.close()
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, "claude", "NeedsAuth", timeout=START_SECONDS)
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "AgentNeedsAuth", ready
+    assert "ANTHROPIC_API_KEY" in ready["message"], ready

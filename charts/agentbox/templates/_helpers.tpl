@@ -51,3 +51,11 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: ["ALL"]
 {{- end -}}
+{{- /* Where the API's pods run: its Deployment, and the migration Job and test pod that go with it. */ -}}
+{{- define "agentbox.apiPlacement" -}}
+{{- $placement := dict -}}
+{{- range $key := list "nodeSelector" "tolerations" "affinity" -}}
+{{- with get $.Values.api $key }}{{ $_ := set $placement $key . }}{{ end -}}
+{{- end -}}
+{{- with $placement }}{{ toYaml . }}{{ end -}}
+{{- end -}}
