@@ -43,8 +43,10 @@ class OperatorSettings(BaseSettings):
     gateway_resources: dict[str, Any] = {"requests": {"cpu": "50m", "memory": "96Mi"},
                                          "limits": {"cpu": "500m", "memory": "256Mi"}}
     # The proxy holds about 51 MiB resident once started (measured: python -m agentbox.sandbox.egress).
+    # It copies bytes between the agent and its upstreams: a fifth of a core is plenty, and keeps a session's
+    # cost under the tenant quota close to what it was before the proxy.
     egress_resources: dict[str, Any] = {"requests": {"cpu": "25m", "memory": "64Mi"},
-                                        "limits": {"cpu": "500m", "memory": "128Mi"}}
+                                        "limits": {"cpu": "200m", "memory": "128Mi"}}
     egress_default_allow: list[HostPattern] = Field(
         [], description="Hosts every session's agent may reach through its egress proxy, beside the "
                         "session's spec.egress.allow (names, or *.domain)")

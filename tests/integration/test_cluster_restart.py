@@ -26,7 +26,9 @@ POD_RUNNING_SECONDS = 20
 
 async def cluster_script(name: str, command: str) -> str:
     process = await asyncio.create_subprocess_exec(
-        str(REPO / "hack" / "cluster.sh"), command, env={**os.environ, "AGENTBOX_CLUSTER_NAME": name},
+        str(REPO / "hack" / "cluster.sh"), command,
+        # kwok nodes alone: the machine's one real node serves the test cluster.
+        env={**os.environ, "AGENTBOX_CLUSTER_NAME": name, "AGENTBOX_REAL_NODE": "0"},
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     stdout, stderr = await process.communicate()
     assert process.returncode == 0, f"hack/cluster.sh {command}: {stderr.decode()}"

@@ -12,8 +12,8 @@ from agentbox.operator import naming
 
 pytestmark = pytest.mark.cluster
 SESSIONS = 50
-# Small enough that 50 sessions fit the tenant's default quota (gateway included).
-SMALL = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "100m", "memory": "64Mi"}}
+# Small enough that 50 sessions fit the tenant's default quota (gateway and egress proxy included).
+SMALL = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "50m", "memory": "64Mi"}}
 KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 
