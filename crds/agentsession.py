@@ -178,15 +178,15 @@ PROVIDER_NEEDED_MESSAGE = (f"spec.egress.provider is required with spec.egress.p
                            f"{', '.join(PROVIDER_APIS)})")
 
 
-class AgentSessionSpec(KubeModel):
-    """The desired state of an agent sandbox."""
+class SandboxTemplate(KubeModel):
+    """Everything that shapes a sandbox pod: what an AgentSessionPool pre-starts, and what a session shares
+    with the pool member it claims. Tenant, system prompt and lifecycle are the session's own."""
 
     model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
         {"rule": "!has(self.egress) || !has(self.egress.providerKey) || has(self.egress.provider) || "
                  f"(has(self.agent.runtime) && self.agent.runtime in {list(RUNTIME_PROVIDERS)})",
          "message": PROVIDER_NEEDED_MESSAGE}]}}
 
-    tenant: Tenant = Field(description="Who the session belongs to.")
     agent: AgentSpec = Field(default_factory=AgentSpec, description="The agent and how it starts.",
                              json_schema_extra={"default": {}})
     workspace: Workspace = Field(default_factory=Workspace, description="The persistent workspace.",
@@ -194,8 +194,6 @@ class AgentSessionSpec(KubeModel):
     mcp_servers: list[MCPServerRef] = Field(
         default_factory=list, max_length=32, description="MCPServers (same namespace) the agent may use.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]})
-    system_prompt: Annotated[str, StringConstraints(max_length=65536)] = Field(
-        "", description="The composed system prompt handed to the agent.")
     resources: dict[str, Any] | None = preserve_unknown(
         "Compute resources of the agent container (requests, limits); the operator's defaults when unset.",
         default=None)
@@ -206,8 +204,6 @@ class AgentSessionSpec(KubeModel):
     tolerations: list[dict[str, Any]] = Field(
         default_factory=list, max_length=32, description="Tolerations of the pod (Kubernetes Toleration).",
         json_schema_extra={"items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}})
-    lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Suspension and expiry.",
-                                 json_schema_extra={"default": {}})
     egress: Egress = Field(default_factory=Egress, description="The agent's way out: hosts allowed through "
                                                               "the egress proxy, and the provider key.",
                            json_schema_extra={"default": {}})
@@ -218,7 +214,7 @@ class AgentSessionSpec(KubeModel):
         return self.egress.provider or RUNTIME_PROVIDERS.get(self.agent.runtime)
 
     @model_validator(mode="after")
-    def _unique_mcp_servers(self) -> "AgentSessionSpec":
+    def _unique_mcp_servers(self) -> "SandboxTemplate":
         names = [ref.name for ref in self.mcp_servers]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
@@ -228,6 +224,16 @@ class AgentSessionSpec(KubeModel):
         if self.resources and set(self.resources) - {"limits", "requests", "claims"}:
             raise ValueError("spec.resources may only hold limits, requests and claims")
         return self
+
+
+class AgentSessionSpec(SandboxTemplate):
+    """The desired state of an agent sandbox."""
+
+    tenant: Tenant = Field(description="Who the session belongs to.")
+    system_prompt: Annotated[str, StringConstraints(max_length=65536)] = Field(
+        "", description="The composed system prompt handed to the agent.")
+    lifecycle: Lifecycle = Field(default_factory=Lifecycle, description="Suspension and expiry.",
+                                 json_schema_extra={"default": {}})
 
 
 class AgentSessionStatus(KubeModel):
@@ -245,6 +251,8 @@ class AgentSessionStatus(KubeModel):
     ready_at: datetime | None = Field(None, description="When the session first became ready.")
     last_activity_time: datetime | None = Field(None, description="The last activity seen by the runner or "
                                                                   "the API.")
+    pool_member: str | None = Field(None, description="The AgentSessionPool member (a pre-started sandbox) "
+                                                      "the session claimed; unset for a cold start.")
 
 
 class ObjectMeta(KubeModel):

@@ -83,3 +83,9 @@ class Reason(StrEnum):
     PROBE_PENDING = "ProbePending"
     # MCPServer Authorized
     NEEDS_REAUTHORIZATION = "NeedsReauthorization"
+    # AgentSessionPool Ready
+    MEMBERS_READY = "MembersReady"
+    MEMBERS_STARTING = "MembersStarting"
+    MEMBER_REJECTED = "MemberRejected"  # the apiserver refused a member (quota, admission)
+    # AgentSession events
+    POOL_MEMBER_CLAIMED = "PoolMemberClaimed"

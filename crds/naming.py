@@ -25,6 +25,16 @@ REQUEST_ID_ANNOTATION = "agentbox.dev/request-id"
 # keeps the server's Authorized condition False.
 OAUTH_ANNOTATION = "agentbox.dev/oauth"
 NEEDS_REAUTH = "needs-reauth"
+# Warm pools (AgentSessionPool): a member's pod, claim, ConfigMap and Secret carry POOL_LABEL (the pool's
+# name) and TEMPLATE_HASH_LABEL (template_hash of its pod) until a session claims them; the claimed pod keeps
+# CLAIMED_FROM_LABEL. The session names its member in POOL_MEMBER_ANNOTATION: its children's name from then.
+POOL_LABEL = "agentbox.dev/pool"
+TEMPLATE_HASH_LABEL = "agentbox.dev/template-hash"
+CLAIMED_FROM_LABEL = "agentbox.dev/claimed-from"
+POOL_MEMBER_ANNOTATION = "agentbox.dev/pool-member"
+# A pool member's runner token starts so: its runner waits for the token its session's claim writes, and no
+# session keeps it.
+POOL_TOKEN_PREFIX = "pool-"  # noqa: S105 (a prefix, not a token)
 RUNNER_TOKEN_KEY = "runner-token"  # noqa: S105 (a key and file name in the session's Secret)
 
 
@@ -45,6 +55,11 @@ def child_name(session_name: str) -> str:
     """
     prefix = slug(session_name)[: MAX_NAME - HASH_LENGTH - 10].rstrip("-") or "session"
     return f"{prefix}-{short_hash(session_name)}"
+
+
+def session_child_name(session_name: str, annotations: dict[str, str] | None) -> str:
+    """The name of a session's children: its pool member's when it claimed one, else child_name."""
+    return (annotations or {}).get(POOL_MEMBER_ANNOTATION) or child_name(session_name)
 
 
 def label_value(text: str) -> str:

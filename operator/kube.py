@@ -12,7 +12,7 @@ import kubernetes_asyncio.client
 import kubernetes_asyncio.config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agentbox.crds import agentsession, mcpserver
+from agentbox.crds import agentsession, agentsessionpool, mcpserver
 from agentbox.operator import naming
 from agentbox.operator.settings import FIELD_MANAGER
 
@@ -32,6 +32,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings", False),
     agentsession.KIND: (f"/apis/{agentsession.API_VERSION}", agentsession.PLURAL, True),
     mcpserver.KIND: (f"/apis/{mcpserver.API_VERSION}", mcpserver.PLURAL, True),
+    agentsessionpool.KIND: (f"/apis/{agentsessionpool.API_VERSION}", agentsessionpool.PLURAL, True),
 }
 OBJECT = {200: "object", 201: "object"}
 # Connections per client (ours and kopf's): measured no slower than 100 at 20 sessions/s, and each TLS

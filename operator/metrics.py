@@ -13,6 +13,15 @@ RECONCILE_SECONDS = Histogram("agentbox_operator_reconcile_duration_seconds", "R
 ERRORS = Counter("agentbox_operator_errors_total", "Reconciliations that raised", ["resource", "error"])
 SESSIONS = Gauge("agentbox_operator_sessions", "AgentSessions by phase", ["phase"])
 
+POOL_CLAIMS = Counter("agentbox_operator_pool_claims_total", "New sessions in a namespace with an "
+                      "AgentSessionPool, by outcome: hit (claimed a ready member) or miss (started cold)",
+                      ["outcome"])
+POOL_CLAIM_SECONDS = Histogram("agentbox_operator_pool_claim_duration_seconds",
+                               "Time to claim a pool member (the handover patches)",
+                               buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+POOL_READY = Gauge("agentbox_operator_pool_ready_members", "Unclaimed ready members per pool",
+                   ["namespace", "pool"])
+
 _phases: dict[tuple[str, str], str] = {}
 
 

@@ -1,29 +1,38 @@
 """Deterministic, collision-safe names and label values for everything a session becomes."""
 
 from agentbox.crds.naming import (  # the names the API shares; re-exported for the builders
+    CLAIMED_FROM_LABEL,
     HASH_LENGTH,
     LAST_ACTIVITY_ANNOTATION,
     MANAGED_BY,
     MANAGER,
     MAX_NAME,
     ORG_LABEL,
+    POOL_LABEL,
+    POOL_MEMBER_ANNOTATION,
+    POOL_TOKEN_PREFIX,
     REQUEST_ID_ANNOTATION,
     RESERVED_PREFIX,
     SESSION_LABEL,
     SUSPEND_REASON_ANNOTATION,
+    TEMPLATE_HASH_LABEL,
     TENANT_LABEL,
     child_name,
     label_value,
+    session_child_name,
     short_hash,
     slug,
 )
 
 ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
+# On a pod claimed from a pool, once its config-hash is the session's (set by patch, not by a new pod).
+CONFIG_ADOPTED_ANNOTATION = "agentbox.dev/config-adopted"
 
-__all__ = ["HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER", "MAX_NAME", "ORG_LABEL",
+__all__ = ["CLAIMED_FROM_LABEL", "HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER",
+           "MAX_NAME", "ORG_LABEL", "POOL_LABEL", "POOL_MEMBER_ANNOTATION", "POOL_TOKEN_PREFIX",
            "REQUEST_ID_ANNOTATION", "RESERVED_PREFIX", "SESSION_LABEL", "SUSPEND_REASON_ANNOTATION",
-           "TENANT_LABEL", "child_name", "label_value", "short_hash", "slug"]
+           "TEMPLATE_HASH_LABEL", "TENANT_LABEL", "child_name", "label_value", "session_child_name", "short_hash", "slug"]
 
 
 def tenant_namespace(org: str) -> str:
@@ -45,5 +54,6 @@ def env_credential_key(server: str, variable: str) -> str:
     return f"mcp-{server}-env-{variable}"
 
 
-def endpoint(session_name: str, namespace: str) -> str:
-    return f"http://{child_name(session_name)}.{namespace}.svc:{ENDPOINT_PORT}"
+def endpoint(child: str, namespace: str) -> str:
+    """The runner's URL through the Service named `child` (the session's children's name)."""
+    return f"http://{child}.{namespace}.svc:{ENDPOINT_PORT}"

@@ -39,6 +39,10 @@ class Observed:
     blocked: tuple[Reason, str] | None = None  # the apiserver refused a write (quota, admission, error)
     deleting: bool = False
 
+    @property
+    def child_name(self) -> str:
+        return naming.session_child_name(self.name, self.annotations)
+
 
 def format_time(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -309,10 +313,11 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
 
     status: dict[str, Any] = {
         "phase": str(phase), "conditions": conditions, "observedGeneration": observed.generation,
-        "podName": naming.child_name(observed.name) if pod is not None else None,
-        "endpoint": naming.endpoint(observed.name, observed.namespace),
+        "podName": observed.child_name if pod is not None else None,
+        "endpoint": naming.endpoint(observed.child_name, observed.namespace),
         "startedAt": (pod or {}).get("status", {}).get("startTime") or observed.previous.get("startedAt"),
         "readyAt": observed.previous.get("readyAt") or (format_time(now) if pod_ready else None),
+        "poolMember": observed.annotations.get(naming.POOL_MEMBER_ANNOTATION),
     }
     activity = last_activity(observed)
     status["lastActivityTime"] = format_time(activity) if activity else None

@@ -10,16 +10,18 @@ from agentbox.operator import naming
 
 @dataclass(frozen=True)
 class Session:
-    """The parent of every child: identity plus the validated spec."""
+    """The parent of every child: identity plus the validated spec. `member`: the pool member it claimed,
+    whose name its children keep."""
 
     name: str
     namespace: str
     uid: str
     spec: AgentSessionSpec
+    member: str | None = None
 
     @property
     def child_name(self) -> str:
-        return naming.child_name(self.name)
+        return self.member or naming.child_name(self.name)
 
     @property
     def labels(self) -> dict[str, str]:

@@ -41,6 +41,22 @@ def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+# The fields through which a pod names its own children, blanked by template_hash.
+_CHILD_REFERENCES = (("persistentVolumeClaim", "claimName"), ("configMap", "name"), ("secret", "secretName"))
+
+
+def template_hash(pod: dict[str, Any]) -> str:
+    """A hash of the pod's spec without the names of its own claim, ConfigMap and Secret: two pods that hash
+    alike differ only in whose children they mount, so a session may take over a pool member whose hash is
+    that of the pod it would have started. A label value."""
+    spec = json.loads(json.dumps(pod["spec"]))
+    for volume in spec.get("volumes") or []:
+        for source, field in _CHILD_REFERENCES:
+            if source in volume:
+                volume[source][field] = ""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+
+
 def container_security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False,
             "readOnlyRootFilesystem": True, "runAsNonRoot": True, "runAsUser": SANDBOX_UID,

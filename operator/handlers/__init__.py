@@ -10,11 +10,11 @@ import aiohttp
 import kopf
 
 from agentbox.operator import metrics
-from agentbox.operator.handlers import mcpserver, session, tenant
+from agentbox.operator.handlers import mcpserver, pool, session, tenant
 from agentbox.operator.kube import CONNECTIONS, Kube
 from agentbox.operator.settings import OperatorSettings, configure_kopf
 
-__all__ = ["mcpserver", "session", "tenant"]
+__all__ = ["mcpserver", "pool", "session", "tenant"]
 
 
 @kopf.on.startup()

@@ -19,17 +19,14 @@ from agentbox.crds import agentsession
 from agentbox.crds.agentsession import AgentSessionSpec
 from agentbox.crds.conditions import Reason, SessionPhase
 from agentbox.operator import metrics, naming, workspace
-from agentbox.operator.build import mcp
 from agentbox.operator.build.common import Session
-from agentbox.operator.build.configmap import build_configmap
-from agentbox.operator.build.egress import PROVIDER_KEY, egress_config, egress_ports
-from agentbox.operator.build.networkpolicy import build_session_policy
-from agentbox.operator.build.pod import build_pod, config_hash
-from agentbox.operator.build.pvc import build_pvc
-from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, build_secret, new_runner_token
-from agentbox.operator.build.service import build_service
+from agentbox.operator.build.pod import template_hash
+from agentbox.operator.build.pool import is_pool_token
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, new_runner_token
+from agentbox.operator.handlers import pool
 from agentbox.operator.kube import Conflict, Kube, Ownership, classify
 from agentbox.operator.later import Later
+from agentbox.operator.rendering import CHILD_KINDS, Rendering, render
 from agentbox.operator.settings import FINALIZER, OperatorSettings
 from agentbox.operator.status import (
     Observed,
@@ -43,7 +40,6 @@ from agentbox.operator.status import (
 
 GROUP, VERSION, PLURAL = agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL
 log = logging.getLogger(__name__)
-CHILD_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Service", "NetworkPolicy", "Pod")
 
 # One reconciliation per session at a time, whichever watch (session, pod, MCPServer) triggered it.
 _locks: defaultdict[tuple[str, str], asyncio.Lock] = defaultdict(asyncio.Lock)
@@ -304,30 +300,6 @@ def _observed(body: dict[str, Any], spec: AgentSessionSpec, **seen: Any) -> Obse
                     deleting=bool(meta.get("deletionTimestamp")), **seen)
 
 
-async def _references(kube: Kube, namespace: str, spec: AgentSessionSpec) -> mcp.RenderedMCP:
-    names = [ref.name for ref in spec.mcp_servers]
-    found = await asyncio.gather(*(kube.get("MCPServer", namespace, name) for name in names))
-    servers = dict(zip(names, found, strict=True))
-    secret_names = sorted(mcp.referenced_secrets(servers))
-    secrets = await asyncio.gather(*(kube.get("Secret", namespace, name) for name in secret_names))
-    data = {name: None if secret is None else (secret.get("data") or {})
-            for name, secret in zip(secret_names, secrets, strict=True)}
-    return mcp.render(spec.mcp_servers, servers, data)
-
-
-async def _provider_key(kube: Kube, namespace: str, spec: AgentSessionSpec) -> tuple[str | None, str | None]:
-    """(the provider key as base64, why it is missing): (None, None) when the session names none."""
-    ref = spec.egress.provider_key
-    if ref is None:
-        return None, None
-    secret = await kube.get("Secret", namespace, ref.name)
-    value = ((secret or {}).get("data") or {}).get(ref.key)
-    if value:
-        return value, None
-    where = f"Secret {ref.name} not found" if secret is None else f"Secret {ref.name} has no key {ref.key}"
-    return None, f"spec.egress.providerKey: {where}; the sandbox starts once it exists"
-
-
 async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any]) -> dict[str, Any] | None:
     """Create the pod; None when its name is taken. A refusal (quota, admission) is a PodRejectedError."""
     try:
@@ -358,6 +330,13 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
         current = (existing["metadata"].get("annotations") or {}).get(naming.CONFIG_HASH_ANNOTATION)
         if ownership is Ownership.OURS and current == wanted:
             return existing
+        if ownership is Ownership.OURS and _adopting(existing):
+            # A claimed member runs the pool's template, which is the session's pod; what differs (the
+            # runner token, the system prompt) its runner reads once the claim has written them.
+            adopted = {naming.CONFIG_HASH_ANNOTATION: wanted, naming.CONFIG_ADOPTED_ANNOTATION: "true"}
+            meta = existing["metadata"]
+            return await kube.merge_patch("Pod", meta["namespace"], meta["name"],
+                                          {"metadata": {"annotations": adopted}})
         if existing["metadata"].get("deletionTimestamp") is None:
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
@@ -365,6 +344,52 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
                        message=_traced(body, "configuration changed: replacing the sandbox pod"))
         return None  # its DELETED event brings us back to create the new one
     return await _create_pod(kube, desired, body)
+
+
+def _adopting(pod: dict[str, Any]) -> bool:
+    """A pod claimed from a pool whose configuration the session has not taken over yet."""
+    meta = pod["metadata"]
+    return naming.CLAIMED_FROM_LABEL in (meta.get("labels") or {}) and \
+        naming.CONFIG_ADOPTED_ANNOTATION not in (meta.get("annotations") or {})
+
+
+async def _annotate_member(kube: Kube, body: dict[str, Any], member: str | None) -> dict[str, Any]:
+    meta = body["metadata"]
+    patched = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"], {
+        "metadata": {"annotations": {naming.POOL_MEMBER_ANNOTATION: member}}})
+    if patched is None:
+        return body
+    remember(patched)
+    return patched
+
+
+async def _claim_member(kube: Kube, body: dict[str, Any], session: Session, rendering: Rendering
+                        ) -> tuple[dict[str, Any], Session, dict[str, dict[str, Any]]]:
+    """A new session takes over a ready pool member of its template, if one is there: (the session as
+    patched, the session with its member, the member's children as handed over). The member is named on
+    the session before the handover, so that a pass killed in between finishes it, or starts cold when
+    another session got the member."""
+    if session.member is not None:
+        children = await pool.take(kube, session, session.member, None)
+        if children is not None:
+            return body, session, children
+        return await _annotate_member(kube, body, None), dataclasses.replace(session, member=None), {}
+    noted = False
+
+    async def note(member: str) -> None:
+        nonlocal body, noted
+        body, noted = await _annotate_member(kube, body, member), True
+
+    wanted = template_hash(rendering.pod(session, rendering.children(session, "")))
+    claimed = await pool.claim(kube, session, wanted, note)
+    if claimed is None:
+        if noted:
+            body = await _annotate_member(kube, body, None)
+        return body, session, {}
+    member, children = claimed
+    kopf.info(body, reason=Reason.POOL_MEMBER_CLAIMED,
+              message=_traced(body, f"claimed pre-started sandbox {member}"))
+    return body, dataclasses.replace(session, member=member), children
 
 
 async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, Any]) -> None:
@@ -431,33 +456,16 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     if patch is not None:
         body = await _patch_suspension(kube, body, patch)
         meta, spec = body["metadata"], AgentSessionSpec.model_validate(body.get("spec") or {})
-    session = Session(name, namespace, meta["uid"], spec)
-    child = session.child_name
-    rendered, (provider_key, key_missing) = await asyncio.gather(_references(kube, namespace, spec),
-                                                                 _provider_key(kube, namespace, spec))
-    proxy_config = egress_config(session, has_key=provider_key is not None,
-                                 default_allow=settings.egress_default_allow,
-                                 upstreams=settings.provider_upstreams)
-    secret_items = {**rendered.credentials, **({PROVIDER_KEY: provider_key} if provider_key else {})}
-    ports = egress_ports([upstream["url"] for upstream in rendered.config["upstreams"] if "url" in upstream])
+    session = Session(name, namespace, meta["uid"], spec,
+                      member=(meta.get("annotations") or {}).get(naming.POOL_MEMBER_ANNOTATION))
+    rendering = await render(kube, settings, namespace, spec)
+    key_missing = rendering.key_missing
 
     def manifests(token: str) -> dict[str, dict[str, Any]]:
-        return dict(zip(CHILD_KINDS[:-1], [
-            build_configmap(session, rendered.config, proxy_config),
-            build_secret(session, token, secret_items), build_pvc(session), build_service(session),
-            build_session_policy(session, settings.api_namespace, settings.api_pod_labels, ports)],
-            strict=True))
+        return rendering.children(session, token)
 
     def pod_for(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        return build_pod(session, image=settings.sandbox_image, pull_policy=settings.image_pull_policy,
-                         config_digest=config_hash(children["ConfigMap"], children["Secret"]),
-                         runner_resources=settings.runner_resources,
-                         gateway_resources=settings.gateway_resources,
-                         egress_resources=settings.egress_resources, credential_keys=rendered.credentials,
-                         provider_key=provider_key is not None,
-                         runner_image=settings.runner_image(spec.agent.runtime),
-                         node_selector=settings.session_node_selector,
-                         tolerations=settings.session_tolerations)
+        return rendering.pod(session, children)
 
     stopped = bool(spec.lifecycle.suspend or expiry(_observed(body, spec), _now())
                    or meta.get("deletionTimestamp"))
@@ -467,10 +475,15 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     # pod whose claim does not exist yet, and a failed attempt costs a backoff); only names already taken
     # are read and classified below.
     new_token = new_runner_token()
+    first_pass = not (body.get("status") or {}).get("observedGeneration")
+    handed_over: dict[str, dict[str, Any]] = {}  # a claimed pool member's children, as the handover left them
+    if first_pass and wants_pod:
+        body, session, handed_over = await _claim_member(kube, body, session, rendering)
+        meta = body["metadata"]
     created: dict[str, dict[str, Any]] = {}
     # The first pass made the claim just now, so no pod of ours can exist yet: one held back is not read.
     held_from_first_pass = False
-    if not (body.get("status") or {}).get("observedGeneration"):
+    if first_pass and session.member is None:
         bound = _claim_bound[(namespace, name)] = asyncio.Event()  # before the claim can exist
         first = manifests(new_token)
         creates = {kind: asyncio.ensure_future(kube.create(manifest)) for kind, manifest in first.items()}
@@ -498,24 +511,27 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         finally:
             del _claim_bound[(namespace, name)]
         created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
-    to_read = [kind for kind in CHILD_KINDS
-               if kind not in created and not (kind == "Pod" and held_from_first_pass)]
-    found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
-                     strict=True))
-    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in to_read}
-    conflicts = [Conflict(kind, child, "held by another owner") for kind in to_read
+    child = session.child_name
+    to_read = [kind for kind in CHILD_KINDS if kind not in created and kind not in handed_over
+               and not (kind == "Pod" and held_from_first_pass)]
+    found = {**handed_over, **dict(zip(
+        to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)), strict=True))}
+    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in found}
+    conflicts = [Conflict(kind, child, "held by another owner") for kind in found
                  if ownership[kind] is Ownership.FOREIGN]
     if conflicts:
         # Nothing half-built stays behind: what this pass created goes again.
         await asyncio.gather(*(_undo(kube, body, kind, obj) for kind, obj in created.items()))
         message = "; ".join(conflict.message for conflict in conflicts)
-        status = derive(_observed(body, spec, mcp_problems=tuple(rendered.problems), conflict=message),
+        status = derive(_observed(body, spec, mcp_problems=tuple(rendering.mcp.problems), conflict=message),
                         _now())
         await _write_status(kube, body, status)
         raise NameConflictError(message, delay=settings.conflict_retry_seconds)
 
     old_secret = found.get("Secret") if ownership.get("Secret") not in (None, Ownership.ABSENT) else None
-    token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY) or new_token
+    token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY)
+    if not token or is_pool_token(token):  # a pool member's token is never a session's
+        token = new_token
     desired = manifests(token)
     to_apply = [kind for kind in desired if kind not in created]
     applied = await asyncio.gather(*(kube.apply(desired[kind]) for kind in to_apply))
@@ -531,7 +547,7 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
             pod = await _ensure_pod(kube, pod_for(desired), pod, ownership.get("Pod", Ownership.OURS), body)
             _newest_pod((namespace, name), pod)
         except PodRejectedError as rejection:
-            observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc,
+            observed = _observed(body, spec, mcp_problems=tuple(rendering.mcp.problems), pvc=pvc,
                                  blocked=(Reason.POD_REJECTED, str(rejection)))
             await _write_status(kube, body, derive(observed, _now()))
             raise PodRejectedError(str(rejection), delay=settings.conflict_retry_seconds) from None
@@ -539,7 +555,8 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         await kube.delete("Pod", namespace, child, uid=pod["metadata"]["uid"])
         pod = None
     blocked = (Reason.PROVIDER_KEY_NOT_FOUND, key_missing) if key_missing else None
-    observed = _observed(body, spec, mcp_problems=tuple(rendered.problems), pvc=pvc, pod=pod, blocked=blocked)
+    observed = _observed(body, spec, mcp_problems=tuple(rendering.mcp.problems), pvc=pvc, pod=pod,
+                         blocked=blocked)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
     _schedule_expiry(kube, settings, observed, status, meta["uid"])
@@ -572,7 +589,8 @@ async def refresh(kube: Kube, settings: OperatorSettings, body: dict[str, Any], 
         elif waiting_for_claim(scheduled):
             pvc = {"status": {"phase": "Pending"}}
         elif pvc is None:
-            pvc = await kube.get("PersistentVolumeClaim", meta["namespace"], naming.child_name(meta["name"]))
+            pvc = await kube.get("PersistentVolumeClaim", meta["namespace"],
+                                 naming.session_child_name(meta["name"], meta.get("annotations")))
         observed = _observed(body, spec, pvc=pvc, pod=pod)
         status = derive(observed, _now())
         if settle and status["phase"] in (SessionPhase.PENDING, SessionPhase.STARTING) and _changed(
@@ -590,12 +608,17 @@ def _memo(memo: Any) -> tuple[Kube, OperatorSettings]:
     return memo.kube, memo.settings
 
 
+# Annotations that need no reconcile of their own: the API's activity stamp, and the pool member the
+# operator names within the reconcile that claims it.
+OPERATOR_ANNOTATIONS = (naming.LAST_ACTIVITY_ANNOTATION, naming.POOL_MEMBER_ANNOTATION)
+
+
 def _without_activity(essence: Mapping[str, Any] | None) -> dict[str, Any]:
     """A handled state (spec, labels, annotations) without the activity stamp; empty stanzas dropped as
     kopf drops them, so a first stamp compares equal to none."""
     meta = dict((essence or {}).get("metadata") or {})
     meta["annotations"] = {key: value for key, value in (meta.get("annotations") or {}).items()
-                           if key != naming.LAST_ACTIVITY_ANNOTATION}
+                           if key not in OPERATOR_ANNOTATIONS}
     meta = {key: value for key, value in meta.items() if value}
     rest = {key: value for key, value in (essence or {}).items() if key != "metadata"}
     return {**rest, "metadata": meta} if meta else rest
@@ -622,8 +645,8 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     kube, _settings = _memo(memo)
     meta = body["metadata"]
     release = {"metadata": {"ownerReferences": None}}
-    released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"],
-                                      naming.child_name(meta["name"]), release)
+    claim = naming.session_child_name(meta["name"], meta.get("annotations"))
+    released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"], claim, release)
     if released is not None:
         kopf.info(body, reason="WorkspaceRetained",
                   message=_traced(body, "workspace claim kept after deletion"))

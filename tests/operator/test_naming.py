@@ -48,4 +48,4 @@ def test_valid_label_values_pass_through_and_others_are_hashed_apart():
 def test_credential_keys_and_endpoint():
     assert naming.credential_key("github", "token") == "mcp-github-token"
     assert naming.credential_key("github", "header-X-Api-Key") == "mcp-github-header-x-api-key"
-    assert naming.endpoint("s1", "tenant-acme") == f"http://{naming.child_name('s1')}.tenant-acme.svc:3284"
+    assert naming.endpoint(naming.child_name("s1"), "tenant-acme") == f"http://{naming.child_name('s1')}.tenant-acme.svc:3284"

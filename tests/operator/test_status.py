@@ -73,7 +73,7 @@ def test_running_session():
         c["observedGeneration"] == 3 for c in status["conditions"]
     )
     assert status["readyAt"] == "2026-11-26T12:00:00Z" and status["startedAt"] == "2026-11-26T11:59:00Z"
-    assert status["endpoint"] == naming.endpoint("s", "tenant-acme") and status["podName"]
+    assert status["endpoint"] == naming.endpoint(naming.child_name("s"), "tenant-acme") and status["podName"]
 
 
 @pytest.mark.parametrize(

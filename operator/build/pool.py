@@ -1,0 +1,68 @@
+"""Pool members: the children of a session that does not exist yet, owned by their AgentSessionPool and
+labelled for it; and the patch that hands one over to the session that claims it."""
+
+import base64
+import secrets
+from typing import Any
+
+from agentbox.crds import agentsessionpool
+from agentbox.crds.agentsession import AgentSessionSpec, SandboxTemplate
+from agentbox.operator import naming
+from agentbox.operator.build.common import Session
+
+MEMBER_KINDS = ("ConfigMap", "Secret", "PersistentVolumeClaim", "Pod")  # a member has no Service or policy
+POOL_USER = "pool"  # the tenant user of a member's placeholder spec: never on any object
+
+
+def member_name(pool: str) -> str:
+    """A new member's name, the name of all its children: the pool's slug and a random suffix."""
+    prefix = naming.slug(pool)[:40].rstrip("-") or "pool"
+    return f"{prefix}-{secrets.token_hex(4)}"
+
+
+def member_session(pool: dict[str, Any], template: SandboxTemplate, member: str, org: str) -> Session:
+    """The session the member's children are built for: the pool's template, no system prompt."""
+    meta = pool["metadata"]
+    spec = AgentSessionSpec.model_validate(
+        {**template.model_dump(by_alias=True, exclude_none=True), "tenant": {"org": org, "user": POOL_USER}})
+    return Session(member, meta["namespace"], meta["uid"], spec, member=member)
+
+
+def pool_labels(pool_name: str, template: str) -> dict[str, str]:
+    return {naming.MANAGED_BY: naming.MANAGER, naming.POOL_LABEL: naming.label_value(pool_name),
+            naming.TEMPLATE_HASH_LABEL: template}
+
+
+def pool_token() -> str:
+    """A member's runner token (base64): its runner waits until the claim replaces it."""
+    return base64.b64encode(f"{naming.POOL_TOKEN_PREFIX}{secrets.token_urlsafe(24)}".encode()).decode()
+
+
+def is_pool_token(encoded: str | None) -> bool:
+    try:
+        return bool(encoded) and base64.b64decode(encoded).startswith(naming.POOL_TOKEN_PREFIX.encode())
+    except ValueError:
+        return False
+
+
+def as_member(manifest: dict[str, Any], pool: dict[str, Any], template: str) -> dict[str, Any]:
+    """A child rebuilt as the pool's: its labels and owner, no session's."""
+    meta = pool["metadata"]
+    owner = {"apiVersion": agentsessionpool.API_VERSION, "kind": agentsessionpool.KIND, "name": meta["name"],
+             "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {**manifest, "metadata": {**manifest["metadata"], "labels": pool_labels(meta["name"], template),
+                                     "ownerReferences": [owner]}}
+
+
+def handover(session: Session, pool_name: str, kind: str,
+             resource_version: str | None = None) -> dict[str, Any]:
+    """The merge patch that makes a member's child the session's: its labels and sole owner. The pod keeps
+    the pool's name in CLAIMED_FROM_LABEL (claimed counts), and is patched on the version the claimant
+    read, so that of two sessions claiming one member only one wins."""
+    labels: dict[str, Any] = {**session.labels, naming.POOL_LABEL: None, naming.TEMPLATE_HASH_LABEL: None}
+    if kind == "Pod":
+        labels[naming.CLAIMED_FROM_LABEL] = naming.label_value(pool_name)
+    meta: dict[str, Any] = {"labels": labels, "ownerReferences": [session.owner_reference()]}
+    if resource_version is not None:
+        meta["resourceVersion"] = resource_version
+    return {"metadata": meta}

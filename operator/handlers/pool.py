@@ -1,0 +1,377 @@
+"""AgentSessionPool: keep `replicas` unclaimed members of the pool's template, and hand one to a new session
+whose pod would be the same (`claim`, called from the session's first reconcile).
+
+Each pool has one worker task (not a kopf daemon: a daemon puts a finalizer on its object) that wakes on
+the pool's and its members' watch events, coalesces them, and creates or deletes members. Members are
+known from the watch of agentbox pods, plus the worker's own creations, which reach the index before
+their watch events do: a burst of claims never starts twice the members it needs.
+"""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import kopf
+from kubernetes_asyncio.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from agentbox.crds import agentsessionpool
+from agentbox.crds.agentsessionpool import AgentSessionPoolSpec
+from agentbox.crds.conditions import ConditionStatus, Reason
+from agentbox.operator import metrics, naming
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.pod import template_hash
+from agentbox.operator.build.pool import (
+    MEMBER_KINDS,
+    as_member,
+    handover,
+    member_name,
+    member_session,
+    pool_token,
+)
+from agentbox.operator.kube import Kube
+from agentbox.operator.rendering import Rendering, render
+from agentbox.operator.settings import OperatorSettings
+from agentbox.operator.status import format_time
+
+GROUP, VERSION, PLURAL = agentsessionpool.GROUP, agentsessionpool.VERSION, agentsessionpool.PLURAL
+log = logging.getLogger(__name__)
+START_BATCH = 8  # members started at once: a refill after a burst of claims does not starve the sessions
+RESYNC_SECONDS = 30.0  # a worker looks again this often with no event (a lost watch event, a refused create)
+RETRY_SECONDS = 5.0
+CLAIM_ATTEMPTS = 3  # ready members tried before a session starts cold (each lost race costs one patch)
+
+
+@dataclass
+class Members:
+    """What the operator knows of one pool's pods (key: namespace, the pool's label value)."""
+
+    unclaimed: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> newest pod seen
+    claimed: set[str] = field(default_factory=set)  # claimed pods still there
+
+
+_members: defaultdict[tuple[str, str], Members] = defaultdict(Members)
+_pools: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, label value) -> newest pool body
+_workers: dict[tuple[str, str], "PoolWorker"] = {}
+
+
+def _version(body: dict[str, Any]) -> int:
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    """A member a session may take: running and not going away. Its runner waits for the claim, so Ready
+    (the agent accepts messages) comes after the handover."""
+    running = (pod.get("status") or {}).get("phase") == "Running"
+    return running and not pod["metadata"].get("deletionTimestamp")
+
+
+def _dead(pod: dict[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Failed", "Succeeded")
+
+
+def _key(pool: dict[str, Any]) -> tuple[str, str]:
+    return pool["metadata"]["namespace"], naming.label_value(pool["metadata"]["name"])
+
+
+class PoolWorker:
+    def __init__(self, kube: Kube, settings: OperatorSettings, key: tuple[str, str]) -> None:
+        self.kube, self.settings, self.key = kube, settings, key
+        self._wake = asyncio.Event()
+        self._seeded = False
+        self._org: str | None = None
+        self.task = asyncio.create_task(self._run(), name=f"pool-{key[0]}-{key[1]}")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        self._wake.set()
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), RESYNC_SECONDS)
+            self._wake.clear()
+            pool = _pools.get(self.key)
+            if pool is None:
+                return
+            try:
+                async with metrics.reconciling("agentsessionpool"):
+                    await self._reconcile(pool)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                why = f"{error.status}: {error.reason}" if isinstance(error, ApiException) else repr(error)
+                log.warning("pool %s/%s: %s; again in %.0f s", *self.key, why, RETRY_SECONDS)
+                await asyncio.sleep(RETRY_SECONDS)
+                self._wake.set()
+
+    async def _seed(self, pool: dict[str, Any]) -> None:
+        """Members that exist already (an operator restart): read once, before the watch has told us."""
+        namespace = pool["metadata"]["namespace"]
+        found = await self.kube.list("Pod", namespace, f"{naming.POOL_LABEL}={self.key[1]}")
+        known = _members[self.key].unclaimed
+        for pod in found:
+            known.setdefault(pod["metadata"]["name"], pod)
+        namespace_body = await self.kube.get("Namespace", None, namespace) or {}
+        labels = (namespace_body.get("metadata") or {}).get("labels") or {}
+        self._org = labels.get(naming.TENANT_LABEL) or namespace.removeprefix("tenant-")
+        self._seeded = True
+
+    async def _reconcile(self, pool: dict[str, Any]) -> None:
+        if not self._seeded:
+            await self._seed(pool)
+        try:
+            spec = AgentSessionPoolSpec.model_validate(pool.get("spec") or {})
+        except ValidationError as error:  # admission rejects this; an older CRD might not have
+            await self._write_status(pool, {"conditions": [_ready_condition(
+                pool, False, Reason.INVALID_SPEC, str(error)[:1000])]})
+            return
+        assert self._org is not None
+        model = member_session(pool, spec.template, "template", self._org)
+        rendering = await render(self.kube, self.settings, model.namespace, model.spec)
+        wanted = template_hash(rendering.pod(model, rendering.children(model, pool_token())))
+        members = _members[self.key]
+        current = {name: pod for name, pod in members.unclaimed.items()
+                   if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
+                   and not _dead(pod) and not pod["metadata"].get("deletionTimestamp")}
+        stale = [pod for name, pod in members.unclaimed.items() if name not in current
+                 and not pod["metadata"].get("deletionTimestamp")]
+        surplus = sorted(current.values(), key=lambda pod: (_ready(pod), pod["metadata"]["name"]))[
+            :max(0, len(current) - spec.replicas)]  # starting ones go first
+        for pod in surplus:
+            del current[pod["metadata"]["name"]]
+        await asyncio.gather(*(self._delete_member(pod) for pod in [*stale, *surplus]))
+        rejected = None
+        missing = spec.replicas - len(current) if not rendering.key_missing else 0
+        if missing > 0:
+            rejected = await self._start(pool, spec, rendering, wanted, missing)
+        ready = sum(1 for pod in current.values() if _ready(pod))
+        metrics.POOL_READY.labels(namespace=self.key[0], pool=pool["metadata"]["name"]).set(ready)
+        if rendering.key_missing:
+            condition = _ready_condition(pool, False, Reason.PROVIDER_KEY_NOT_FOUND, rendering.key_missing)
+        elif rejected:
+            condition = _ready_condition(pool, False, Reason.MEMBER_REJECTED, rejected)
+        elif ready >= spec.replicas:
+            condition = _ready_condition(pool, True, Reason.MEMBERS_READY, f"{ready} members ready")
+        else:
+            condition = _ready_condition(pool, False, Reason.MEMBERS_STARTING,
+                                         f"{ready} of {spec.replicas} members ready")
+        await self._write_status(pool, {
+            "replicas": len(current), "ready": ready, "claimed": len(members.claimed), "templateHash": wanted,
+            "observedGeneration": pool["metadata"].get("generation"), "conditions": [condition]})
+
+    async def _start(self, pool: dict[str, Any], spec: AgentSessionPoolSpec, rendering: Rendering,
+                     wanted: str, count: int) -> str | None:
+        """Start `count` members, START_BATCH at a time; the apiserver's refusal, if any."""
+        gate = asyncio.Semaphore(START_BATCH)
+        refusals: list[str] = []
+
+        async def one() -> None:
+            async with gate:
+                if refusals:
+                    return
+                try:
+                    await self._start_member(pool, spec, rendering, wanted)
+                except ApiException as error:
+                    if error.status not in (403, 422):
+                        raise
+                    refusals.append(_message(error))
+
+        await asyncio.gather(*(one() for _ in range(count)))
+        if refusals:
+            self._wake_later(RETRY_SECONDS)
+        return refusals[0] if refusals else None
+
+    async def _start_member(self, pool: dict[str, Any], spec: AgentSessionPoolSpec, rendering: Rendering,
+                            wanted: str) -> None:
+        assert self._org is not None
+        name = member_name(pool["metadata"]["name"])
+        session = member_session(pool, spec.template, name, self._org)
+        children = rendering.children(session, pool_token())
+        pod = as_member(rendering.pod(session, children), pool, wanted)
+        members = [as_member(children[kind], pool, wanted) for kind in MEMBER_KINDS[:-1]]
+        await asyncio.gather(*(self.kube.create(manifest) for manifest in members))
+        created = await self.kube.create(pod)
+        if created is not None:
+            _remember(created)
+
+    async def _delete_member(self, pod: dict[str, Any]) -> None:
+        meta = pod["metadata"]
+        _members[self.key].unclaimed.pop(meta["name"], None)
+        await asyncio.gather(*(self.kube.delete(kind, meta["namespace"], meta["name"])
+                               for kind in MEMBER_KINDS))
+
+    def _wake_later(self, delay: float) -> None:
+        asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _write_status(self, pool: dict[str, Any], status: dict[str, Any]) -> None:
+        previous = pool.get("status") or {}
+        conditions = status.get("conditions") or []
+        before = {c["type"]: c for c in previous.get("conditions") or []}
+        for condition in conditions:  # keep the transition time of a condition that did not change
+            old = before.get(condition["type"])
+            if old and old.get("status") == condition["status"]:
+                condition["lastTransitionTime"] = old.get("lastTransitionTime")
+        if all(previous.get(key) == value for key, value in status.items()):
+            return
+        meta = pool["metadata"]
+        written = await self.kube.merge_patch(agentsessionpool.KIND, meta["namespace"], meta["name"],
+                                              {"status": status}, sub="status")
+        if written is not None and _version(written) >= _version(_pools.get(self.key, written)):
+            _pools[self.key] = written
+
+
+def _message(error: ApiException) -> str:
+    try:
+        return json.loads(error.body).get("message") or str(error.reason)
+    except (TypeError, ValueError, AttributeError):
+        return str(error.reason)
+
+
+def _ready_condition(pool: dict[str, Any], ready: bool, reason: Reason, message: str) -> dict[str, Any]:
+    return {"type": "Ready", "status": str(ConditionStatus.TRUE if ready else ConditionStatus.FALSE),
+            "reason": str(reason), "message": message,
+            "observedGeneration": pool["metadata"].get("generation"),
+            "lastTransitionTime": format_time(datetime.now(UTC))}
+
+
+def _remember(pod: dict[str, Any]) -> None:
+    """Index a pod of ours by the pool it belongs or belonged to; wake that pool's worker."""
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    namespace, name = meta["namespace"], meta["name"]
+    if naming.POOL_LABEL in labels:
+        key = (namespace, labels[naming.POOL_LABEL])
+        known = _members[key].unclaimed.get(name)
+        if known is None or _version(pod) >= _version(known):
+            _members[key].unclaimed[name] = pod
+    elif naming.CLAIMED_FROM_LABEL in labels:
+        key = (namespace, labels[naming.CLAIMED_FROM_LABEL])
+        _members[key].unclaimed.pop(name, None)
+        _members[key].claimed.add(name)
+    else:
+        return
+    worker = _workers.get(key)
+    if worker is not None:
+        worker.wake()
+
+
+def _forget(pod: dict[str, Any]) -> None:
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    for label in (naming.POOL_LABEL, naming.CLAIMED_FROM_LABEL):
+        if label in labels:
+            key = (meta["namespace"], labels[label])
+            _members[key].unclaimed.pop(meta["name"], None)
+            _members[key].claimed.discard(meta["name"])
+            worker = _workers.get(key)
+            if worker is not None:
+                worker.wake()
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    pool = event["object"]
+    key = _key(pool)
+    if event["type"] == "DELETED":
+        _pools.pop(key, None)
+        worker = _workers.pop(key, None)
+        if worker is not None:
+            worker.task.cancel()
+        with contextlib.suppress(KeyError):  # never set: the worker had not run yet
+            metrics.POOL_READY.remove(key[0], pool["metadata"]["name"])
+        return  # its members go with it: the pool owns them
+    known = _pools.get(key)
+    if known is not None and known["metadata"].get("uid") == pool["metadata"].get("uid") and \
+            _version(known) > _version(pool):
+        return
+    _pools[key] = pool
+    worker = _workers.get(key)
+    if worker is None or worker.task.done():
+        worker = _workers[key] = PoolWorker(memo.kube, memo.settings, key)
+    worker.wake()
+
+
+@kopf.on.event("", "v1", "pods", labels={naming.MANAGED_BY: naming.MANAGER})
+async def pool_pod_event(event: kopf.RawEvent, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        _forget(event["object"])
+    else:
+        _remember(event["object"])
+
+
+def pools_in(namespace: str) -> bool:
+    return any(key[0] == namespace for key in _pools)
+
+
+def _candidates(namespace: str, wanted: str) -> list[tuple[str, dict[str, Any]]]:
+    """Ready unclaimed members of that template in the namespace, oldest first: (pool label, pod)."""
+    found = [(key[1], pod) for key, members in _members.items() if key[0] == namespace and key in _pools
+             for pod in members.unclaimed.values()
+             if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
+             and _ready(pod)]
+    return sorted(found, key=lambda item: item[1]["metadata"].get("creationTimestamp") or "")[:CLAIM_ATTEMPTS]
+
+
+async def claim(kube: Kube, session: Session, pod_hash: str,
+                note: Any) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """Take over a ready member for `session`, whose pod would hash to `pod_hash`: (the member's name, its
+    children as handed over). `note(member)` records the claim on the session before the handover (patched
+    session annotation), so a restart finishes or undoes what a crash interrupted. None: start cold."""
+    if not pools_in(session.namespace):
+        return None
+    started = time.perf_counter()
+    for pool_label, pod in _candidates(session.namespace, pod_hash):
+        name = pod["metadata"]["name"]
+        await note(name)
+        children = await take(kube, session, name, pool_label, pod)
+        if children is not None:
+            metrics.POOL_CLAIMS.labels(outcome="hit").inc()
+            metrics.POOL_CLAIM_SECONDS.observe(time.perf_counter() - started)
+            return name, children
+    metrics.POOL_CLAIMS.labels(outcome="miss").inc()
+    return None
+
+
+async def take(kube: Kube, session: Session, name: str, pool_label: str | None,
+               pod: dict[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
+    """Hand member `name` over to the session: its pod on the version seen (two claimants: one wins), then
+    its claim, ConfigMap and Secret. Idempotent: a pod the session holds already has the rest handed over
+    again. None when the member is gone or another session has it."""
+    namespace = session.namespace
+    if pod is None:
+        pod = await kube.get("Pod", namespace, name)
+        if pod is None:
+            return None
+    labels = pod["metadata"].get("labels") or {}
+    owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")]
+    pool_label = pool_label or labels.get(naming.POOL_LABEL) or labels.get(naming.CLAIMED_FROM_LABEL)
+    if owners == [session.uid]:
+        taken = pod
+    elif naming.POOL_LABEL in labels and not pod["metadata"].get("deletionTimestamp"):
+        try:
+            taken = await kube.merge_patch("Pod", namespace, name, handover(
+                session, pool_label or "", "Pod", pod["metadata"]["resourceVersion"]))
+        except ApiException as error:
+            if error.status == 409:  # another session took it first
+                return None
+            raise
+        if taken is None:
+            return None
+        _remember(taken)
+    else:
+        return None
+    rest = await asyncio.gather(*(kube.merge_patch(kind, namespace, name,
+                                                   handover(session, pool_label or "", kind))
+                                  for kind in MEMBER_KINDS[:-1]))
+    return {"Pod": taken, **{kind: obj for kind, obj in zip(MEMBER_KINDS[:-1], rest, strict=True)
+                             if obj is not None}}
