@@ -146,12 +146,15 @@ class Kube:
         return await self._ignore_missing(self.custom.delete_namespaced_custom_object, agentsession.GROUP,
                                           agentsession.VERSION, namespace, agentsession.PLURAL, name)
 
-    async def runner_token(self, namespace: str, session: str) -> str | None:
+    async def runner_token(self, namespace: str, session: dict[str, Any]) -> str | None:
         """The session's runner token, read by the name the operator gives the session's Secret (a get,
         not a list, so the API needs no right to list Secrets); only a Secret labelled for this session
-        counts."""
-        secret = await self.get_secret(namespace, naming.child_name(session))
-        if secret is None or (secret.metadata.labels or {}).get(SESSION_LABEL) != naming.label_value(session):
+        counts (a claimed pool member's Secret is relabelled by the claim)."""
+        meta = session["metadata"]
+        name = naming.session_child_name(meta["name"], meta.get("annotations"))
+        secret = await self.get_secret(namespace, name)
+        owner = naming.label_value(meta["name"])
+        if secret is None or (secret.metadata.labels or {}).get(SESSION_LABEL) != owner:
             return None
         encoded = (secret.data or {}).get(RUNNER_TOKEN_KEY)
         return base64.b64decode(encoded).decode() if encoded else None

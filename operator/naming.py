@@ -32,7 +32,8 @@ CONFIG_ADOPTED_ANNOTATION = "agentbox.dev/config-adopted"
 __all__ = ["CLAIMED_FROM_LABEL", "HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER",
            "MAX_NAME", "ORG_LABEL", "POOL_LABEL", "POOL_MEMBER_ANNOTATION", "POOL_TOKEN_PREFIX",
            "REQUEST_ID_ANNOTATION", "RESERVED_PREFIX", "SESSION_LABEL", "SUSPEND_REASON_ANNOTATION",
-           "TEMPLATE_HASH_LABEL", "TENANT_LABEL", "child_name", "label_value", "session_child_name", "short_hash", "slug"]
+           "TEMPLATE_HASH_LABEL", "TENANT_LABEL", "child_name", "label_value", "session_child_name",
+           "short_hash", "slug"]
 
 
 def tenant_namespace(org: str) -> str:

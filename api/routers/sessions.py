@@ -333,7 +333,7 @@ async def _runner_target(client: Kube, shared: Services, principal: Principal, n
     if not _ready(session) or base_url is None:
         raise ProblemError(409, "Conflict", f"session {name!r} is not ready (phase {phase})")
     try:
-        token = await client.runner_token(_namespace(shared, principal), name)
+        token = await client.runner_token(_namespace(shared, principal), session)
     except KubeError as exc:
         raise kube_problem(exc) from exc
     if token is None:

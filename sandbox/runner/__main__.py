@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import uvicorn
@@ -19,6 +21,10 @@ from agentbox.sandbox.runner.conversation import Conversation
 from agentbox.sandbox.runner.settings import RunnerSettings
 
 log = logging.getLogger("agentbox.runner")
+# A pool member's runner token starts so (the operator's POOL_TOKEN_PREFIX): such a runner waits for the
+# token its session's claim writes before it reads its system prompt and starts the agent.
+POOL_TOKEN_PREFIX = "pool-"  # noqa: S105 (a prefix, not a token)
+CLAIM_POLL_SECONDS = 0.2
 
 
 def read_secret(path, what: str) -> str:
@@ -31,6 +37,18 @@ def read_secret(path, what: str) -> str:
     return value
 
 
+def wait_for_claim(path: Path, token: str) -> str:
+    """The session's token, once the pool member this runner belongs to has been claimed: the kubelet
+    rewrites the mounted Secret after the claim (no event reaches a process for that, hence the poll)."""
+    log.info("pool member: waiting for a session to claim this sandbox")
+    while token.startswith(POOL_TOKEN_PREFIX):
+        time.sleep(CLAIM_POLL_SECONDS)
+        with contextlib.suppress(OSError):  # the kubelet swaps the file's directory under us
+            token = path.read_text().strip() or token
+    log.info("claimed by a session")
+    return token
+
+
 def exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
@@ -39,14 +57,16 @@ def main() -> None:
     configure_logging()
     settings = RunnerSettings()
     token = read_secret(settings.runner_token_file, "AGENTBOX_RUNNER_TOKEN_FILE")
+    signal.signal(signal.SIGTERM, exit_on_signal)
+    token = wait_for_claim(settings.runner_token_file, token)
     try:
         system_prompt = settings.system_prompt_file.read_text()
     except FileNotFoundError:
         system_prompt = ""
         log.warning("no system prompt at %s", settings.system_prompt_file)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; raised as an exception rather than
-    # the default kill, it lets the private directory below be removed on the way out.
-    signal.signal(signal.SIGTERM, exit_on_signal)
+    # the default kill (set above, before the wait for a claim), the private directory below is removed
+    # on the way out.
     # Files the agent reads besides its workspace (Gemini's context file); gone when the runner exits.
     with tempfile.TemporaryDirectory(prefix="agentbox-runner-") as private_dir:
         try:

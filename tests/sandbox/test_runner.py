@@ -160,3 +160,34 @@ def test_a_gemini_session_reads_its_prompt_from_a_private_home_removed_when_the_
         runner.proc.stop()
     assert runner.proc.process.returncode == 128 + signal.SIGTERM
     assert not list(scratch.iterdir()), "the private directory goes with the runner"
+
+
+async def test_a_pool_members_runner_waits_for_its_claim_then_serves_the_sessions_token(tmp_path):
+    """A pool member's runner holds a pool token: it starts nothing until the claim writes the session's
+    token, then reads the system prompt written with it, and the pool token opens nothing."""
+    gateway = gateway_process(tmp_path, {"upstreams": [stdio_upstream_spec("local")]}).start()
+    runner = runner_process(tmp_path, gateway.url)
+    token_file, prompt_file = tmp_path / "runner-token", tmp_path / "system-prompt.md"
+    token_file.write_text("pool-placeholder\n")
+    prompt_file.write_text("")
+    runner.proc.start()
+    try:
+        await asyncio.sleep(1.0)
+        async with httpx.AsyncClient(base_url=runner.base, timeout=2) as anonymous:
+            with pytest.raises(httpx.ConnectError):
+                await anonymous.get("/healthz")
+        prompt_file.write_text("You serve the tenant who claimed you.")
+        token_file.write_text("runner-token-value\n")
+        wait_until(lambda: httpx.get(f"{runner.base}/healthz", timeout=1).json()["agent"] == "ready",
+                   what="the claimed runner and its agent")
+        async with httpx.AsyncClient(base_url=runner.base, headers=runner.headers(), timeout=10) as http:
+            await wait_stable(http)
+            await turn(http, "system-prompt")
+            answer = (await http.get("/messages")).json()["messages"][-1]["content"]
+            assert answer == "You serve the tenant who claimed you."
+        async with httpx.AsyncClient(base_url=runner.base, timeout=5) as stale:
+            refused = await stale.get("/status", headers={"Authorization": "Bearer pool-placeholder"})
+            assert refused.status_code == 401
+    finally:
+        runner.proc.stop()
+        gateway.proc.stop()
