@@ -1,0 +1,105 @@
+"""Pool members without a cluster: a member's pod is the pod of any session of its template, and the
+handover makes each of its children the claiming session's."""
+
+from agentbox.crds.agentsession import AgentSessionSpec, SandboxTemplate
+from agentbox.operator import naming
+from agentbox.operator.build import mcp
+from agentbox.operator.build.common import Session
+from agentbox.operator.build.pod import template_hash
+from agentbox.operator.build.pool import (
+    MEMBER_KINDS,
+    as_member,
+    handover,
+    is_pool_token,
+    member_name,
+    member_session,
+    pool_token,
+)
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
+from agentbox.operator.rendering import Rendering
+from agentbox.operator.settings import OperatorSettings
+
+POOL = {"metadata": {"name": "claude-warm", "namespace": "tenant-acme", "uid": "pool-uid", "generation": 1}}
+TEMPLATE = {"agent": {"runtime": "claude-code", "env": [{"name": "EDITOR", "value": "vi"}]},
+            "egress": {"allow": ["api.github.com"]}}
+
+
+def rendering(credentials: dict[str, str] | None = None, provider_key: str | None = None) -> Rendering:
+    rendered = mcp.RenderedMCP({"upstreams": []}, credentials or {})
+    return Rendering(OperatorSettings(), rendered, provider_key, None)
+
+
+def session(name: str, **spec) -> Session:
+    body = {**TEMPLATE, "tenant": {"org": "acme", "user": f"{name}@example.com"}, **spec}
+    return Session(name, "tenant-acme", f"uid-{name}", AgentSessionSpec.model_validate(body))
+
+
+def pod_of(render: Rendering, who: Session, token: str = "dG9rZW4=") -> dict:  # noqa: S107 (a test token)
+    return render.pod(who, render.children(who, token))
+
+
+def test_a_member_hashes_like_every_session_of_its_template_whatever_its_identity():
+    render = rendering()
+    template = SandboxTemplate.model_validate(TEMPLATE)
+    member = member_session(POOL, template, member_name("claude-warm"), "acme")
+    wanted = template_hash(pod_of(render, member, pool_token()))
+    ada = session("ada", systemPrompt="you help Ada")
+    bob = session("bob", systemPrompt="you help Bob", lifecycle={"idleTimeout": "5m"})
+    assert template_hash(pod_of(render, ada)) == wanted == template_hash(pod_of(render, bob, "b3RoZXI="))
+    assert pod_of(render, ada)["metadata"]["name"] != pod_of(render, member)["metadata"]["name"]
+
+
+def test_anything_that_shapes_the_pod_changes_the_hash():
+    render = rendering()
+    base = template_hash(pod_of(render, session("ada")))
+    variants = [
+        pod_of(render, session("ada", agent={"runtime": "gemini"})),
+        pod_of(render, session("ada", agent={"runtime": "claude-code", "image": "mine:1"})),
+        pod_of(render, session("ada", agent={"runtime": "claude-code",
+                                             "env": [{"name": "EDITOR", "value": "ed"}]})),
+        pod_of(render, session("ada", resources={"limits": {"cpu": "2"}})),
+        pod_of(rendering(provider_key="a2V5"), session("ada")),  # the egress proxy mounts the key
+        pod_of(rendering(credentials={"mcp-gh-token": "dA=="}), session("ada")),  # the gateway mounts it
+    ]
+    hashes = [template_hash(pod) for pod in variants]
+    assert base not in hashes and len(set(hashes)) == len(hashes)
+
+
+def test_a_member_belongs_to_its_pool_and_to_no_session():
+    render = rendering()
+    name = member_name("claude-warm")
+    member = member_session(POOL, SandboxTemplate.model_validate(TEMPLATE), name, "acme")
+    children = render.children(member, pool_token())
+    manifests = [as_member(children[kind], POOL, "h1") for kind in MEMBER_KINDS[:-1]]
+    manifests.append(as_member(render.pod(member, children), POOL, "h1"))
+    for manifest in manifests:
+        meta = manifest["metadata"]
+        assert meta["name"] == name and name.startswith("claude-warm-")
+        assert meta["labels"] == {naming.MANAGED_BY: naming.MANAGER, naming.POOL_LABEL: "claude-warm",
+                                  naming.TEMPLATE_HASH_LABEL: "h1"}
+        assert [ref["uid"] for ref in meta["ownerReferences"]] == ["pool-uid"]
+    secret = manifests[1]
+    assert is_pool_token(secret["data"][RUNNER_TOKEN_KEY]) and not is_pool_token("dG9rZW4=")
+    assert member.spec.system_prompt == "" and children["ConfigMap"]["data"]["system-prompt.md"] == ""
+
+
+def test_the_handover_makes_each_child_the_sessions_and_races_on_the_pod_alone():
+    ada = session("ada")
+    pod_patch = handover(ada, "claude-warm", "Pod", "41")
+    assert pod_patch["metadata"]["resourceVersion"] == "41"
+    labels = pod_patch["metadata"]["labels"]
+    assert labels[naming.SESSION_LABEL] == "ada" and labels[naming.CLAIMED_FROM_LABEL] == "claude-warm"
+    assert labels[naming.POOL_LABEL] is None and labels[naming.TEMPLATE_HASH_LABEL] is None
+    assert pod_patch["metadata"]["ownerReferences"] == [ada.owner_reference()]
+    for kind in MEMBER_KINDS[:-1]:
+        patch = handover(ada, "claude-warm", kind)
+        assert "resourceVersion" not in patch["metadata"]
+        assert naming.CLAIMED_FROM_LABEL not in patch["metadata"]["labels"]
+
+
+def test_a_claimed_session_names_its_children_after_its_member():
+    assert naming.session_child_name("ada", None) == naming.child_name("ada")
+    assert naming.session_child_name("ada", {naming.POOL_MEMBER_ANNOTATION: "claude-warm-1a2b3c4d"}) == \
+        "claude-warm-1a2b3c4d"
+    claimed = Session("ada", "tenant-acme", "uid", session("ada").spec, member="claude-warm-1a2b3c4d")
+    assert rendering().children(claimed, "dA==")["Service"]["metadata"]["name"] == "claude-warm-1a2b3c4d"
