@@ -10,6 +10,7 @@
     python -m bench.bench_operator [--sessions 200 --rate 20 --hold 1000 --hold-seconds 60]
     python -m bench.bench_operator --sessions 100 --rate 20 --hold 0 --hold-seconds 0   # latency only
     python -m bench.bench_operator ... --profile /tmp/operator.prof   # where the operator's CPU goes
+    python -m bench.bench_operator --warm --sessions 50 --warm-rates 10 50   # pool claims against cold
 
 While creating, the CPU each cluster process uses and the apiserver's requests per session (all clients:
 a shared cluster's other work counts too) show where the load is.
@@ -42,7 +43,7 @@ from typing import Any
 import psutil
 from kubernetes_asyncio import client, config, watch
 
-from agentbox.crds import agentsession
+from agentbox.crds import agentsession, agentsessionpool
 from agentbox.crds.agentsession import AgentSessionSpec
 from agentbox.crds.naming import LAST_ACTIVITY_ANNOTATION
 from agentbox.operator.build.common import Session
@@ -88,6 +89,7 @@ class RunningWatch:
         self.api, self.namespace, self.pods = api, namespace, pods
         self.running_at: dict[str, float] = {}
         self.pod_at: dict[str, float] = {}  # the operator's own part: children and pod created
+        self.warm: set[str] = set()  # sessions that claimed a pool member
         self.task = asyncio.create_task(self._run())
 
     def _list_call(self) -> tuple[Any, ...]:
@@ -106,6 +108,8 @@ class RunningWatch:
                     status = body.get("status") or {}
                     if status.get("podName"):
                         self.pod_at.setdefault(body["metadata"]["name"], time.perf_counter())
+                    if status.get("poolMember"):
+                        self.warm.add(body["metadata"]["name"])
                     if status.get("phase") == "Running":
                         self.running_at.setdefault(body["metadata"]["name"], time.perf_counter())
 
@@ -355,6 +359,48 @@ async def idle_usage(pid: int, seconds: float) -> dict[str, float]:
             "window_seconds": round(wall, 1)}
 
 
+async def pool_ready(ops: Kube, namespace: str, name: str, replicas: int, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        status = ((await ops.get(agentsessionpool.KIND, namespace, name)) or {}).get("status") or {}
+        pods = await ops.list("Pod", namespace)
+        settled = not any(pod["metadata"].get("deletionTimestamp") for pod in pods)
+        if status.get("ready") == replicas and status.get("replicas") == replicas and settled:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"pool {name} not refilled: {status}")
+        await asyncio.sleep(0.5)
+
+
+async def warm_against_cold(api: client.ApiClient, ops: Kube, namespace: str, sessions: int,
+                            rates: list[float]) -> dict[str, Any]:
+    """At each rate: `sessions` sessions claiming members of a full pool (warm), then as many of a
+    template no pool serves (cold), on the same cluster in the same run; each series' sessions are deleted,
+    and the pool refilled, before the next."""
+    replicas = min(sessions, agentsessionpool.MAX_REPLICAS)
+    await ops.create({"apiVersion": agentsessionpool.API_VERSION, "kind": agentsessionpool.KIND,
+                      "metadata": {"name": "bench", "namespace": namespace},
+                      "spec": {"replicas": replicas, "template": {"agent": {"runtime": "scripted"},
+                                                                   "resources": TINY}}})
+    results: dict[str, Any] = {}
+    for rate in rates:
+        for series in ("warm", "cold"):
+            await pool_ready(ops, namespace, "bench", replicas)
+            running = RunningWatch(api, namespace)
+            names = [f"{series[0]}{int(rate)}-{index:03d}" for index in range(sessions)]
+            agent = {"runtime": "scripted"} if series == "warm" else {"runtime": "scripted", "args": ["cold"]}
+            log(f"{series}: {sessions} sessions at {rate}/s")
+            created = await create_paced(ops, namespace, names, rate, lambda name, agent=agent: [
+                session_manifest(name, namespace, resources=TINY, agent=agent)])
+            await running.wait_for(names, seconds=300)
+            running.task.cancel()
+            results[f"{series}_{rate:g}_per_second"] = {
+                "create_to_running_ms": latency_ms(created, running.running_at),
+                "claimed_from_pool": len(running.warm & set(names))}
+            await asyncio.gather(*(ops.delete(agentsession.KIND, namespace, name) for name in names))
+    return results
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -365,6 +411,9 @@ async def main() -> int:
     parser.add_argument("--profile", metavar="PATH", help="cProfile the operator into PATH (pstats format)")
     parser.add_argument("--baseline", action="store_true",
                         help="no operator: bare sandbox pods (and pods with claims) at the same rate")
+    parser.add_argument("--warm", action="store_true",
+                        help="warm pool claims against cold starts at each of --warm-rates (--sessions each)")
+    parser.add_argument("--warm-rates", type=float, nargs="+", default=[10.0, 50.0])
     args = parser.parse_args()
 
     kubeconfig = cluster_kubeconfig()
@@ -388,6 +437,12 @@ async def main() -> int:
         try:
             await operator.wait_alive()
             assert operator.process is not None
+            if args.warm:
+                series = await warm_against_cold(api, ops, namespace, args.sessions, args.warm_rates)
+                print(json.dumps({"benchmark": "operator-warm-pool", "sessions": args.sessions, **series,
+                                  "targets": {"warm_p50_ms": 150, "warm_p99_ms": 400},
+                                  "operator_log": f"{workdir}/operator.log"}, indent=2))
+                return 0
             running = RunningWatch(api, namespace)
             names = [f"s-{index:04d}" for index in range(args.sessions)]
             log(f"creating {len(names)} sessions at {args.rate}/s in {namespace}")

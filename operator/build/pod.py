@@ -45,16 +45,20 @@ def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
 _CHILD_REFERENCES = (("persistentVolumeClaim", "claimName"), ("configMap", "name"), ("secret", "secretName"))
 
 
-def template_hash(pod: dict[str, Any]) -> str:
-    """A hash of the pod's spec without the names of its own claim, ConfigMap and Secret: two pods that hash
-    alike differ only in whose children they mount, so a session may take over a pool member whose hash is
-    that of the pod it would have started. A label value."""
+def template_hash(pod: dict[str, Any], configmap: dict[str, Any], secret: dict[str, Any]) -> str:
+    """A hash of the pod's spec without the names of its own claim, ConfigMap and Secret, and of what its
+    sidecars read from them at start (all but the system prompt and the runner token, which the runner
+    reads once claimed). Two sandboxes that hash alike differ only in whose they are, so a session may
+    take over a pool member whose hash is that of the sandbox it would have started. A label value."""
     spec = json.loads(json.dumps(pod["spec"]))
     for volume in spec.get("volumes") or []:
         for source, field in _CHILD_REFERENCES:
             if source in volume:
                 volume[source][field] = ""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:32]
+    config = {key: value for key, value in (configmap.get("data") or {}).items() if key != SYSTEM_PROMPT_KEY}
+    secrets = {key: value for key, value in (secret.get("data") or {}).items() if key != RUNNER_TOKEN_KEY}
+    material = json.dumps([spec, config, secrets], sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
 def container_security_context() -> dict[str, Any]:

@@ -138,7 +138,8 @@ class PoolWorker:
         assert self._org is not None
         model = member_session(pool, spec.template, "template", self._org)
         rendering = await render(self.kube, self.settings, model.namespace, model.spec)
-        wanted = template_hash(rendering.pod(model, rendering.children(model, pool_token())))
+        children = rendering.children(model, pool_token())
+        wanted = template_hash(rendering.pod(model, children), children["ConfigMap"], children["Secret"])
         members = _members[self.key]
         current = {name: pod for name, pod in members.unclaimed.items()
                    if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted

@@ -380,7 +380,8 @@ async def _claim_member(kube: Kube, body: dict[str, Any], session: Session, rend
         nonlocal body, noted
         body, noted = await _annotate_member(kube, body, member), True
 
-    wanted = template_hash(rendering.pod(session, rendering.children(session, "")))
+    children = rendering.children(session, "")
+    wanted = template_hash(rendering.pod(session, children), children["ConfigMap"], children["Secret"])
     claimed = await pool.claim(kube, session, wanted, note)
     if claimed is None:
         if noted:

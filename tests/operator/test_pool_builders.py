@@ -34,34 +34,36 @@ def session(name: str, **spec) -> Session:
     return Session(name, "tenant-acme", f"uid-{name}", AgentSessionSpec.model_validate(body))
 
 
-def pod_of(render: Rendering, who: Session, token: str = "dG9rZW4=") -> dict:  # noqa: S107 (a test token)
-    return render.pod(who, render.children(who, token))
+def hash_of(render: Rendering, who: Session, token: str = "dG9rZW4=") -> str:  # noqa: S107 (a test token)
+    children = render.children(who, token)
+    return template_hash(render.pod(who, children), children["ConfigMap"], children["Secret"])
 
 
 def test_a_member_hashes_like_every_session_of_its_template_whatever_its_identity():
     render = rendering()
     template = SandboxTemplate.model_validate(TEMPLATE)
     member = member_session(POOL, template, member_name("claude-warm"), "acme")
-    wanted = template_hash(pod_of(render, member, pool_token()))
+    wanted = hash_of(render, member, pool_token())
     ada = session("ada", systemPrompt="you help Ada")
     bob = session("bob", systemPrompt="you help Bob", lifecycle={"idleTimeout": "5m"})
-    assert template_hash(pod_of(render, ada)) == wanted == template_hash(pod_of(render, bob, "b3RoZXI="))
-    assert pod_of(render, ada)["metadata"]["name"] != pod_of(render, member)["metadata"]["name"]
+    assert hash_of(render, ada) == wanted == hash_of(render, bob, "b3RoZXI=")
 
 
 def test_anything_that_shapes_the_pod_changes_the_hash():
     render = rendering()
-    base = template_hash(pod_of(render, session("ada")))
+    base = hash_of(render, session("ada"))
     variants = [
-        pod_of(render, session("ada", agent={"runtime": "gemini"})),
-        pod_of(render, session("ada", agent={"runtime": "claude-code", "image": "mine:1"})),
-        pod_of(render, session("ada", agent={"runtime": "claude-code",
+        hash_of(render, session("ada", agent={"runtime": "gemini"})),
+        hash_of(render, session("ada", agent={"runtime": "claude-code", "image": "mine:1"})),
+        hash_of(render, session("ada", agent={"runtime": "claude-code",
                                              "env": [{"name": "EDITOR", "value": "ed"}]})),
-        pod_of(render, session("ada", resources={"limits": {"cpu": "2"}})),
-        pod_of(rendering(provider_key="a2V5"), session("ada")),  # the egress proxy mounts the key
-        pod_of(rendering(credentials={"mcp-gh-token": "dA=="}), session("ada")),  # the gateway mounts it
+        hash_of(render, session("ada", resources={"limits": {"cpu": "2"}})),
+        hash_of(rendering(provider_key="a2V5"), session("ada")),  # the egress proxy mounts the key
+        hash_of(rendering(credentials={"mcp-gh-token": "dA=="}), session("ada")),  # the gateway mounts it
+        hash_of(rendering(provider_key="b3RoZXI="), session("ada")),  # the proxy reads it at start
+        hash_of(render, session("ada", egress={"allow": ["example.com"]})),  # so does its allow-list
     ]
-    hashes = [template_hash(pod) for pod in variants]
+    hashes = variants
     assert base not in hashes and len(set(hashes)) == len(hashes)
 
 
