@@ -312,3 +312,59 @@ async def test_a_real_agent_without_credentials_runs_until_it_refuses_and_the_se
     ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["reason"] == "AgentNeedsAuth", ready
     assert "ANTHROPIC_API_KEY" in ready["message"], ready
+
+
+async def test_a_warm_pool_member_on_the_real_node_serves_the_session_that_claims_it(
+        real_operator, kube, ops, tenants, real_node):
+    """The member's containers start before any session exists; the claim re-issues the runner token and
+    writes the session's system prompt, which the waiting runner reads once the kubelet has delivered
+    them: the same pod (never restarted) then answers the session's messages, and the pool's token opens
+    nothing."""
+    tenant = await tenants()
+    template = {"agent": {"runtime": "scripted"}, **REAL_NODE_PLACEMENT}
+    await ops.create({"apiVersion": "agentbox.dev/v1alpha1", "kind": "AgentSessionPool",
+                      "metadata": {"name": "warm", "namespace": tenant},
+                      "spec": {"replicas": 1, "template": template}})
+
+    async def member_running():
+        pods = await ops.list("Pod", tenant, f"{naming.POOL_LABEL}=warm")
+        return [pod for pod in pods if pod["status"].get("phase") == "Running"
+                and all(status["started"] for status in pod["status"].get("initContainerStatuses") or [{}])]
+
+    async with saying_state(kube, tenant):
+        [member] = await eventually(member_running, timeout=START_SECONDS, what="a running pool member")
+    pool_secret = await ops.get("Secret", tenant, member["metadata"]["name"])
+    pool_token = base64.b64decode(pool_secret["data"][RUNNER_TOKEN_KEY]).decode()
+
+    started = asyncio.get_running_loop().time()
+    await ops.create(session_manifest("warm-real", tenant, **template, systemPrompt="you serve the claimant"))
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, "warm-real", "Running", timeout=START_SECONDS)
+    claim_to_ready = asyncio.get_running_loop().time() - started
+    assert body["status"]["poolMember"] == member["metadata"]["name"], body["status"]
+    pod = await ops.get("Pod", tenant, member["metadata"]["name"])
+    assert pod["metadata"]["uid"] == member["metadata"]["uid"] and pod["spec"]["nodeName"] == real_node
+    (runner,) = pod["status"]["containerStatuses"]
+    assert runner["restartCount"] == 0, runner
+
+    secret = await ops.get("Secret", tenant, member["metadata"]["name"])
+    token = base64.b64decode(secret["data"][RUNNER_TOKEN_KEY]).decode()
+    forwarder = PortForwarder(kube._configuration)
+    try:
+        url = forwarder.local_url(tenant, pod["metadata"]["name"], naming.ENDPOINT_PORT)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as runner_api:
+            stale = await runner_api.get("/status", headers={"Authorization": f"Bearer {pool_token}"})
+            assert stale.status_code == 401
+            runner_api.headers["Authorization"] = f"Bearer {token}"
+            assert (await runner_api.post("/message", json={"content": "system-prompt"})).status_code == 200
+
+            async def answered():
+                messages = (await runner_api.get("/messages")).json()["messages"]
+                replies = [m for m in messages if m["role"] == "agent"]
+                return replies and (await runner_api.get("/status")).json()["status"] == "stable" and replies
+
+            replies = await eventually(answered, timeout=120, what="the claimed agent's answer")
+            assert replies[-1]["content"] == "you serve the claimant", replies
+    finally:
+        await forwarder.close()
+    print(f"real node: claim -> Running {claim_to_ready:.1f} s")
