@@ -26,8 +26,6 @@ from agentbox.crds.naming import (  # the names the API shares; re-exported for 
 
 ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
-# On a pod claimed from a pool, once its config-hash is the session's (set by patch, not by a new pod).
-CONFIG_ADOPTED_ANNOTATION = "agentbox.dev/config-adopted"
 
 __all__ = ["CLAIMED_FROM_LABEL", "HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER",
            "MAX_NAME", "ORG_LABEL", "POOL_LABEL", "POOL_MEMBER_ANNOTATION", "POOL_TOKEN_PREFIX",

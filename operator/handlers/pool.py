@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,10 +32,12 @@ from agentbox.operator.build.pool import (
     MEMBER_KINDS,
     as_member,
     handover,
+    is_pool_token,
     member_name,
     member_session,
     pool_token,
 )
+from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 from agentbox.operator.kube import Kube
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
@@ -200,7 +203,9 @@ class PoolWorker:
         children = rendering.children(session, pool_token())
         pod = as_member(rendering.pod(session, children), pool, wanted)
         members = [as_member(children[kind], pool, wanted) for kind in MEMBER_KINDS[:-1]]
-        await asyncio.gather(*(self.kube.create(manifest) for manifest in members))
+        # Applied, not created: the session that claims the member applies its own versions with the same
+        # field manager, and the pool's labels and owner go with that apply.
+        await asyncio.gather(*(self.kube.apply(manifest) for manifest in members))
         created = await self.kube.create(pod)
         if created is not None:
             _remember(created)
@@ -314,65 +319,99 @@ def pools_in(namespace: str) -> bool:
     return any(key[0] == namespace for key in _pools)
 
 
-def _candidates(namespace: str, wanted: str) -> list[tuple[str, dict[str, Any]]]:
-    """Ready unclaimed members of that template in the namespace, oldest first: (pool label, pod)."""
+# Members a claim of this process is taking over right now: no other claim here tries them meanwhile (the
+# resourceVersion precondition settles a race with another process).
+_claiming: set[tuple[str, str]] = set()
+
+
+def _next_candidate(namespace: str, wanted: str) -> tuple[str, dict[str, Any]] | None:
+    """The oldest ready unclaimed member of that template in the namespace, not being claimed: (its pool's
+    label value, its pod)."""
     found = [(key[1], pod) for key, members in _members.items() if key[0] == namespace and key in _pools
              for pod in members.unclaimed.values()
              if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
-             and _ready(pod)]
-    return sorted(found, key=lambda item: item[1]["metadata"].get("creationTimestamp") or "")[:CLAIM_ATTEMPTS]
+             and _ready(pod) and (namespace, pod["metadata"]["name"]) not in _claiming]
+    return min(found, key=lambda item: item[1]["metadata"].get("creationTimestamp") or "", default=None)
 
 
-async def claim(kube: Kube, session: Session, pod_hash: str,
-                note: Any) -> tuple[str, dict[str, dict[str, Any]]] | None:
-    """Take over a ready member for `session`, whose pod would hash to `pod_hash`: (the member's name, its
-    children as handed over). `note(member)` records the claim on the session before the handover (patched
-    session annotation), so a restart finishes or undoes what a crash interrupted. None: start cold."""
+# as_member(member, token): the session's children and pod under the member's name, with that runner
+# token (base64; None: a new one).
+AsMember = Callable[[str, str | None], tuple[dict[str, dict[str, Any]], dict[str, Any]]]
+
+
+async def claim(kube: Kube, session: Session, wanted: str, note: Callable[[str], Awaitable[None]],
+                as_member: AsMember) -> tuple[str, dict[str, dict[str, Any]]] | None:
+    """Take over a ready member for `session`, whose sandbox hashes to `wanted`: (the member's name, every
+    child as handed over). `note(member)` names the member on the session before the handover, so a
+    restart finishes what a crash interrupted: a session that names one already (session.member) takes
+    that one if it still can. None: start cold."""
+    if session.member is not None:
+        children = await take(kube, session, session.member, None, as_member)
+        if children is not None:
+            return session.member, children
     if not pools_in(session.namespace):
         return None
     started = time.perf_counter()
-    for pool_label, pod in _candidates(session.namespace, pod_hash):
-        name = pod["metadata"]["name"]
-        await note(name)
-        children = await take(kube, session, name, pool_label, pod)
+    for _ in range(CLAIM_ATTEMPTS):
+        candidate = _next_candidate(session.namespace, wanted)
+        if candidate is None:
+            break
+        pod = candidate[1]
+        reserved = (session.namespace, pod["metadata"]["name"])
+        _claiming.add(reserved)
+        try:
+            await note(pod["metadata"]["name"])
+            children = await take(kube, session, pod["metadata"]["name"], pod, as_member)
+        finally:
+            _claiming.discard(reserved)
         if children is not None:
             metrics.POOL_CLAIMS.labels(outcome="hit").inc()
             metrics.POOL_CLAIM_SECONDS.observe(time.perf_counter() - started)
-            return name, children
+            return pod["metadata"]["name"], children
     metrics.POOL_CLAIMS.labels(outcome="miss").inc()
     return None
 
 
-async def take(kube: Kube, session: Session, name: str, pool_label: str | None,
-               pod: dict[str, Any] | None = None) -> dict[str, dict[str, Any]] | None:
-    """Hand member `name` over to the session: its pod on the version seen (two claimants: one wins), then
-    its claim, ConfigMap and Secret. Idempotent: a pod the session holds already has the rest handed over
-    again. None when the member is gone or another session has it."""
+async def take(kube: Kube, session: Session, name: str, pod: dict[str, Any] | None,
+               as_member: AsMember) -> dict[str, dict[str, Any]] | None:
+    """Hand member `name` over to the session: its pod first, on the version seen (of two claimants one
+    wins), then its other children as the session's. Idempotent: a pod the session holds already is
+    handed over again, keeping the session's runner token if the Secret has it. None when the member is
+    gone or another session has it."""
     namespace = session.namespace
     if pod is None:
         pod = await kube.get("Pod", namespace, name)
         if pod is None:
             return None
-    labels = pod["metadata"].get("labels") or {}
-    owners = [ref.get("uid") for ref in pod["metadata"].get("ownerReferences") or [] if ref.get("controller")]
-    pool_label = pool_label or labels.get(naming.POOL_LABEL) or labels.get(naming.CLAIMED_FROM_LABEL)
-    if owners == [session.uid]:
-        taken = pod
-    elif naming.POOL_LABEL in labels and not pod["metadata"].get("deletionTimestamp"):
-        try:
-            taken = await kube.merge_patch("Pod", namespace, name, handover(
-                session, pool_label or "", "Pod", pod["metadata"]["resourceVersion"]))
-        except ApiException as error:
-            if error.status == 409:  # another session took it first
-                return None
-            raise
-        if taken is None:
-            return None
-        _remember(taken)
-    else:
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")]
+    mine = owners == [session.uid]
+    if not mine and (naming.POOL_LABEL not in labels or meta.get("deletionTimestamp")):
         return None
-    rest = await asyncio.gather(*(kube.merge_patch(kind, namespace, name,
-                                                   handover(session, pool_label or "", kind))
-                                  for kind in MEMBER_KINDS[:-1]))
-    return {"Pod": taken, **{kind: obj for kind, obj in zip(MEMBER_KINDS[:-1], rest, strict=True)
-                             if obj is not None}}
+    token = None
+    if mine:
+        secret = await kube.get("Secret", namespace, name)
+        kept = ((secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY)
+        token = None if is_pool_token(kept) else kept
+    children, desired_pod = as_member(name, token)
+    pool_name = labels.get(naming.POOL_LABEL) or labels.get(naming.CLAIMED_FROM_LABEL) or ""
+    try:
+        taken = await kube.merge_patch("Pod", namespace, name, handover(
+            session, pool_name, desired_pod, None if mine else meta["resourceVersion"]))
+    except ApiException as error:
+        if error.status == 409:  # another session took it first
+            return None
+        raise
+    if taken is None:
+        return None
+    _remember(taken)
+    fresh = ("Service", "NetworkPolicy")
+    applied = await asyncio.gather(*(kube.apply(children[kind]) for kind in MEMBER_KINDS[:-1]),
+                                   *(_create_or_apply(kube, children[kind]) for kind in fresh))
+    return {"Pod": taken, **dict(zip([*MEMBER_KINDS[:-1], *fresh], applied, strict=True))}
+
+
+async def _create_or_apply(kube: Kube, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A child the member never had: created outright (one call), applied when a pass before made it."""
+    return await kube.create(manifest) or await kube.apply(manifest)

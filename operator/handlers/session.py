@@ -330,13 +330,6 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
         current = (existing["metadata"].get("annotations") or {}).get(naming.CONFIG_HASH_ANNOTATION)
         if ownership is Ownership.OURS and current == wanted:
             return existing
-        if ownership is Ownership.OURS and _adopting(existing):
-            # A claimed member runs the pool's template, which is the session's pod; what differs (the
-            # runner token, the system prompt) its runner reads once the claim has written them.
-            adopted = {naming.CONFIG_HASH_ANNOTATION: wanted, naming.CONFIG_ADOPTED_ANNOTATION: "true"}
-            meta = existing["metadata"]
-            return await kube.merge_patch("Pod", meta["namespace"], meta["name"],
-                                          {"metadata": {"annotations": adopted}})
         if existing["metadata"].get("deletionTimestamp") is None:
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
@@ -344,13 +337,6 @@ async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, A
                        message=_traced(body, "configuration changed: replacing the sandbox pod"))
         return None  # its DELETED event brings us back to create the new one
     return await _create_pod(kube, desired, body)
-
-
-def _adopting(pod: dict[str, Any]) -> bool:
-    """A pod claimed from a pool whose configuration the session has not taken over yet."""
-    meta = pod["metadata"]
-    return naming.CLAIMED_FROM_LABEL in (meta.get("labels") or {}) and \
-        naming.CONFIG_ADOPTED_ANNOTATION not in (meta.get("annotations") or {})
 
 
 async def _annotate_member(kube: Kube, body: dict[str, Any], member: str | None) -> dict[str, Any]:
@@ -363,33 +349,37 @@ async def _annotate_member(kube: Kube, body: dict[str, Any], member: str | None)
     return patched
 
 
-async def _claim_member(kube: Kube, body: dict[str, Any], session: Session, rendering: Rendering
+async def _claim_member(kube: Kube, body: dict[str, Any], session: Session, rendering: Rendering,
+                        desired: dict[str, dict[str, Any]]
                         ) -> tuple[dict[str, Any], Session, dict[str, dict[str, Any]]]:
     """A new session takes over a ready pool member of its template, if one is there: (the session as
-    patched, the session with its member, the member's children as handed over). The member is named on
-    the session before the handover, so that a pass killed in between finishes it, or starts cold when
-    another session got the member."""
-    if session.member is not None:
-        children = await pool.take(kube, session, session.member, None)
-        if children is not None:
-            return body, session, children
-        return await _annotate_member(kube, body, None), dataclasses.replace(session, member=None), {}
-    noted = False
+    patched, the session with its member, every child as the handover left it, in the session's desired
+    state). `desired`: the session's children but the pod, with its new runner token. The member is named
+    on the session before the handover, so that a pass killed in between finishes it, or starts cold when
+    another session got the member; a member already the session's is left to the full pass."""
+    pod = rendering.pod(session, desired)
+    wanted = template_hash(pod, desired["ConfigMap"], desired["Secret"])
+    noted = session.member
 
     async def note(member: str) -> None:
         nonlocal body, noted
-        body, noted = await _annotate_member(kube, body, member), True
+        if noted != member:
+            body, noted = await _annotate_member(kube, body, member), member
 
-    children = rendering.children(session, "")
-    wanted = template_hash(rendering.pod(session, children), children["ConfigMap"], children["Secret"])
-    claimed = await pool.claim(kube, session, wanted, note)
+    def as_member(member: str, token: str | None) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+        claimant = dataclasses.replace(session, member=member)
+        children = rendering.children(claimant, token or desired["Secret"]["data"][RUNNER_TOKEN_KEY])
+        return children, rendering.pod(claimant, children)
+
+    claimed = await pool.claim(kube, session, wanted, note, as_member)
     if claimed is None:
-        if noted:
+        if noted is not None:
             body = await _annotate_member(kube, body, None)
-        return body, session, {}
+        return body, dataclasses.replace(session, member=None), {}
     member, children = claimed
-    kopf.info(body, reason=Reason.POOL_MEMBER_CLAIMED,
-              message=_traced(body, f"claimed pre-started sandbox {member}"))
+    if member != session.member:
+        kopf.info(body, reason=Reason.POOL_MEMBER_CLAIMED,
+                  message=_traced(body, f"claimed pre-started sandbox {member}"))
     return body, dataclasses.replace(session, member=member), children
 
 
@@ -477,11 +467,11 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     # are read and classified below.
     new_token = new_runner_token()
     first_pass = not (body.get("status") or {}).get("observedGeneration")
-    handed_over: dict[str, dict[str, Any]] = {}  # a claimed pool member's children, as the handover left them
-    if first_pass and wants_pod:
-        body, session, handed_over = await _claim_member(kube, body, session, rendering)
-        meta = body["metadata"]
+    # A claimed pool member's children, as the handover left them: as this pass would have created them.
     created: dict[str, dict[str, Any]] = {}
+    if first_pass and wants_pod:
+        body, session, created = await _claim_member(kube, body, session, rendering, manifests(new_token))
+        meta = body["metadata"]
     # The first pass made the claim just now, so no pod of ours can exist yet: one held back is not read.
     held_from_first_pass = False
     if first_pass and session.member is None:
@@ -513,12 +503,12 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
             del _claim_bound[(namespace, name)]
         created = {kind: result for kind, result in zip(first, results, strict=True) if result is not None}
     child = session.child_name
-    to_read = [kind for kind in CHILD_KINDS if kind not in created and kind not in handed_over
-               and not (kind == "Pod" and held_from_first_pass)]
-    found = {**handed_over, **dict(zip(
-        to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)), strict=True))}
-    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in found}
-    conflicts = [Conflict(kind, child, "held by another owner") for kind in found
+    to_read = [kind for kind in CHILD_KINDS
+               if kind not in created and not (kind == "Pod" and held_from_first_pass)]
+    found = dict(zip(to_read, await asyncio.gather(*(kube.get(kind, namespace, child) for kind in to_read)),
+                     strict=True))
+    ownership = {kind: classify(found[kind], session.uid, session.labels) for kind in to_read}
+    conflicts = [Conflict(kind, child, "held by another owner") for kind in to_read
                  if ownership[kind] is Ownership.FOREIGN]
     if conflicts:
         # Nothing half-built stays behind: what this pass created goes again.
@@ -529,7 +519,8 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         await _write_status(kube, body, status)
         raise NameConflictError(message, delay=settings.conflict_retry_seconds)
 
-    old_secret = found.get("Secret") if ownership.get("Secret") not in (None, Ownership.ABSENT) else None
+    old_secret = created.get("Secret") or (
+        found.get("Secret") if ownership.get("Secret") not in (None, Ownership.ABSENT) else None)
     token = ((old_secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY)
     if not token or is_pool_token(token):  # a pool member's token is never a session's
         token = new_token

@@ -85,18 +85,20 @@ def test_a_member_belongs_to_its_pool_and_to_no_session():
     assert member.spec.system_prompt == "" and children["ConfigMap"]["data"]["system-prompt.md"] == ""
 
 
-def test_the_handover_makes_each_child_the_sessions_and_races_on_the_pod_alone():
+def test_the_handover_makes_the_pod_the_sessions_on_the_version_read():
     ada = session("ada")
-    pod_patch = handover(ada, "claude-warm", "Pod", "41")
-    assert pod_patch["metadata"]["resourceVersion"] == "41"
-    labels = pod_patch["metadata"]["labels"]
+    claimant = Session("ada", "tenant-acme", ada.uid, ada.spec, member="claude-warm-1a2b3c4d")
+    render = rendering()
+    desired_pod = render.pod(claimant, render.children(claimant, "dG9rZW4="))
+    patch = handover(claimant, "claude-warm", desired_pod, "41")["metadata"]
+    assert patch["resourceVersion"] == "41"
+    labels = patch["labels"]
     assert labels[naming.SESSION_LABEL] == "ada" and labels[naming.CLAIMED_FROM_LABEL] == "claude-warm"
     assert labels[naming.POOL_LABEL] is None and labels[naming.TEMPLATE_HASH_LABEL] is None
-    assert pod_patch["metadata"]["ownerReferences"] == [ada.owner_reference()]
-    for kind in MEMBER_KINDS[:-1]:
-        patch = handover(ada, "claude-warm", kind)
-        assert "resourceVersion" not in patch["metadata"]
-        assert naming.CLAIMED_FROM_LABEL not in patch["metadata"]["labels"]
+    assert patch["ownerReferences"] == [ada.owner_reference()]
+    # The config hash of the session's own ConfigMap and Secret: the full pass finds the pod current.
+    assert patch["annotations"] == desired_pod["metadata"]["annotations"]
+    assert "resourceVersion" not in handover(claimant, "claude-warm", desired_pod, None)["metadata"]
 
 
 def test_a_claimed_session_names_its_children_after_its_member():
