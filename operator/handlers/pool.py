@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 START_BATCH = 8  # members started at once: a refill after a burst of claims does not starve the sessions
 RESYNC_SECONDS = 30.0  # a worker looks again this often with no event (a lost watch event, a refused create)
 RETRY_SECONDS = 5.0
+# A pass waits this long after the event that woke it: a burst of claims and of members' pod events (a
+# pod's start is several) makes one pass and one status write, not one each.
+COALESCE_SECONDS = 0.1
 CLAIM_ATTEMPTS = 3  # ready members tried before a session starts cold (each lost race costs one patch)
 
 
@@ -102,6 +105,7 @@ class PoolWorker:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), RESYNC_SECONDS)
+            await asyncio.sleep(COALESCE_SECONDS)
             self._wake.clear()
             pool = _pools.get(self.key)
             if pool is None:
