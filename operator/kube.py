@@ -50,6 +50,14 @@ def resource_path(kind: str, namespace: str | None, name: str | None = None, sub
     return path
 
 
+def resource_version(body: dict[str, Any]) -> int:
+    """An object's resourceVersion as a number, to tell the newer of two versions seen (0: unknown)."""
+    try:
+        return int(body["metadata"].get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
 class Ownership(enum.Enum):
     ABSENT = "absent"
     OURS = "ours"

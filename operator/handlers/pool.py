@@ -38,7 +38,7 @@ from agentbox.operator.build.pool import (
     pool_token,
 )
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
-from agentbox.operator.kube import Kube
+from agentbox.operator.kube import Kube, resource_version
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
@@ -65,13 +65,6 @@ class Members:
 _members: defaultdict[tuple[str, str], Members] = defaultdict(Members)
 _pools: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, label value) -> newest pool body
 _workers: dict[tuple[str, str], "PoolWorker"] = {}
-
-
-def _version(body: dict[str, Any]) -> int:
-    try:
-        return int(body["metadata"].get("resourceVersion") or 0)
-    except ValueError:
-        return 0
 
 
 def _ready(pod: dict[str, Any]) -> bool:
@@ -236,7 +229,8 @@ class PoolWorker:
         meta = pool["metadata"]
         written = await self.kube.merge_patch(agentsessionpool.KIND, meta["namespace"], meta["name"],
                                               {"status": status}, sub="status")
-        if written is not None and _version(written) >= _version(_pools.get(self.key, written)):
+        known = _pools.get(self.key)
+        if written is not None and (known is None or resource_version(written) >= resource_version(known)):
             _pools[self.key] = written
 
 
@@ -262,7 +256,7 @@ def _remember(pod: dict[str, Any]) -> None:
     if naming.POOL_LABEL in labels:
         key = (namespace, labels[naming.POOL_LABEL])
         known = _members[key].unclaimed.get(name)
-        if known is None or _version(pod) >= _version(known):
+        if known is None or resource_version(pod) >= resource_version(known):
             _members[key].unclaimed[name] = pod
     elif naming.CLAIMED_FROM_LABEL in labels:
         key = (namespace, labels[naming.CLAIMED_FROM_LABEL])
@@ -302,7 +296,7 @@ async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
         return  # its members go with it: the pool owns them
     known = _pools.get(key)
     if known is not None and known["metadata"].get("uid") == pool["metadata"].get("uid") and \
-            _version(known) > _version(pool):
+            resource_version(known) > resource_version(pool):
         return
     _pools[key] = pool
     worker = _workers.get(key)

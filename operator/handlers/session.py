@@ -24,7 +24,7 @@ from agentbox.operator.build.pod import template_hash
 from agentbox.operator.build.pool import is_pool_token
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, new_runner_token
 from agentbox.operator.handlers import pool
-from agentbox.operator.kube import Conflict, Kube, Ownership, classify
+from agentbox.operator.kube import Conflict, Kube, Ownership, classify, resource_version
 from agentbox.operator.later import Later
 from agentbox.operator.rendering import CHILD_KINDS, Rendering, render
 from agentbox.operator.settings import FINALIZER, OperatorSettings
@@ -111,18 +111,11 @@ SETTLE_SECONDS = 0.15
 _pod_versions: dict[tuple[str, str], int] = {}
 
 
-def _version(body: dict[str, Any]) -> int:
-    try:
-        return int(body["metadata"].get("resourceVersion") or 0)
-    except ValueError:
-        return 0
-
-
 def _newest_pod(key: tuple[str, str], pod: dict[str, Any] | None) -> bool:
     """Record `pod` as seen for the session; False when a newer version of it was seen before."""
     if pod is None:
         return True
-    version = _version(pod)
+    version = resource_version(pod)
     if version < _pod_versions.get(key, 0):
         return False
     _pod_versions[key] = version
@@ -140,7 +133,8 @@ def remember(body: dict[str, Any]) -> None:
     known = _latest.get(key)
     if known is None:
         _sessions_by_child[(key[0], naming.child_name(key[1]))] = key
-    if known is None or known["metadata"].get("uid") != meta.get("uid") or _version(body) >= _version(known):
+    if known is None or known["metadata"].get("uid") != meta.get("uid") or \
+            resource_version(body) >= resource_version(known):
         _latest[key] = body
 
 
