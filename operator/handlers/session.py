@@ -131,8 +131,7 @@ def remember(body: dict[str, Any]) -> None:
         body = {**body, "metadata": meta}
     key = (meta["namespace"], meta["name"])
     known = _latest.get(key)
-    if known is None:
-        _sessions_by_child[(key[0], naming.child_name(key[1]))] = key
+    _sessions_by_child[(key[0], naming.session_child_name(key[1], meta.get("annotations")))] = key
     if known is None or known["metadata"].get("uid") != meta.get("uid") or \
             resource_version(body) >= resource_version(known):
         _latest[key] = body
@@ -665,7 +664,7 @@ async def session_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None
         metrics.record_phase(key, None)
         _locks.pop(key, None)
         _latest.pop(key, None)
-        _sessions_by_child.pop((key[0], naming.child_name(key[1])), None)
+        _sessions_by_child.pop((key[0], naming.session_child_name(key[1], meta.get("annotations"))), None)
         _held.pop(meta["uid"], None)
         _pod_versions.pop(key, None)
         _expiries.cancel(key)
