@@ -401,7 +401,7 @@ async def warm_against_cold(api: client.ApiClient, ops: Kube, namespace: str, se
     return results
 
 
-async def main() -> int:
+async def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sessions", type=int, default=200)
@@ -414,7 +414,7 @@ async def main() -> int:
     parser.add_argument("--warm", action="store_true",
                         help="warm pool claims against cold starts at each of --warm-rates (--sessions each)")
     parser.add_argument("--warm-rates", type=float, nargs="+", default=[10.0, 50.0])
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     kubeconfig = cluster_kubeconfig()
     configuration = client.Configuration()
