@@ -26,6 +26,8 @@ from agentbox.crds.naming import (  # the names the API shares; re-exported for 
 
 ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
+# On a pod claimed from a pool: when its Secret and ConfigMap became the session's.
+CLAIMED_AT_ANNOTATION = "agentbox.dev/claimed-at"
 
 __all__ = ["CLAIMED_FROM_LABEL", "HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER",
            "MAX_NAME", "ORG_LABEL", "POOL_LABEL", "POOL_MEMBER_ANNOTATION", "POOL_TOKEN_PREFIX",

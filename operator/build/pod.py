@@ -159,8 +159,9 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
         "command": ["python", "-m", "agentbox.sandbox.runner"],
         "ports": [{"name": "http", "containerPort": naming.ENDPOINT_PORT, "protocol": "TCP"}],
         "env": runner_env(session, provider_key=provider_key), "workingDir": WORKSPACE_DIR,
-        # Ready only while the agent can take a message (not starting, not refusing to authenticate).
-        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5},
+        # Ready only while the agent can take a message (not starting, not refusing to authenticate). Asked
+        # every second: a new session waits for this (a local HTTP GET, cheap for the kubelet).
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 1},
         # The runner's own message when it gives up (it exits 69 or 77); the tail of its log when it dies
         # some other way.
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
