@@ -4,6 +4,10 @@ containers on the real node (hack/real-node.sh), beside the same sessions on kwo
 
     python -m bench.bench_realnode [--sessions 20 --rates 1 5]
 
+Three series at each rate: cold sessions on the real node, the same claiming the members of a full
+AgentSessionPool on the real node (`real-warm`: the pool's pods started before the clock starts), and cold
+ones on kwok.
+
 Running means the runner's readiness probe passed: on the real node, two Python processes started in a
 PSS-restricted pod with its workspace claim mounted; on kwok, the same objects with nothing started. The
 machine's cores bound the real rate: the CPU each session's start costs is reported per process, the real
@@ -24,6 +28,7 @@ from typing import Any
 
 from kubernetes_asyncio import client, config
 
+from agentbox.crds import agentsessionpool
 from agentbox.operator.kube import Kube
 from bench.bench_operator import (
     ClusterCpu,
@@ -33,6 +38,7 @@ from bench.bench_operator import (
     create_paced,
     install_crds,
     latency_ms,
+    pool_ready,
 )
 from tests.fixtures.cluster import REAL_NODE_ENABLED, REAL_NODE_PLACEMENT, cache_dir
 from tests.operator.operator_harness import OperatorProcess, session_manifest
@@ -70,11 +76,18 @@ async def one_series(api: client.ApiClient, kubeconfig: str, where: str, session
     env = {"AGENTBOX_LOG_LEVEL": "warning", "AGENTBOX_GATEWAY_RESOURCES": json.dumps(GATEWAY)}
     log_path = f"{workdir}/operator-{where}-{rate:g}.log"
     operator = OperatorProcess(kubeconfig, log_path, scope=namespace, env=env)
-    placement = REAL_NODE_PLACEMENT if where == "real" else {}
+    placement = REAL_NODE_PLACEMENT if where.startswith("real") else {}
     operator.start()
     try:
         await operator.wait_alive()
         assert operator.process is not None
+        if where == "real-warm":
+            await ops.create({"apiVersion": agentsessionpool.API_VERSION, "kind": agentsessionpool.KIND,
+                              "metadata": {"name": "bench", "namespace": namespace},
+                              "spec": {"replicas": sessions, "template": {
+                                  "agent": {"runtime": "scripted"}, "resources": RUNNER, **placement}}})
+            log(f"waiting for {sessions} pool members on the real node")
+            await pool_ready(ops, namespace, "bench", sessions, seconds=600)
         running = RunningWatch(api, namespace)
         names = [f"s-{index:03d}" for index in range(sessions)]
         log(f"{sessions} sessions on {where} nodes at {rate:g}/s in {namespace}")
@@ -89,6 +102,7 @@ async def one_series(api: client.ApiClient, kubeconfig: str, where: str, session
         pods_cpu = pods_cpu_seconds() - pods_before
         running.task.cancel()
         return {"create_to_running_ms": latency_ms(created, running.running_at),
+                **({"claimed_from_pool": len(running.warm)} if where == "real-warm" else {}),
                 "machine_busy_percent": load["machine_busy_percent"],
                 "cpu_ms_per_session": {**load["cpu_ms_per_session"],
                                        "real_node_containers": round(1000 * pods_cpu / sessions, 1)}}
@@ -116,7 +130,7 @@ async def main() -> int:
     workdir = tempfile.mkdtemp(prefix="bench-realnode-")
     async with client.ApiClient(configuration=configuration) as api:
         for rate in args.rates:
-            for where in ("real", "kwok"):
+            for where in ("real", "real-warm", "kwok"):
                 result[f"{where}_at_{rate:g}_per_second"] = await one_series(
                     api, kubeconfig, where, args.sessions, rate, workdir)
         await clear_earlier_runs(api)

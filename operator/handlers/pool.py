@@ -51,7 +51,7 @@ START_BATCH = 4  # members started at once
 # is still ready, the next start waits. A burst is served from the pool, which refills right behind it; a
 # stream that would drain it refills alongside. (Measured at 10 claims/s on two cores: refilling alongside
 # took claim -> Running p50 from 92 ms to 700-1,300 ms.)
-CLAIMS_QUIET_SECONDS = 0.3
+CLAIMS_QUIET_SECONDS = 2.0
 RESYNC_SECONDS = 30.0  # a worker looks again this often with no event (a lost watch event, a refused create)
 RETRY_SECONDS = 5.0
 # A pass waits this long after the event that woke it: a burst of claims and of members' pod events (a
