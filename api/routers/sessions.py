@@ -117,6 +117,8 @@ class SessionView(ApiModel):
     conditions: list[Condition]
     created_at: datetime | None = None
     last_activity_time: datetime | None = None
+    warm_start: bool = Field(description="The session took over a sandbox an AgentSessionPool had started "
+                                         "ahead of it, rather than starting one.")
 
 
 class MessageBody(ApiModel):
@@ -166,7 +168,7 @@ def _view(session: dict[str, Any]) -> SessionView:
         mcp_servers=[ref["name"] for ref in spec.get("mcpServers", [])],
         conditions=[Condition.model_validate(c) for c in status.get("conditions", [])],
         created_at=session["metadata"].get("creationTimestamp"),
-        last_activity_time=_last_activity(session))
+        last_activity_time=_last_activity(session), warm_start=bool(status.get("poolMember")))
 
 
 def _namespace(shared: Services, principal: Principal) -> str:

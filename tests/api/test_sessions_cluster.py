@@ -141,14 +141,21 @@ async def test_orgs_get_their_namespace_and_only_the_platform_makes_them(setup):
     assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "body.id"
 
 
-async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str) -> None:
-    """What the operator would do: the runner-token Secret, then a Ready condition."""
+async def _make_ready(cluster: ApiKube, namespace: str, name: str, endpoint: str,
+                      member: str | None = None) -> None:
+    """What the operator would do: the runner-token Secret, then a Ready condition. `member`: as for a
+    session that claimed that pool member (its children keep the member's name)."""
     await cluster.core.create_namespaced_secret(namespace, client.V1Secret(
-        metadata=client.V1ObjectMeta(name=child_name(name), labels={"agentbox.dev/session": name}),
+        metadata=client.V1ObjectMeta(name=member or child_name(name), labels={"agentbox.dev/session": name}),
         data={"runner-token": base64.b64encode(RUNNER_TOKEN.encode()).decode()}))
+    if member:
+        await cluster.custom.patch_namespaced_custom_object(
+            "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
+            {"metadata": {"annotations": {"agentbox.dev/pool-member": member}}},
+            _content_type="application/merge-patch+json")
     await cluster.custom.patch_namespaced_custom_object_status(
         "agentbox.dev", "v1alpha1", namespace, "agentsessions", name,
-        {"status": {"phase": "Running", "endpoint": endpoint, "conditions": [
+        {"status": {"phase": "Running", "endpoint": endpoint, "poolMember": member, "conditions": [
             {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
              "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
         _content_type="application/merge-patch+json")
@@ -208,6 +215,40 @@ async def test_a_session_end_to_end_and_cross_tenant_probes(setup, runner):
     assert suspended.status_code == 200 and suspended.json()["suspended"] is True
     assert (await api.delete("/api/v1/sessions/s1", headers=USER_A)).status_code == 204
     assert (await api.get("/api/v1/sessions/s1", headers=USER_A)).status_code == 404
+
+
+async def test_a_session_on_a_claimed_pool_member_is_reached_with_the_members_secret(setup, runner):
+    """The runner token of a warm session is in its pool member's Secret, found by the session's
+    annotation; a Secret of that name labelled for another session is never used."""
+    api, cluster, _ = setup
+    namespace = f"tenant-{ORG_A}"
+    created = await api.post("/api/v1/sessions", headers=USER_A, json={"name": "warm", "agent": {
+        "runtime": "scripted"}})
+    assert created.status_code == 201 and created.json()["warmStart"] is False
+    await _make_ready(cluster, namespace, "warm", runner.url, member="pool-a-1a2b3c4d")
+    await eventually(lambda: _is_ready(api, "warm"), timeout=10, interval=0.05)
+    assert (await api.get("/api/v1/sessions/warm", headers=USER_A)).json()["warmStart"] is True
+    before = len(runner.received)
+    sent = await api.post("/api/v1/sessions/warm/message", headers=USER_A, json={"content": "warm hello"})
+    assert sent.status_code == 200 and runner.received[before:] == [{"content": "warm hello", "type": "user"}]
+
+    await api.post("/api/v1/sessions", headers=USER_A, json={"name": "thief", "agent": {
+        "runtime": "scripted"}})
+    await cluster.custom.patch_namespaced_custom_object(
+        "agentbox.dev", "v1alpha1", namespace, "agentsessions", "thief",
+        {"metadata": {"annotations": {"agentbox.dev/pool-member": "pool-a-1a2b3c4d"}}},
+        _content_type="application/merge-patch+json")
+    await cluster.custom.patch_namespaced_custom_object_status(
+        "agentbox.dev", "v1alpha1", namespace, "agentsessions", "thief",
+        {"status": {"phase": "Running", "endpoint": runner.url, "conditions": [
+            {"type": "Ready", "status": "True", "reason": "SessionReady", "message": "",
+             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}, _content_type="application/merge-patch+json")
+    await eventually(lambda: _is_ready(api, "thief"), timeout=10, interval=0.05)
+    refused = await api.post("/api/v1/sessions/thief/message", headers=USER_A, json={"content": "x"})
+    assert refused.status_code == 409 and "runner token" in refused.text
+    assert runner.received[before + 1:] == []
+    for name in ("warm", "thief"):
+        assert (await api.delete(f"/api/v1/sessions/{name}", headers=USER_A)).status_code == 204
 
 
 async def test_the_request_behind_a_change_is_named_on_the_session_as_in_its_audit_row(setup, runner):
