@@ -5,6 +5,7 @@ overwrites an object that someone else owns.
 """
 
 import enum
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,19 @@ def resource_path(kind: str, namespace: str | None, name: str | None = None, sub
     if sub:
         path += f"/{sub}"
     return path
+
+
+def api_status(error: ApiException) -> dict[str, Any]:
+    """The Status object the apiserver sent with the error ({} when the body is not one)."""
+    try:
+        status = json.loads(error.body)
+    except (TypeError, ValueError):
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def api_message(error: ApiException) -> str:
+    return api_status(error).get("message") or str(error.reason)
 
 
 def resource_version(body: dict[str, Any]) -> int:

@@ -9,7 +9,6 @@ their watch events do: a burst of claims never starts twice the members it needs
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections import defaultdict
@@ -38,7 +37,7 @@ from agentbox.operator.build.pool import (
     pool_token,
 )
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
-from agentbox.operator.kube import Kube, resource_version
+from agentbox.operator.kube import Kube, api_message, resource_version
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
@@ -192,7 +191,7 @@ class PoolWorker:
                 except ApiException as error:
                     if error.status not in (403, 422):
                         raise
-                    refusals.append(_message(error))
+                    refusals.append(api_message(error))
 
         await asyncio.gather(*(one() for _ in range(count)))
         if refusals:
@@ -239,9 +238,12 @@ class PoolWorker:
         conditions = status.get("conditions") or []
         before = {c["type"]: c for c in previous.get("conditions") or []}
         for condition in conditions:  # keep the transition time of a condition that did not change
-            old = before.get(condition["type"])
-            if old and old.get("status") == condition["status"]:
+            old = before.get(condition["type"]) or {}
+            if old.get("status") == condition["status"]:
                 condition["lastTransitionTime"] = old.get("lastTransitionTime")
+            if old.get("reason") != condition["reason"] and condition["reason"] != Reason.MEMBERS_STARTING:
+                post = kopf.info if condition["status"] == ConditionStatus.TRUE else kopf.warn
+                post(pool, reason=condition["reason"], message=condition["message"])
         if all(previous.get(key) == value for key, value in status.items()):
             return
         meta = pool["metadata"]
@@ -250,13 +252,6 @@ class PoolWorker:
         known = _pools.get(self.key)
         if written is not None and (known is None or resource_version(written) >= resource_version(known)):
             _pools[self.key] = written
-
-
-def _message(error: ApiException) -> str:
-    try:
-        return json.loads(error.body).get("message") or str(error.reason)
-    except (TypeError, ValueError, AttributeError):
-        return str(error.reason)
 
 
 def _ready_condition(pool: dict[str, Any], ready: bool, reason: Reason, message: str) -> dict[str, Any]:

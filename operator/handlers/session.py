@@ -4,7 +4,6 @@ derive status from what is observed. Safe to kill at any line: every step is an 
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Mapping
@@ -24,7 +23,15 @@ from agentbox.operator.build.pod import template_hash
 from agentbox.operator.build.pool import is_pool_token
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY, new_runner_token
 from agentbox.operator.handlers import pool
-from agentbox.operator.kube import Conflict, Kube, Ownership, classify, resource_version
+from agentbox.operator.kube import (
+    Conflict,
+    Kube,
+    Ownership,
+    api_message,
+    api_status,
+    classify,
+    resource_version,
+)
 from agentbox.operator.later import Later
 from agentbox.operator.rendering import CHILD_KINDS, Rendering, render
 from agentbox.operator.settings import FINALIZER, OperatorSettings
@@ -173,22 +180,9 @@ API_RETRY_SECONDS = 5.0
 EXPIRY_SLACK_SECONDS = 0.5  # wake just after the deadline, not just before it
 SUSPEND_RETRY_SECONDS = 0.5
 
-def _api_status(error: ApiException) -> dict[str, Any]:
-    """The Status object the apiserver sent with the error ({} when the body is not one)."""
-    try:
-        status = json.loads(error.body)
-    except (TypeError, ValueError):
-        return {}
-    return status if isinstance(status, dict) else {}
-
-
-def _api_message(error: ApiException) -> str:
-    return _api_status(error).get("message") or str(error.reason)
-
-
 def namespace_terminating(error: ApiException) -> bool:
     """Refused because the namespace is being deleted: its sessions go with it, nothing to report."""
-    causes = (_api_status(error).get("details") or {}).get("causes") or []
+    causes = (api_status(error).get("details") or {}).get("causes") or []
     return error.status == 403 and any(cause.get("reason") == "NamespaceTerminating" for cause in causes)
 
 
@@ -278,7 +272,7 @@ async def _or_reconcile_later(later: Later, kube: Kube, settings: OperatorSettin
     except Exception as error:
         delay = (error.delay if isinstance(error, kopf.TemporaryError) else None) or API_RETRY_SECONDS
         key = (owner["metadata"]["namespace"], owner["metadata"]["name"])
-        why = f"{error.status}: {_api_message(error)}" if isinstance(error, ApiException) else (
+        why = f"{error.status}: {api_message(error)}" if isinstance(error, ApiException) else (
             str(error) or repr(error))
         log.warning("session work failed (%s): a full reconcile follows in %.0f s", why, delay,
                     extra=_about(key))
@@ -299,7 +293,7 @@ async def _create_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any])
         created = await kube.create(desired)
     except ApiException as error:
         if error.status in (403, 422) and not namespace_terminating(error):
-            raise PodRejectedError(_api_message(error)) from error
+            raise PodRejectedError(api_message(error)) from error
         raise
     if created is not None:
         kopf.event(body, type="Normal", reason="PodCreated",
@@ -385,7 +379,7 @@ async def _undo(kube: Kube, body: dict[str, Any], kind: str, created: dict[str, 
             raise
         # Owned by the session, so garbage collection still removes it with the session.
         kopf.warn(body, reason="CleanupForbidden", message=_traced(
-            body, f"may not delete {kind} {meta['name']}: {_api_message(error)}"))
+            body, f"may not delete {kind} {meta['name']}: {api_message(error)}"))
 
 
 async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]) -> dict[str, Any]:
@@ -402,7 +396,7 @@ async def reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any]
             if namespace_terminating(error):
                 return fresh.get("status") or {}
             # Never a silent retry loop: the failure is on the session for `kubectl get` to show.
-            message = f"{error.status}: {_api_message(error)}"
+            message = f"{error.status}: {api_message(error)}"
             spec = AgentSessionSpec.model_validate(fresh.get("spec") or {})
             status = derive(_observed(fresh, spec, blocked=(Reason.RECONCILE_ERROR, message)), _now())
             with contextlib.suppress(ApiException):

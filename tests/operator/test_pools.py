@@ -215,3 +215,29 @@ async def test_invalid_pools_are_rejected_at_admission(ops, namespace, spec, fie
     with pytest.raises(ApiException) as refused:
         await ops.create(manifest)
     assert refused.value.status == 422 and field in refused.value.body
+
+
+async def test_a_member_the_quota_refuses_is_reported_on_the_pool(operator, kube, ops, tenant):
+    """The tenant's quota caps CPU limits at 40 cores: a template asking 100 cannot start a member, and
+    the pool says so (condition and Event) instead of retrying in silence."""
+    template = {"agent": {"runtime": "scripted"},
+                "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "100"}}}
+    await ops.create(pool_manifest("big", tenant, 1, template))
+
+    async def refused():
+        body = await ops.get(agentsessionpool.KIND, tenant, "big")
+        conditions = {c["type"]: c for c in ((body or {}).get("status") or {}).get("conditions") or []}
+        ready = conditions.get("Ready") or {}
+        return ready if ready.get("reason") == "MemberRejected" else None
+
+    ready = await eventually(refused, timeout=60, what="the pool to report its refused member")
+    assert ready["status"] == "False" and "quota" in ready["message"], ready
+    assert await members(ops, tenant, "big") == {}
+
+    async def event():
+        async with kube.api_client() as api:
+            listing = await client.CoreV1Api(api).list_namespaced_event(
+                tenant, field_selector=f"involvedObject.kind={agentsessionpool.KIND},involvedObject.name=big")
+        return [item for item in listing.items if item.reason == "MemberRejected"]
+
+    await eventually(event, what="a MemberRejected event on the pool")

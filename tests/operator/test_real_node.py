@@ -314,6 +314,23 @@ async def test_a_real_agent_without_credentials_runs_until_it_refuses_and_the_se
     assert "ANTHROPIC_API_KEY" in ready["message"], ready
 
 
+@pytest.mark.parametrize(("runtime", "variable"), [("gemini", "GEMINI_API_KEY"), ("codex", "OPENAI_API_KEY")])
+async def test_gemini_and_codex_from_their_images_need_auth_without_a_key(real_operator, kube, ops, tenants,
+                                                                          runtime, variable):
+    """Gemini CLI and codex-acp, each from its own image (make images), with no key: the agent starts,
+    refuses to open a session without credentials, and the session reads NeedsAuth naming what to set."""
+    tenant = await tenants()
+    await ops.create(session_manifest(runtime, tenant, agent={"runtime": runtime}, **REAL_NODE_PLACEMENT))
+    async with saying_state(kube, tenant):
+        body = await session_in_phase(ops, tenant, runtime, "NeedsAuth", timeout=START_SECONDS)
+    pod = await ops.get("Pod", tenant, naming.child_name(runtime))
+    (runner,) = pod["spec"]["containers"]
+    assert runner["image"] == DEFAULTS.agent_images[runtime]
+    ready = next(c for c in body["status"]["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["reason"] == "AgentNeedsAuth", ready
+    assert variable in ready["message"], ready
+
+
 async def test_a_warm_pool_member_on_the_real_node_serves_the_session_that_claims_it(
         real_operator, kube, ops, tenants, real_node):
     """The member's containers start before any session exists; the claim re-issues the runner token and
