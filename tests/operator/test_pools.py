@@ -218,8 +218,9 @@ async def test_invalid_pools_are_rejected_at_admission(ops, namespace, spec, fie
 
 
 async def test_a_member_the_quota_refuses_is_reported_on_the_pool(operator, kube, ops, tenant):
-    """The tenant's quota caps CPU limits at 40 cores: a template asking 100 cannot start a member, and
-    the pool says so (condition and Event) instead of retrying in silence."""
+    """The tenant baseline caps a container's CPU limit (LimitRange) and the namespace's (quota): a template
+    asking 100 cores cannot start a member, and the pool says why (condition and Event) instead of
+    retrying in silence."""
     template = {"agent": {"runtime": "scripted"},
                 "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"cpu": "100"}}}
     await ops.create(pool_manifest("big", tenant, 1, template))
@@ -231,7 +232,7 @@ async def test_a_member_the_quota_refuses_is_reported_on_the_pool(operator, kube
         return ready if ready.get("reason") == "MemberRejected" else None
 
     ready = await eventually(refused, timeout=60, what="the pool to report its refused member")
-    assert ready["status"] == "False" and "quota" in ready["message"], ready
+    assert ready["status"] == "False" and "cpu" in ready["message"], ready
     assert await members(ops, tenant, "big") == {}
 
     async def event():
