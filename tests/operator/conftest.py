@@ -1,19 +1,14 @@
 """Fixtures of the operator's cluster tests: the operator process and tenant namespaces."""
 
 import contextlib
-import fnmatch
 import os
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
-from fixtures.polling import eventually
-from kubernetes_asyncio import client
 from kubernetes_asyncio.client.exceptions import ApiException
-from operator_harness import SCOPE, OperatorProcess
+from operator_harness import OperatorProcess, finalizers_released
 
-from agentbox.crds import agentsession
 from agentbox.operator.kube import Kube as OperatorKube
-from agentbox.operator.settings import FINALIZER
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
@@ -26,23 +21,6 @@ async def operator(kube, tmp_path_factory) -> AsyncIterator[OperatorProcess]:
         await finalizers_released(kube)
     finally:
         process.stop()
-
-
-async def finalizers_released(kube, seconds: float = 60) -> None:
-    """Sessions being deleted with the last tests' namespaces carry a finalizer only the operator removes:
-    stopped before it does, their namespaces would stay Terminating for good."""
-    async with kube.api_client() as api:
-        custom = client.CustomObjectsApi(api)
-
-        async def released() -> bool:
-            listing = await custom.list_cluster_custom_object(agentsession.GROUP, agentsession.VERSION,
-                                                              agentsession.PLURAL)
-            return not any(fnmatch.fnmatch(item["metadata"]["namespace"], SCOPE)  # this operator's only
-                           and item["metadata"].get("deletionTimestamp")
-                           and FINALIZER in (item["metadata"].get("finalizers") or [])
-                           for item in listing["items"])
-
-        await eventually(released, timeout=seconds, what="the operator to release deleted sessions")
 
 
 @pytest_asyncio.fixture(loop_scope="session")

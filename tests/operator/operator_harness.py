@@ -2,6 +2,7 @@
 
 import asyncio
 import contextlib
+import fnmatch
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import httpx
 
 from agentbox.crds import agentsession, mcpserver
 from agentbox.operator.kube import Kube as OperatorKube
+from agentbox.operator.settings import FINALIZER
 
 # The operator under test serves only the test namespaces, so it stays out of other suites' way.
 SCOPE = "t-op-*"
@@ -127,3 +129,24 @@ async def session_in_phase(
     except AssertionError:
         body = await ops.get(agentsession.KIND, namespace, name)
         raise AssertionError(f"{name} never became {phase}: {(body or {}).get('status')}") from None
+
+
+async def finalizers_released(kube, seconds: float = 60, scope: str = SCOPE) -> None:
+    """Sessions being deleted with the last tests' namespaces carry a finalizer only the operator removes:
+    stopped before it does, their namespaces would stay Terminating until an operator for `scope` runs
+    again (the next run's, which then spends its first minutes on them)."""
+    from fixtures.polling import eventually  # here, not at the top: see session_in_phase
+    from kubernetes_asyncio import client
+
+    async with kube.api_client() as api:
+        custom = client.CustomObjectsApi(api)
+
+        async def released() -> bool:
+            listing = await custom.list_cluster_custom_object(agentsession.GROUP, agentsession.VERSION,
+                                                              agentsession.PLURAL)
+            return not any(fnmatch.fnmatch(item["metadata"]["namespace"], scope)  # this operator's only
+                           and item["metadata"].get("deletionTimestamp")
+                           and FINALIZER in (item["metadata"].get("finalizers") or [])
+                           for item in listing["items"])
+
+        await eventually(released, timeout=seconds, what="the operator to release deleted sessions")

@@ -20,7 +20,13 @@ from fixtures.cluster import REAL_NODE_PLACEMENT, REPO, TEST_NAMESPACE_LABEL
 from fixtures.polling import eventually
 from fixtures.real_pods import IDENTITY, WORKSPACE_WRITE, restricted_identity, run_python, saying_state
 from kubernetes_asyncio.client.exceptions import ApiException
-from operator_harness import OperatorProcess, mcpserver_manifest, session_in_phase, session_manifest
+from operator_harness import (
+    OperatorProcess,
+    finalizers_released,
+    mcpserver_manifest,
+    session_in_phase,
+    session_manifest,
+)
 
 from agentbox.api.portforward import PortForwarder
 from agentbox.operator import naming
@@ -87,6 +93,7 @@ async def real_operator(kube, real_node, api_namespace, tmp_path_factory) -> Asy
     await process.wait_alive()
     try:
         yield process
+        await finalizers_released(kube, scope=SCOPE)
     finally:
         process.stop()
 
