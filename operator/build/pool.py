@@ -45,7 +45,7 @@ def is_pool_token(encoded: str | None) -> bool:
         return False
 
 
-def as_member(manifest: dict[str, Any], pool: dict[str, Any], template: str) -> dict[str, Any]:
+def owned_by_pool(manifest: dict[str, Any], pool: dict[str, Any], template: str) -> dict[str, Any]:
     """A child rebuilt as the pool's: its labels and owner, no session's."""
     meta = pool["metadata"]
     owner = {"apiVersion": agentsessionpool.API_VERSION, "kind": agentsessionpool.KIND, "name": meta["name"],

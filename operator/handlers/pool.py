@@ -29,11 +29,11 @@ from agentbox.operator.build.common import Session
 from agentbox.operator.build.pod import template_hash
 from agentbox.operator.build.pool import (
     MEMBER_KINDS,
-    as_member,
     handover,
     is_pool_token,
     member_name,
     member_session,
+    owned_by_pool,
     pool_token,
 )
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
@@ -77,6 +77,10 @@ def _ready(pod: dict[str, Any]) -> bool:
     (the agent accepts messages) comes after the handover."""
     running = (pod.get("status") or {}).get("phase") == "Running"
     return running and not pod["metadata"].get("deletionTimestamp")
+
+
+def _of_template(pod: dict[str, Any], wanted: str) -> bool:
+    return (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
 
 
 def _dead(pod: dict[str, Any]) -> bool:
@@ -147,8 +151,8 @@ class PoolWorker:
         wanted = template_hash(rendering.pod(model, children), children["ConfigMap"], children["Secret"])
         members = _members[self.key]
         current = {name: pod for name, pod in members.unclaimed.items()
-                   if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
-                   and not _dead(pod) and not pod["metadata"].get("deletionTimestamp")}
+                   if _of_template(pod, wanted) and not _dead(pod)
+                   and not pod["metadata"].get("deletionTimestamp")}
         stale = [pod for name, pod in members.unclaimed.items() if name not in current
                  and not pod["metadata"].get("deletionTimestamp")]
         surplus = sorted(current.values(), key=lambda pod: (_ready(pod), pod["metadata"]["name"]))[
@@ -202,8 +206,7 @@ class PoolWorker:
         """Wait while sessions are claiming members and more than `low_water` members are ready."""
         def ready() -> int:
             return sum(1 for pod in _members[self.key].unclaimed.values()
-                       if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
-                       and _ready(pod))
+                       if _of_template(pod, wanted) and _ready(pod))
 
         # A poll: what ends the wait (time passing, a member claimed) has no one event to wait on.
         while time.monotonic() - _last_claim < CLAIMS_QUIET_SECONDS and ready() > low_water:  # noqa: ASYNC110
@@ -215,8 +218,8 @@ class PoolWorker:
         name = member_name(pool["metadata"]["name"])
         session = member_session(pool, spec.template, name, self._org)
         children = rendering.children(session, pool_token())
-        pod = as_member(rendering.pod(session, children), pool, wanted)
-        members = [as_member(children[kind], pool, wanted) for kind in MEMBER_KINDS[:-1]]
+        pod = owned_by_pool(rendering.pod(session, children), pool, wanted)
+        members = [owned_by_pool(children[kind], pool, wanted) for kind in MEMBER_KINDS[:-1]]
         # Applied, not created: the session that claims the member applies its own versions with the same
         # field manager, and the pool's labels and owner go with that apply.
         await asyncio.gather(*(self.kube.apply(manifest) for manifest in members))
@@ -343,8 +346,8 @@ def _next_candidate(namespace: str, wanted: str) -> tuple[str, dict[str, Any]] |
     label value, its pod)."""
     found = [(key[1], pod) for key, members in _members.items() if key[0] == namespace and key in _pools
              for pod in members.unclaimed.values()
-             if (pod["metadata"].get("labels") or {}).get(naming.TEMPLATE_HASH_LABEL) == wanted
-             and _ready(pod) and (namespace, pod["metadata"]["name"]) not in _claiming]
+             if _of_template(pod, wanted) and _ready(pod)
+             and (namespace, pod["metadata"]["name"]) not in _claiming]
     return min(found, key=lambda item: item[1]["metadata"].get("creationTimestamp") or "", default=None)
 
 

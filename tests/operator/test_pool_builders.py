@@ -8,11 +8,11 @@ from agentbox.operator.build.common import Session
 from agentbox.operator.build.pod import template_hash
 from agentbox.operator.build.pool import (
     MEMBER_KINDS,
-    as_member,
     handover,
     is_pool_token,
     member_name,
     member_session,
+    owned_by_pool,
     pool_token,
 )
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
@@ -72,8 +72,8 @@ def test_a_member_belongs_to_its_pool_and_to_no_session():
     name = member_name("claude-warm")
     member = member_session(POOL, SandboxTemplate.model_validate(TEMPLATE), name, "acme")
     children = render.children(member, pool_token())
-    manifests = [as_member(children[kind], POOL, "h1") for kind in MEMBER_KINDS[:-1]]
-    manifests.append(as_member(render.pod(member, children), POOL, "h1"))
+    manifests = [owned_by_pool(children[kind], POOL, "h1") for kind in MEMBER_KINDS[:-1]]
+    manifests.append(owned_by_pool(render.pod(member, children), POOL, "h1"))
     for manifest in manifests:
         meta = manifest["metadata"]
         assert meta["name"] == name and name.startswith("claude-warm-")
