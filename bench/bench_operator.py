@@ -373,7 +373,7 @@ async def pool_ready(ops: Kube, namespace: str, name: str, replicas: int, second
 
 
 async def warm_against_cold(api: client.ApiClient, ops: Kube, namespace: str, sessions: int,
-                            rates: list[float]) -> dict[str, Any]:
+                            rates: list[float], cpu: ClusterCpu) -> dict[str, Any]:
     """At each rate: `sessions` sessions claiming members of a full pool (warm), then as many of a
     template no pool serves (cold), on the same cluster in the same run; each series' sessions are deleted,
     and the pool refilled, before the next."""
@@ -390,13 +390,20 @@ async def warm_against_cold(api: client.ApiClient, ops: Kube, namespace: str, se
             names = [f"{series[0]}{int(rate)}-{index:03d}" for index in range(sessions)]
             agent = {"runtime": "scripted"} if series == "warm" else {"runtime": "scripted", "args": ["cold"]}
             log(f"{series}: {sessions} sessions at {rate}/s")
+            cpu.start()
+            requests_before = await apiserver_requests(api)
             created = await create_paced(ops, namespace, names, rate, lambda name, agent=agent: [
                 session_manifest(name, namespace, resources=TINY, agent=agent)])
             await running.wait_for(names, seconds=300)
             running.task.cancel()
+            # Until the last session runs, refill included: what the claims and the pool's upkeep cost.
+            load = cpu.stop(sessions)
             results[f"{series}_{rate:g}_per_second"] = {
                 "create_to_running_ms": latency_ms(created, running.running_at),
-                "claimed_from_pool": len(running.warm & set(names))}
+                "claimed_from_pool": len(running.warm & set(names)),
+                "apiserver_requests_per_session": per_session(requests_before, await apiserver_requests(api),
+                                                              sessions),
+                "cluster_cpu": load}
             await asyncio.gather(*(ops.delete(agentsession.KIND, namespace, name) for name in names))
     return results
 
@@ -438,7 +445,8 @@ async def main(argv: list[str] | None = None) -> int:
             await operator.wait_alive()
             assert operator.process is not None
             if args.warm:
-                series = await warm_against_cold(api, ops, namespace, args.sessions, args.warm_rates)
+                cpu = ClusterCpu(kubeconfig, {"operator": operator.process.pid, "benchmark": os.getpid()})
+                series = await warm_against_cold(api, ops, namespace, args.sessions, args.warm_rates, cpu)
                 print(json.dumps({"benchmark": "operator-warm-pool", "sessions": args.sessions, **series,
                                   "targets": {"warm_p50_ms": 150, "warm_p99_ms": 400},
                                   "operator_log": f"{workdir}/operator.log"}, indent=2))
