@@ -31,6 +31,7 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "StorageClass": ("/apis/storage.k8s.io/v1", "storageclasses", False),
     "ClusterKopfPeering": ("/apis/kopf.dev/v1", "clusterkopfpeerings", False),
+    "KopfPeering": ("/apis/kopf.dev/v1", "kopfpeerings", True),
     agentsession.KIND: (f"/apis/{agentsession.API_VERSION}", agentsession.PLURAL, True),
     mcpserver.KIND: (f"/apis/{mcpserver.API_VERSION}", mcpserver.PLURAL, True),
     agentsessionpool.KIND: (f"/apis/{agentsessionpool.API_VERSION}", agentsessionpool.PLURAL, True),
@@ -162,8 +163,12 @@ class Kube:
             raise
 
     async def list(self, kind: str, namespace: str | None, label_selector: str = "") -> list[dict[str, Any]]:
+        return (await self.listing(kind, namespace, label_selector)).get("items") or []
+
+    async def listing(self, kind: str, namespace: str | None, label_selector: str = "") -> dict[str, Any]:
+        """The list as the apiserver returns it: its metadata.resourceVersion tells how fresh it is."""
         query = [("labelSelector", label_selector)] if label_selector else []
-        return (await self._call("GET", resource_path(kind, namespace), query=query)).get("items") or []
+        return await self._call("GET", resource_path(kind, namespace), query=query)
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply as the operator's field manager (force: the ownership check came first)."""

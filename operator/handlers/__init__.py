@@ -12,6 +12,7 @@ import kopf
 from agentbox.operator import metrics
 from agentbox.operator.handlers import mcpserver, pool, session, tenant
 from agentbox.operator.kube import CONNECTIONS, Kube
+from agentbox.operator.leadership import Leadership
 from agentbox.operator.settings import OperatorSettings, configure_kopf
 
 __all__ = ["mcpserver", "pool", "session", "tenant"]
@@ -23,8 +24,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     configure_kopf(settings, memo.settings)
     memo.handled = settings.persistence.diffbase_storage  # forgotten object by object as they are deleted
     memo.kube = await Kube.connect()
+    memo.leadership = Leadership(memo.kube, None if settings.peering.standalone else settings.peering.name,
+                                 settings.peering.priority, settings.peering.clusterwide)
     metrics.serve(memo.settings.metrics_host, memo.settings.metrics_port)
-    memo.credential_watch = asyncio.create_task(mcpserver.watch_credentials(memo.kube, memo.settings))
+    memo.credential_watch = asyncio.create_task(mcpserver.watch_credentials(memo.kube, memo.settings,
+                                                                                memo.leadership))
     if not settings.peering.standalone and settings.peering.clusterwide:
         await ensure_peering(memo.kube, settings.peering.name)
 

@@ -22,6 +22,7 @@ from agentbox.operator.build import mcp
 from agentbox.operator.handlers.session import provider_key_secrets, reconcile
 from agentbox.operator.kube import Kube
 from agentbox.operator.later import Later
+from agentbox.operator.leadership import Leadership
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
 
@@ -218,9 +219,10 @@ async def credentials_changed(kube: Kube, settings: OperatorSettings, namespace:
             await check(kube, _servers[(namespace, server)], settings)
 
 
-async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
+async def watch_credentials(kube: Kube, settings: OperatorSettings, leadership: Leadership) -> None:
     """Re-read every Secret an MCPServer or a session's provider key references each secret_check_seconds;
-    act on changed data (a session's pod rolls: its config hash covers the key it copied).
+    act on changed data (a session's pod rolls: its config hash covers the key it copied). A replica that
+    peering pauses skips the namespaces it may not act in (a Secret seen again after that counts as changed).
 
     Polling with `get` rather than a Secret watch: a watch needs list/watch on every Secret of the
     cluster, which the chart does not grant (least privilege); the referenced Secrets are few."""
@@ -242,7 +244,7 @@ async def watch_credentials(kube: Kube, settings: OperatorSettings) -> None:
         first_pass = False
         try:
             wanted, keyed = referenced_secrets(), provider_key_secrets()
-            keys = list({*wanted, *keyed})
+            keys = [key for key in {*wanted, *keyed} if await leadership.active(key[0])]
             found = dict(zip(keys, await asyncio.gather(*(read(key) for key in keys)), strict=True))
             for key, digest in found.items():
                 if (key in digests and digests[key] != digest) or (started and key not in digests):

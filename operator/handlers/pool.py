@@ -38,6 +38,7 @@ from agentbox.operator.build.pool import (
 )
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 from agentbox.operator.kube import Kube, api_message, resource_version
+from agentbox.operator.leadership import Leadership
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
 from agentbox.operator.status import format_time
@@ -53,6 +54,12 @@ CLAIMS_QUIET_SECONDS = 2.0
 PACE_BESIDE_CLAIMS = 0.5
 PACE_POLL_SECONDS = 0.1
 RESYNC_SECONDS = 30.0  # a worker looks again this often with no event (a lost watch event, a refused create)
+# A worker lists its members afresh this often (and when it starts or resumes after a pause): the index
+# heals from missed watch events, and a member's children whose pod never came (the operator died between
+# them) or went (someone deleted it) are deleted once they are older than ORPHAN_GRACE_SECONDS (a member's
+# pod follows its children within a second or two).
+SURVEY_SECONDS = 60.0
+ORPHAN_GRACE_SECONDS = 10.0
 RETRY_SECONDS = 5.0
 # A pass waits this long after the event that woke it: a burst of claims and of members' pod events (a
 # pod's start is several) makes one pass and one status write, not one each.
@@ -71,6 +78,11 @@ class Members:
 _members: defaultdict[tuple[str, str], Members] = defaultdict(Members)
 _pools: dict[tuple[str, str], dict[str, Any]] = {}  # (namespace, label value) -> newest pool body
 _workers: dict[tuple[str, str], "PoolWorker"] = {}
+
+
+def _age(body: dict[str, Any], now: datetime) -> float:
+    created = body["metadata"].get("creationTimestamp")
+    return (now - datetime.fromisoformat(created)).total_seconds() if created else 0.0
 
 
 def _ready(pod: dict[str, Any]) -> bool:
@@ -93,10 +105,11 @@ def _key(pool: dict[str, Any]) -> tuple[str, str]:
 
 
 class PoolWorker:
-    def __init__(self, kube: Kube, settings: OperatorSettings, key: tuple[str, str]) -> None:
-        self.kube, self.settings, self.key = kube, settings, key
+    def __init__(self, kube: Kube, settings: OperatorSettings, leadership: Leadership,
+                 key: tuple[str, str]) -> None:
+        self.kube, self.settings, self.leadership, self.key = kube, settings, leadership, key
         self._wake = asyncio.Event()
-        self._seeded = False
+        self._next_survey = 0.0  # time.monotonic() when the members are listed next
         self._org: str | None = None
         self._last_start = 0.0  # time.monotonic() of the latest member start
         self.task = asyncio.create_task(self._run(), name=f"pool-{key[0]}-{key[1]}")
@@ -115,6 +128,9 @@ class PoolWorker:
             if pool is None:
                 return
             try:
+                if not await self.leadership.active(self.key[0]):
+                    self._next_survey = 0.0  # kopf's watch missed what happened meanwhile
+                    continue
                 async with metrics.reconciling("agentsessionpool"):
                     await self._reconcile(pool)
             except asyncio.CancelledError:
@@ -125,21 +141,58 @@ class PoolWorker:
                 await asyncio.sleep(RETRY_SECONDS)
                 self._wake.set()
 
-    async def _seed(self, pool: dict[str, Any]) -> None:
-        """Members that exist already (an operator restart): read once, before the watch has told us."""
-        namespace = pool["metadata"]["namespace"]
-        found = await self.kube.list("Pod", namespace, f"{naming.POOL_LABEL}={self.key[1]}")
-        known = _members[self.key].unclaimed
-        for pod in found:
-            known.setdefault(pod["metadata"]["name"], pod)
-        namespace_body = await self.kube.get("Namespace", None, namespace) or {}
-        labels = (namespace_body.get("metadata") or {}).get("labels") or {}
-        self._org = labels.get(naming.TENANT_LABEL) or namespace.removeprefix("tenant-")
-        self._seeded = True
+    async def _survey(self) -> None:
+        """List the pool's pods afresh into the index, and delete the children of members with no pod."""
+        namespace, label = self.key
+        listing = await self.kube.listing("Pod", namespace, f"{naming.MANAGED_BY}={naming.MANAGER}")
+        pods = listing.get("items") or []
+        listed_at = resource_version(listing)
+        members = _members[self.key]
+        # What the watch told of after the list was taken stays; what the list no longer has is gone.
+        members.unclaimed = {name: pod for name, pod in members.unclaimed.items()
+                             if resource_version(pod) > listed_at}
+        members.claimed = set()
+        for pod in pods:
+            labels = pod["metadata"].get("labels") or {}
+            if labels.get(naming.POOL_LABEL) == label:
+                members.unclaimed.setdefault(pod["metadata"]["name"], pod)
+            elif labels.get(naming.CLAIMED_FROM_LABEL) == label:
+                members.claimed.add(pod["metadata"]["name"])
+        pod_names = {pod["metadata"]["name"] for pod in pods}
+        # A member's claim is made before its ConfigMap and Secret (_start_member): a claim with no pod
+        # finds every orphan, with no need to list Secrets (the operator may not).
+        workspaces = await self.kube.list("PersistentVolumeClaim", namespace, f"{naming.POOL_LABEL}={label}")
+        now = datetime.now(UTC)
+        podless = [(workspace["metadata"], _age(workspace, now)) for workspace in workspaces
+                   if workspace["metadata"]["name"] not in pod_names]
+        await asyncio.gather(*(self._delete_orphan(meta) for meta, age in podless
+                               if age > ORPHAN_GRACE_SECONDS))
+        # One too young to tell is looked at again once it is not.
+        again = min([SURVEY_SECONDS, *(ORPHAN_GRACE_SECONDS - age + 1 for _, age in podless
+                                       if age <= ORPHAN_GRACE_SECONDS)])
+        if self._org is None:
+            namespace_body = await self.kube.get("Namespace", None, namespace) or {}
+            labels = (namespace_body.get("metadata") or {}).get("labels") or {}
+            self._org = labels.get(naming.TENANT_LABEL) or namespace.removeprefix("tenant-")
+        self._next_survey = time.monotonic() + again
+        if again < SURVEY_SECONDS:
+            self._wake_later(again)
+
+    async def _delete_orphan(self, workspace: dict[str, Any]) -> None:
+        """Delete the children of a member whose pod never came or went (`workspace`: its claim's
+        metadata): the claim, and its ConfigMap and Secret while they are still the pool's."""
+        namespace, label = self.key
+        name = workspace["name"]
+        log.info("pool %s/%s: deleting the children of member %s, which has no pod", namespace, label, name)
+        for kind in ("ConfigMap", "Secret"):
+            meta = ((await self.kube.get(kind, namespace, name)) or {}).get("metadata") or {}
+            if (meta.get("labels") or {}).get(naming.POOL_LABEL) == label:
+                await self.kube.delete(kind, namespace, name, uid=meta["uid"])
+        await self.kube.delete("PersistentVolumeClaim", namespace, name, uid=workspace["uid"])
 
     async def _reconcile(self, pool: dict[str, Any]) -> None:
-        if not self._seeded:
-            await self._seed(pool)
+        if time.monotonic() >= self._next_survey:
+            await self._survey()
         try:
             spec = AgentSessionPoolSpec.model_validate(pool.get("spec") or {})
         except ValidationError as error:  # admission rejects this; an older CRD might not have
@@ -190,7 +243,7 @@ class PoolWorker:
         async def one() -> None:
             async with gate:
                 await self._pace(wanted)
-                if refusals:
+                if refusals or not await self.leadership.active(self.key[0]):
                     return
                 try:
                     await self._start_member(pool, spec, rendering, wanted)
@@ -224,10 +277,13 @@ class PoolWorker:
         session = member_session(pool, spec.template, name, self._org)
         children = rendering.children(session, pool_token())
         pod = owned_by_pool(rendering.pod(session, children), pool, wanted)
-        members = [owned_by_pool(children[kind], pool, wanted) for kind in MEMBER_KINDS[:-1]]
+        workspace, *configuration = (owned_by_pool(children[kind], pool, wanted)
+                                     for kind in ("PersistentVolumeClaim", "ConfigMap", "Secret"))
         # Applied, not created: the session that claims the member applies its own versions with the same
-        # field manager, and the pool's labels and owner go with that apply.
-        await asyncio.gather(*(self.kube.apply(manifest) for manifest in members))
+        # field manager, and the pool's labels and owner go with that apply. The claim comes first: a
+        # survey finds a member that never got its pod by its claim.
+        await self.kube.apply(workspace)
+        await asyncio.gather(*(self.kube.apply(manifest) for manifest in configuration))
         created = await self.kube.create(pod)
         if created is not None:
             _remember(created)
@@ -322,7 +378,7 @@ async def pool_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _pools[key] = pool
     worker = _workers.get(key)
     if worker is None or worker.task.done():
-        worker = _workers[key] = PoolWorker(memo.kube, memo.settings, key)
+        worker = _workers[key] = PoolWorker(memo.kube, memo.settings, memo.leadership, key)
     worker.wake()
 
 

@@ -14,6 +14,7 @@ from agentbox.crds import agentsession, agentsessionpool
 from agentbox.operator import naming
 from agentbox.operator.build.pool import is_pool_token
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
+from agentbox.operator.handlers import pool
 
 pytestmark = pytest.mark.cluster
 TEMPLATE = {"agent": {"runtime": "scripted"}}
@@ -242,3 +243,51 @@ async def test_a_member_the_quota_refuses_is_reported_on_the_pool(operator, kube
         return [item for item in listing.items if item.reason == "MemberRejected"]
 
     await eventually(event, what="a MemberRejected event on the pool")
+
+
+def _stray_of(child: dict, name: str) -> dict:
+    """A copy of a member's child under another name: what a start leaves when the operator dies before
+    the member's pod."""
+    meta = child["metadata"]
+    manifest = {key: value for key, value in child.items() if key not in ("metadata", "status")}
+    manifest["metadata"] = {"name": name, "namespace": meta["namespace"], "labels": meta["labels"],
+                            "ownerReferences": meta["ownerReferences"]}
+    if child["kind"] == "PersistentVolumeClaim":
+        manifest["spec"] = {key: value for key, value in child["spec"].items() if key != "volumeName"}
+    return manifest
+
+
+async def test_children_of_a_member_with_no_pod_are_deleted(operator, ops, tenant):
+    """The operator died between a member's children and its pod, and someone deleted another member's pod
+    while it was down: once restarted, the pool deletes both members' children and starts replacements."""
+    await ops.create(pool_manifest("warm", tenant, 2))
+    await pool_status(ops, tenant, "warm", ready=2, replicas=2)
+    kept, lost = sorted(await members(ops, tenant, "warm"))
+    operator.kill()
+    try:
+        stray = f"{lost}-stray"
+        for kind in ("PersistentVolumeClaim", "ConfigMap", "Secret"):
+            child = await ops.get(kind, tenant, lost)
+            child["kind"] = kind
+            await ops.create(_stray_of(child, stray))
+        await ops.delete("Pod", tenant, lost)
+        await asyncio.sleep(pool.ORPHAN_GRACE_SECONDS)  # no younger than the grace a start is given
+    finally:
+        operator.start()
+        await operator.wait_alive()
+
+    async def gone():
+        left = [(kind, name) for kind in ("PersistentVolumeClaim", "ConfigMap", "Secret")
+                for name in (stray, lost) if await _present(ops, kind, tenant, name)]
+        return not left or None
+
+    await eventually(gone, timeout=60, what="the podless members' children to go")
+    for kind in ("Pod", "PersistentVolumeClaim", "ConfigMap", "Secret"):
+        assert await _present(ops, kind, tenant, kept), f"{kind} {kept} of a member with its pod"
+    await pool_status(ops, tenant, "warm", ready=2, replicas=2)
+    assert kept in await members(ops, tenant, "warm")
+
+
+async def _present(ops, kind: str, namespace: str, name: str) -> bool:
+    body = await ops.get(kind, namespace, name)
+    return body is not None and not body["metadata"].get("deletionTimestamp")
