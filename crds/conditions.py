@@ -87,5 +87,8 @@ class Reason(StrEnum):
     MEMBERS_READY = "MembersReady"
     MEMBERS_STARTING = "MembersStarting"
     MEMBER_REJECTED = "MemberRejected"  # the apiserver refused a member (quota, admission)
+    # ClusterAgentSessionPool Ready (and NameConflict: a namespace has a pool of that name of its own)
+    POOLS_READY = "PoolsReady"
+    POOLS_STARTING = "PoolsStarting"
     # AgentSession events
     POOL_MEMBER_CLAIMED = "PoolMemberClaimed"

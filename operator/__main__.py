@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     priority = start_priority() if args.priority is None else args.priority
     kopf.run(standalone=args.standalone, priority=priority,
              peering_name=None if args.standalone else args.peering,
-             liveness_endpoint=args.liveness, clusterwide=not args.namespace, namespaces=args.namespace)
+             liveness_endpoint=args.liveness, clusterwide=not args.namespace, namespaces=args.namespace,
+             memo=kopf.Memo(namespaces=args.namespace))  # the cluster pools keep pools where it serves
     return 0
 
 

@@ -13,7 +13,7 @@ import kubernetes_asyncio.client
 import kubernetes_asyncio.config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from agentbox.crds import agentsession, agentsessionpool, mcpserver
+from agentbox.crds import agentsession, agentsessionpool, clusteragentsessionpool, mcpserver
 from agentbox.operator import naming
 from agentbox.operator.settings import FIELD_MANAGER
 
@@ -35,6 +35,8 @@ RESOURCES: dict[str, tuple[str, str, bool]] = {
     agentsession.KIND: (f"/apis/{agentsession.API_VERSION}", agentsession.PLURAL, True),
     mcpserver.KIND: (f"/apis/{mcpserver.API_VERSION}", mcpserver.PLURAL, True),
     agentsessionpool.KIND: (f"/apis/{agentsessionpool.API_VERSION}", agentsessionpool.PLURAL, True),
+    clusteragentsessionpool.KIND: (f"/apis/{clusteragentsessionpool.API_VERSION}",
+                                   clusteragentsessionpool.PLURAL, False),
 }
 OBJECT = {200: "object", 201: "object"}
 # Connections per client (ours and kopf's): measured no slower than 100 at 20 sessions/s, and each TLS
@@ -44,7 +46,8 @@ CONNECTIONS = 16
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
     prefix, plural, namespaced = RESOURCES[kind]
-    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespaced else f"{prefix}/{plural}"
+    # A namespaced kind without a namespace: every namespace's (a list).
+    path = f"{prefix}/namespaces/{namespace}/{plural}" if namespaced and namespace else f"{prefix}/{plural}"
     if name:
         path += f"/{name}"
     if sub:

@@ -28,6 +28,8 @@ ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
 # On a pod claimed from a pool: when its Secret and ConfigMap became the session's.
 CLAIMED_AT_ANNOTATION = "agentbox.dev/claimed-at"
+# On an AgentSessionPool a ClusterAgentSessionPool keeps: that pool's name.
+CLUSTER_POOL_LABEL = "agentbox.dev/cluster-pool"
 
 __all__ = ["CLAIMED_FROM_LABEL", "HASH_LENGTH", "LAST_ACTIVITY_ANNOTATION", "MANAGED_BY", "MANAGER",
            "MAX_NAME", "ORG_LABEL", "POOL_LABEL", "POOL_MEMBER_ANNOTATION", "POOL_TOKEN_PREFIX",

@@ -5,8 +5,9 @@ import base64
 import secrets
 from typing import Any
 
-from agentbox.crds import agentsessionpool
+from agentbox.crds import agentsessionpool, clusteragentsessionpool
 from agentbox.crds.agentsession import AgentSessionSpec, SandboxTemplate
+from agentbox.crds.clusteragentsessionpool import ClusterAgentSessionPoolSpec, NamespaceSelector
 from agentbox.operator import naming
 from agentbox.operator.build.common import Session
 
@@ -70,3 +71,29 @@ def handover(session: Session, pool_name: str, desired_pod: dict[str, Any],
     if resource_version is not None:
         meta["resourceVersion"] = resource_version
     return {"metadata": meta}
+
+
+def namespace_selector(selector: NamespaceSelector) -> str:
+    """The tenant namespaces a ClusterAgentSessionPool selects, as a labelSelector query: the tenant label
+    and the pool's requirements."""
+    terms = [naming.TENANT_LABEL, *(f"{key}={value}" for key, value in sorted(selector.match_labels.items()))]
+    for requirement in selector.match_expressions:
+        key, values = requirement.key, ",".join(requirement.values)
+        terms.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key,
+                      "DoesNotExist": f"!{key}"}[requirement.operator])
+    return ",".join(terms)
+
+
+def kept_pool(cluster_pool: dict[str, Any], spec: ClusterAgentSessionPoolSpec,
+              namespace: str) -> dict[str, Any]:
+    """The AgentSessionPool a ClusterAgentSessionPool keeps in one tenant namespace: its name, replicas and
+    template, owned by it."""
+    meta = cluster_pool["metadata"]
+    owner = {"apiVersion": clusteragentsessionpool.API_VERSION, "kind": clusteragentsessionpool.KIND,
+             "name": meta["name"], "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {"apiVersion": agentsessionpool.API_VERSION, "kind": agentsessionpool.KIND,
+            "metadata": {"name": meta["name"], "namespace": namespace, "ownerReferences": [owner],
+                         "labels": {naming.MANAGED_BY: naming.MANAGER,
+                                    naming.CLUSTER_POOL_LABEL: naming.label_value(meta["name"])}},
+            "spec": {"replicas": spec.replicas,
+                     "template": spec.template.model_dump(by_alias=True, exclude_none=True)}}

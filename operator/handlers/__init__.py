@@ -10,12 +10,12 @@ import aiohttp
 import kopf
 
 from agentbox.operator import metrics
-from agentbox.operator.handlers import mcpserver, pool, session, tenant
+from agentbox.operator.handlers import cluster_pool, mcpserver, pool, session, tenant
 from agentbox.operator.kube import CONNECTIONS, Kube
 from agentbox.operator.leadership import Leadership
 from agentbox.operator.settings import OperatorSettings, configure_kopf
 
-__all__ = ["mcpserver", "pool", "session", "tenant"]
+__all__ = ["cluster_pool", "mcpserver", "pool", "session", "tenant"]
 
 
 @kopf.on.startup()

@@ -64,6 +64,7 @@ RETRY_SECONDS = 5.0
 # A pass waits this long after the event that woke it: a burst of claims and of members' pod events (a
 # pod's start is several) makes one pass and one status write, not one each.
 COALESCE_SECONDS = 0.1
+STARTING = (Reason.MEMBERS_STARTING, Reason.POOLS_STARTING)
 CLAIM_ATTEMPTS = 3  # ready members tried before a session starts cold (each lost race costs one patch)
 
 
@@ -196,7 +197,7 @@ class PoolWorker:
         try:
             spec = AgentSessionPoolSpec.model_validate(pool.get("spec") or {})
         except ValidationError as error:  # admission rejects this; an older CRD might not have
-            await self._write_status(pool, {"conditions": [_ready_condition(
+            await self._write_status(pool, {"conditions": [ready_condition(
                 pool, False, Reason.INVALID_SPEC, str(error)[:1000])]})
             return
         assert self._org is not None
@@ -222,13 +223,13 @@ class PoolWorker:
         ready = sum(1 for pod in current.values() if _ready(pod))
         metrics.POOL_READY.labels(namespace=self.key[0], pool=pool["metadata"]["name"]).set(ready)
         if rendering.key_missing:
-            condition = _ready_condition(pool, False, Reason.PROVIDER_KEY_NOT_FOUND, rendering.key_missing)
+            condition = ready_condition(pool, False, Reason.PROVIDER_KEY_NOT_FOUND, rendering.key_missing)
         elif rejected:
-            condition = _ready_condition(pool, False, Reason.MEMBER_REJECTED, rejected)
+            condition = ready_condition(pool, False, Reason.MEMBER_REJECTED, rejected)
         elif ready >= spec.replicas:
-            condition = _ready_condition(pool, True, Reason.MEMBERS_READY, f"{ready} members ready")
+            condition = ready_condition(pool, True, Reason.MEMBERS_READY, f"{ready} members ready")
         else:
-            condition = _ready_condition(pool, False, Reason.MEMBERS_STARTING,
+            condition = ready_condition(pool, False, Reason.MEMBERS_STARTING,
                                          f"{ready} of {spec.replicas} members ready")
         await self._write_status(pool, {
             "replicas": len(current), "ready": ready, "claimed": len(members.claimed), "templateHash": wanted,
@@ -298,27 +299,33 @@ class PoolWorker:
         asyncio.get_running_loop().call_later(delay, self.wake)
 
     async def _write_status(self, pool: dict[str, Any], status: dict[str, Any]) -> None:
-        previous = pool.get("status") or {}
-        conditions = status.get("conditions") or []
-        before = {c["type"]: c for c in previous.get("conditions") or []}
-        for condition in conditions:  # keep the transition time of a condition that did not change
-            old = before.get(condition["type"]) or {}
-            if old.get("status") == condition["status"]:
-                condition["lastTransitionTime"] = old.get("lastTransitionTime")
-            if old.get("reason") != condition["reason"] and condition["reason"] != Reason.MEMBERS_STARTING:
-                post = kopf.info if condition["status"] == ConditionStatus.TRUE else kopf.warn
-                post(pool, reason=condition["reason"], message=condition["message"])
-        if all(previous.get(key) == value for key, value in status.items()):
-            return
-        meta = pool["metadata"]
-        written = await self.kube.merge_patch(agentsessionpool.KIND, meta["namespace"], meta["name"],
-                                              {"status": status}, sub="status")
+        written = await write_status(self.kube, pool, status)
         known = _pools.get(self.key)
         if written is not None and (known is None or resource_version(written) >= resource_version(known)):
             _pools[self.key] = written
 
 
-def _ready_condition(pool: dict[str, Any], ready: bool, reason: Reason, message: str) -> dict[str, Any]:
+async def write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any] | None:
+    """Write a pool's status unless it says what it says already: the object as written, or None. A Ready
+    condition's transition time is kept while its status holds, and a new reason posts an Event (but
+    members or pools starting, which follows every claim)."""
+    previous = body.get("status") or {}
+    before = {c["type"]: c for c in previous.get("conditions") or []}
+    for condition in status.get("conditions") or []:
+        old = before.get(condition["type"]) or {}
+        if old.get("status") == condition["status"]:
+            condition["lastTransitionTime"] = old.get("lastTransitionTime")
+        if old.get("reason") != condition["reason"] and condition["reason"] not in STARTING:
+            post = kopf.info if condition["status"] == ConditionStatus.TRUE else kopf.warn
+            post(body, reason=condition["reason"], message=condition["message"])
+    if all(previous.get(key) == value for key, value in status.items()):
+        return None
+    meta = body["metadata"]
+    return await kube.merge_patch(body["kind"], meta.get("namespace"), meta["name"], {"status": status},
+                                  sub="status")
+
+
+def ready_condition(pool: dict[str, Any], ready: bool, reason: Reason, message: str) -> dict[str, Any]:
     return {"type": "Ready", "status": str(ConditionStatus.TRUE if ready else ConditionStatus.FALSE),
             "reason": str(reason), "message": message,
             "observedGeneration": pool["metadata"].get("generation"),

@@ -67,6 +67,7 @@ async def test_template_renders_restricted_pods_and_rbac_without_wildcards(kube)
                      ("CustomResourceDefinition", "agentsessions.agentbox.dev"),
                      ("CustomResourceDefinition", "mcpservers.agentbox.dev"),
                      ("CustomResourceDefinition", "agentsessionpools.agentbox.dev"),
+                     ("CustomResourceDefinition", "clusteragentsessionpools.agentbox.dev"),
                      ("CustomResourceDefinition", "clusterkopfpeerings.kopf.dev")]:
         assert expected in kinds
     operator = next(o for o in objects if o["kind"] == "Deployment" and "operator" in o["metadata"]["name"])

@@ -3,6 +3,7 @@ never shared, never returned, refilled at once."""
 
 import asyncio
 import os
+import random
 
 import pytest
 from fixtures.polling import eventually
@@ -291,3 +292,53 @@ async def test_children_of_a_member_with_no_pod_are_deleted(operator, ops, tenan
 async def _present(ops, kind: str, namespace: str, name: str) -> bool:
     body = await ops.get(kind, namespace, name)
     return body is not None and not body["metadata"].get("deletionTimestamp")
+
+
+async def test_sigkill_during_claims_converges(operator, ops, tenant):
+    """The operator SIGKILLed at random points while 20 sessions claim from a pool of 5: every session
+    runs in a pod of its own, the pool is back to 5 unclaimed members, and no member's children outlive
+    its pod."""
+    rng = random.Random(1405)
+    small = {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"cpu": "50m", "memory": "64Mi"}}
+    template = {**TEMPLATE, "resources": small}  # 25 pods within the tenant's default quota
+    await ops.create(pool_manifest("warm", tenant, 5, template))
+    await pool_status(ops, tenant, "warm", ready=5)
+    names = [f"claim-{index:02d}" for index in range(20)]
+
+    async def create_all():
+        for name in names:
+            await ops.create(session_manifest(name, tenant, **template))
+            await asyncio.sleep(rng.uniform(0, 0.2))
+
+    creating = asyncio.create_task(create_all())
+    kills = 0
+    while not creating.done() or kills < 3:
+        await asyncio.sleep(rng.uniform(0.2, 1.0))
+        operator.kill()
+        kills += 1
+        await asyncio.sleep(rng.uniform(0, 0.3))
+        operator.start()
+        await operator.wait_alive()
+    await creating
+
+    bodies = [await session_in_phase(ops, tenant, name, "Running", timeout=120) for name in names]
+    pods = [body["status"]["podName"] for body in bodies]
+    assert len(set(pods)) == len(pods), pods
+    assert any(body["status"].get("poolMember") for body in bodies)
+    for body in bodies:
+        pod = await ops.get("Pod", tenant, body["status"]["podName"])
+        assert [ref["uid"] for ref in pod["metadata"]["ownerReferences"]] == [body["metadata"]["uid"]]
+        assert naming.POOL_LABEL not in pod["metadata"]["labels"]
+
+    async def settled():
+        unclaimed = await members(ops, tenant, "warm")
+        children = {kind: {item["metadata"]["name"] for item in await ops.list(
+            kind, tenant, f"{naming.POOL_LABEL}=warm") if not item["metadata"].get("deletionTimestamp")}
+            for kind in ("PersistentVolumeClaim", "ConfigMap", "Secret")}
+        return (len(unclaimed) == 5 and all(names == set(unclaimed) for names in children.values())) or None
+
+    try:
+        await eventually(settled, timeout=90, interval=1, what="5 unclaimed members, each with its children")
+    except AssertionError as failure:
+        raise AssertionError(f"{failure} (the operator's log: {operator.log_path})") from None
+    await pool_status(ops, tenant, "warm", ready=5, replicas=5)
