@@ -80,16 +80,17 @@ class ClusterPoolWorker:
         try:
             spec = ClusterAgentSessionPoolSpec.model_validate(body.get("spec") or {})
         except ValidationError as error:  # admission rejects this; an older CRD might not have
-            await self._write_status(body, {"conditions": [ready_condition(
-                body, False, Reason.INVALID_SPEC, str(error)[:1000])]})
+            await self._write_status(body, {"observedGeneration": meta.get("generation"), "conditions": [
+                ready_condition(body, False, Reason.INVALID_SPEC, str(error)[:1000])]})
             return
         try:
             listed = await self.kube.list("Namespace", None, namespace_selector(spec.namespace_selector))
         except ApiException as error:
             if error.status != 400:
                 raise
-            await self._write_status(body, {"conditions": [ready_condition(  # a label key of bad syntax
-                body, False, Reason.INVALID_SPEC, f"spec.namespaceSelector: {api_message(error)}")]})
+            await self._write_status(body, {"observedGeneration": meta.get("generation"), "conditions": [
+                ready_condition(body, False, Reason.INVALID_SPEC,  # a label key of bad syntax
+                                f"spec.namespaceSelector: {api_message(error)}")]})
             return
         selected = [namespace["metadata"]["name"] for namespace in listed
                     if not namespace["metadata"].get("deletionTimestamp")

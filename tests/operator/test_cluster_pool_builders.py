@@ -29,9 +29,11 @@ def test_the_kept_pool_is_the_cluster_pools_spec_owned_by_it():
          "namespaceSelector": {"matchLabels": {"tier": "gold"}}})
     pool = kept_pool(CLUSTER_POOL, spec, "tenant-acme")
     assert pool["metadata"]["name"] == "claude" and pool["metadata"]["namespace"] == "tenant-acme"
-    assert pool["metadata"]["labels"] == {naming.MANAGED_BY: naming.MANAGER, naming.CLUSTER_POOL_LABEL: "claude"}
+    assert pool["metadata"]["labels"] == {naming.MANAGED_BY: naming.MANAGER,
+                                          naming.CLUSTER_POOL_LABEL: "claude"}
     [owner] = pool["metadata"]["ownerReferences"]
-    assert owner["uid"] == "cluster-uid" and owner["controller"] and owner["kind"] == "ClusterAgentSessionPool"
+    assert owner["uid"] == "cluster-uid" and owner["controller"]
+    assert owner["kind"] == "ClusterAgentSessionPool"
     assert pool["spec"]["replicas"] == 3 and pool["spec"]["template"]["agent"]["runtime"] == "gemini"
     assert "namespaceSelector" not in pool["spec"]
 
