@@ -64,7 +64,7 @@ RETRY_SECONDS = 5.0
 # A pass waits this long after the event that woke it: a burst of claims and of members' pod events (a
 # pod's start is several) makes one pass and one status write, not one each.
 COALESCE_SECONDS = 0.1
-STARTING = (Reason.MEMBERS_STARTING, Reason.POOLS_STARTING)
+STARTING = (Reason.MEMBERS_STARTING, Reason.POOLS_STARTING)  # no Event for these: every claim brings one
 CLAIM_ATTEMPTS = 3  # ready members tried before a session starts cold (each lost race costs one patch)
 
 
@@ -160,8 +160,8 @@ class PoolWorker:
             elif labels.get(naming.CLAIMED_FROM_LABEL) == label:
                 members.claimed.add(pod["metadata"]["name"])
         pod_names = {pod["metadata"]["name"] for pod in pods}
-        # A member's claim is made before its ConfigMap and Secret (_start_member): a claim with no pod
-        # finds every orphan, with no need to list Secrets (the operator may not).
+        # A member's workspace claim is made before its ConfigMap and Secret (_start_member): the claims
+        # with no pod find every orphan, with no need to list Secrets (the operator may not).
         workspaces = await self.kube.list("PersistentVolumeClaim", namespace, f"{naming.POOL_LABEL}={label}")
         now = datetime.now(UTC)
         podless = [(workspace["metadata"], _age(workspace, now)) for workspace in workspaces
