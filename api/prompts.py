@@ -2,17 +2,24 @@
 
 Pure: prompt parts and variables in, a composed prompt (text, version, injection signals) out.
 The prompt is guidance for the agent, not a security control: nothing secret is rendered into it.
+Templates are user-written code: each render runs under a time deadline and an output cap, and callers
+on the event loop run it in a worker thread (`PromptCache.compose`, `check_template`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
+import sys
+import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any, Literal
 
 from jinja2 import StrictUndefined, TemplateError
@@ -24,11 +31,13 @@ _MAX_STRING_PRODUCT = 100_000
 
 
 class PromptError(ValueError):
-    """A prompt that cannot be used; `field` names what was wrong with it."""
+    """A prompt that cannot be used; `field` names what was wrong with it, `part_id` which stored prompt
+    (None when the fault is no single prompt's, or the prompt is not stored yet)."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, part_id: str | None = None) -> None:
         super().__init__(message)
         self.field = field
+        self.part_id = part_id
 
 
 @dataclass(frozen=True)
@@ -76,21 +85,65 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
 _environment = _BoundedSandbox(undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True)
 
 
-def check_template(source: str, field: str = "content") -> None:
-    """Refuse template source that does not parse (at write time, so compose never meets it)."""
-    try:
-        _environment.parse(source)
-    except TemplateError as exc:
-        raise PromptError(field, f"template error: {exc.message}") from exc
+class _RenderDeadlinePassed(BaseException):
+    """Raised into a render that outlived its deadline. Not an Exception, so no `except Exception` on the
+    way up (Jinja's own, a filter's) can swallow it: CPython drops the trace function once it raises, and
+    a swallowed abort would let the render run on unwatched."""
 
 
-def render_template(source: str, variables: Mapping[str, Any], field: str = "content") -> str:
+@contextmanager
+def _deadline(until: float) -> Iterator[None]:
+    """Abort the Python code this thread runs inside the block once time.monotonic() passes `until`.
+
+    A trace function checks the clock at every line event, loop iterations included, so nested loops
+    cannot outrun it; the sandbox bounds the C-level work (ranges, repetition) that emits no events."""
+
+    def check(frame: FrameType, event: str, arg: Any) -> Any:
+        if time.monotonic() > until:
+            raise _RenderDeadlinePassed
+        return check
+
+    previous = sys.gettrace()
+    sys.settrace(check)
     try:
-        return _environment.from_string(source).render(**variables)
+        yield
+    finally:
+        sys.settrace(previous)
+
+
+def render_template(source: str, variables: Mapping[str, Any], *, deadline: float, max_chars: int,
+                    field: str = "content", part_id: str | None = None) -> str:
+    """Render `source` in the sandbox, aborted once time.monotonic() passes `deadline` or the output
+    passes `max_chars` (streamed, so a runaway template never builds its whole output). Blocking: call it
+    from a worker thread."""
+    chunks: list[str] = []
+    length = 0
+    try:
+        with _deadline(deadline):
+            stream = _environment.from_string(source).generate(**variables)
+            try:
+                for chunk in stream:
+                    length += len(chunk)
+                    if length > max_chars:
+                        raise PromptError(field, f"renders longer than {max_chars} characters", part_id)
+                    chunks.append(chunk)
+            finally:
+                stream.close()
+    except _RenderDeadlinePassed:
+        raise PromptError(field, "template takes too long to render", part_id) from None
     except SecurityError as exc:
-        raise PromptError(field, f"template refused by the sandbox: {exc}") from exc
+        raise PromptError(field, f"template refused by the sandbox: {exc}", part_id) from exc
     except TemplateError as exc:
-        raise PromptError(field, f"template error: {exc.message or type(exc).__name__}") from exc
+        raise PromptError(field, f"template error: {exc.message or type(exc).__name__}", part_id) from exc
+    return "".join(chunks)
+
+
+async def check_template(source: str, variables: Mapping[str, Any], *, render_seconds: float,
+                         max_chars: int, field: str = "content") -> None:
+    """Refuse, at write time, a template that does not parse or does not render with `variables` (shaped
+    like compose's) within the budget: caught here, it never breaks a later compose."""
+    await asyncio.to_thread(render_template, source, variables, deadline=time.monotonic() + render_seconds,
+                            max_chars=max_chars, field=field)
 
 
 # Unicode categories that render as nothing: format (Cf, which holds the tag characters and bidi
@@ -152,23 +205,27 @@ def content_version(parts: Iterable[PromptPart], variables: Mapping[str, Any]) -
 
 
 def compose(parts: Iterable[PromptPart], variables: Mapping[str, Any], *, max_part_chars: int,
-            max_total_chars: int) -> ComposedPrompt:
+            max_total_chars: int, render_seconds: float) -> ComposedPrompt:
+    """Blocking (templates render here, all of them within `render_seconds`): from the event loop, use
+    `PromptCache.compose`."""
     parts = ordered(parts)
+    deadline = time.monotonic() + render_seconds
     blocks: list[str] = []
     signals: list[InjectionSignal] = []
     for part in parts:
+        field_name = f"prompts[{part.id}].content"
         if len(part.content) > max_part_chars:
-            raise PromptError(f"prompts[{part.id}].content", f"longer than {max_part_chars} characters")
+            raise PromptError(field_name, f"longer than {max_part_chars} characters", part.id)
         if part.scope == "global":
             blocks.append(part.content)  # the platform's own block: first and unchanged
             continue
         signals.extend(injection_signals(part, part.content))
-        rendered = (render_template(part.content, variables, field=f"prompts[{part.id}].content")
+        rendered = (render_template(part.content, variables, deadline=deadline, max_chars=max_part_chars,
+                                    field=field_name, part_id=part.id)
                     if part.is_template else part.content)
         body = sanitise(rendered)
         if len(body) > max_part_chars:
-            raise PromptError(f"prompts[{part.id}].content",
-                              f"renders longer than {max_part_chars} characters")
+            raise PromptError(field_name, f"renders longer than {max_part_chars} characters", part.id)
         blocks.append(f"<agentbox:{part.scope}>\n{body}\n</agentbox:{part.scope}>")
     text = "\n\n".join(blocks)
     if len(text) > max_total_chars:
@@ -184,8 +241,9 @@ class PromptCache:
         self._max = max_entries
         self.hits = 0
 
-    def compose(self, parts: Iterable[PromptPart], variables: Mapping[str, Any], *, max_part_chars: int,
-                max_total_chars: int) -> ComposedPrompt:
+    async def compose(self, parts: Iterable[PromptPart], variables: Mapping[str, Any], *,
+                      max_part_chars: int, max_total_chars: int, render_seconds: float) -> ComposedPrompt:
+        """The composed prompt, from the cache or composed in a worker thread (the loop never renders)."""
         parts = list(parts)
         key = content_version(parts, variables)
         cached = self._entries.get(key)
@@ -193,7 +251,8 @@ class PromptCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return cached
-        result = compose(parts, variables, max_part_chars=max_part_chars, max_total_chars=max_total_chars)
+        result = await asyncio.to_thread(compose, parts, variables, max_part_chars=max_part_chars,
+                                         max_total_chars=max_total_chars, render_seconds=render_seconds)
         self._entries[key] = result
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)

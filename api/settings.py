@@ -90,6 +90,8 @@ class Settings(BaseSettings):
 
     prompt_max_chars: int = Field(default=20_000, gt=0)
     composed_prompt_max_chars: int = Field(default=60_000, gt=0)
+    # All of one composition's templates render within this (a template is code its author wrote).
+    prompt_render_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
 
     @field_validator("encryption_keys", "audit_checkpoint_trusted_keys", mode="before")
     @classmethod

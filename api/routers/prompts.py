@@ -13,7 +13,7 @@ from pydantic import Field
 
 from agentbox.api.app import Services, services
 from agentbox.api.auth import Principal, authenticate, tenant_member
-from agentbox.api.problems import ProblemError, not_found, problem_responses
+from agentbox.api.problems import FieldError, ProblemError, not_found, problem_responses
 from agentbox.api.prompts import (
     ComposedPrompt,
     PromptCache,
@@ -73,15 +73,23 @@ def _view(row: asyncpg.Record, signals: list[str] | None = None) -> PromptView:
     return PromptView(**dict(row), signals=signals or [])
 
 
-def _check_content(shared: Services, body: PromptBody) -> list[str]:
+def _content_problem(message: str) -> ProblemError:
+    return ProblemError(422, "Unprocessable Content", f"body.content: {message}",
+                        errors=[FieldError(field="body.content", message=message, type="value_error")])
+
+
+async def _check_content(shared: Services, principal: Principal, body: PromptBody) -> list[str]:
+    """Refuse content compose could not use: too long, or a template that does not render (within the
+    budget) with the variables compose gives it. Returns the injection signals the text matches."""
     if len(body.content) > shared.settings.prompt_max_chars:
-        raise ProblemError(422, "Unprocessable Content",
-                           f"content is longer than {shared.settings.prompt_max_chars} characters")
+        raise _content_problem(f"longer than {shared.settings.prompt_max_chars} characters")
     if body.is_template:
+        trial = compose_variables(principal, session_variables("example-session", "claude-code", None))
         try:
-            check_template(body.content)
+            await check_template(body.content, trial, max_chars=shared.settings.prompt_max_chars,
+                                 render_seconds=shared.settings.prompt_render_timeout_seconds)
         except PromptError as exc:
-            raise ProblemError(422, "Unprocessable Content", f"{exc.field}: {exc}") from exc
+            raise _content_problem(str(exc)) from exc
     return [signal.pattern for signal in injection_signals(
         PromptPart(id="new", scope="user", content=body.content), body.content)]
 
@@ -117,7 +125,7 @@ async def create_prompt(body: PromptCreate, request: Request,
     audit_target(request, f"system_prompt/{body.scope}", scope=body.scope, name=body.name)
     if not _may_write(principal, body.scope, principal.sub):
         raise ProblemError(403, "Forbidden", f"you may not write {body.scope} prompts")
-    signals = _check_content(shared, body)
+    signals = await _check_content(shared, principal, body)
     _note_signals(request, shared, signals)
     org = None if body.scope == "global" else principal.org
     user = principal.sub if body.scope == "user" else None
@@ -151,7 +159,13 @@ async def list_prompts(request: Request, principal: Principal = Depends(_member_
     return [_view(row) for row in rows]
 
 
-def _compose_variables(principal: Principal, session: dict[str, Any]) -> dict[str, Any]:
+def session_variables(name: str | None, runtime: str | None, model: str | None) -> dict[str, Any]:
+    """What a template sees as `session`: one shape for session creation, the compose endpoint and the
+    write-time trial render."""
+    return {"name": name, "runtime": runtime, "model": model}
+
+
+def compose_variables(principal: Principal, session: dict[str, Any]) -> dict[str, Any]:
     return {"user": {"id": principal.sub}, "org": {"id": principal.org}, "session": session}
 
 
@@ -167,20 +181,31 @@ async def compose_for(conn: asyncpg.Connection, shared: Services, principal: Pri
              for row in rows]
     cache: PromptCache = shared.extras.setdefault("prompt_cache", PromptCache())
     try:
-        return cache.compose(parts, _compose_variables(principal, session),
-                             max_part_chars=shared.settings.prompt_max_chars,
-                             max_total_chars=shared.settings.composed_prompt_max_chars)
+        return await cache.compose(parts, compose_variables(principal, session),
+                                   max_part_chars=shared.settings.prompt_max_chars,
+                                   max_total_chars=shared.settings.composed_prompt_max_chars,
+                                   render_seconds=shared.settings.prompt_render_timeout_seconds)
     except PromptError as exc:
-        raise ProblemError(422, "Unprocessable Content", f"{exc.field}: {exc}") from exc
+        # Stored prompts passed the write-time checks: one failing now (a template that misbehaves only
+        # with these variables, limits lowered since) is the stored data's fault, not the caller's.
+        log.error("a stored prompt cannot be composed",
+                  extra={"prompt_id": exc.part_id, "field": exc.field, "error": str(exc)})
+        if exc.part_id is None:
+            raise ProblemError(500, "Internal Server Error",
+                               f"the stored prompts cannot be composed: {exc}") from exc
+        raise ProblemError(500, "Internal Server Error",
+                           f"stored prompt {exc.part_id} cannot be composed: {exc}; fix or disable it "
+                           f"(PUT /api/v1/prompts/{exc.part_id})",
+                           extensions={"prompt_id": exc.part_id}) from exc
 
 
-@router.get("/compose", response_model=ComposedView, responses=problem_responses(401, 403, 422, 503))
+@router.get("/compose", response_model=ComposedView, responses=problem_responses(401, 403, 422, 500, 503))
 async def compose_prompt(request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services),
                          runtime: Annotated[str | None, Query(max_length=32)] = None,
                          session: Annotated[str | None, Query(max_length=63)] = None) -> ComposedView:
     async with audited_transaction(request, principal) as conn:
-        composed = await compose_for(conn, shared, principal, {"name": session, "runtime": runtime})
+        composed = await compose_for(conn, shared, principal, session_variables(session, runtime, None))
     return ComposedView(text=composed.text, version=composed.version,
                         signals=sorted({signal.pattern for signal in composed.signals}))
 
@@ -210,7 +235,7 @@ async def update_prompt(prompt_id: uuid.UUID, body: PromptBody, request: Request
                         principal: Principal = Depends(_member_or_platform),
                         shared: Services = Depends(services)) -> PromptView:
     audit_target(request, f"system_prompt/{prompt_id}")
-    signals = _check_content(shared, body)
+    signals = await _check_content(shared, principal, body)
     async with audited_transaction(request, principal) as conn:
         current = await _fetch_visible(conn, principal, prompt_id, lock=True)
         if not _may_write(principal, current["scope"], current["user_id"]):
@@ -236,4 +261,4 @@ async def delete_prompt(prompt_id: uuid.UUID, request: Request,
     return Response(status_code=204)
 
 
-__all__ = ["compose_for", "router"]
+__all__ = ["compose_for", "router", "session_variables"]

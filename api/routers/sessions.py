@@ -31,7 +31,7 @@ from agentbox.api.routers.common import (
     kube_problem,
 )
 from agentbox.api.routers.models import ApiModel
-from agentbox.api.routers.prompts import compose_for
+from agentbox.api.routers.prompts import compose_for, session_variables
 from agentbox.api.runner_client import RunnerClient, RunnerUnavailable
 from agentbox.api.watch_cache import WatchCache
 from agentbox.crds.agentsession import (
@@ -215,7 +215,7 @@ def _written(shared: Services, session: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("", status_code=201, response_model=SessionView, name="session.create",
-             responses=problem_responses(400, 401, 403, 409, 413, 422, 503))
+             responses=problem_responses(400, 401, 403, 409, 413, 422, 500, 503))
 async def create_session(body: SessionCreate, request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
     name = body.name or f"{body.agent.runtime}-{secrets.token_hex(4)}"
@@ -224,8 +224,8 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
     created: dict[str, Any] | None = None
     try:
         async with audited_transaction(request, principal) as conn:
-            variables = {"name": name, "runtime": body.agent.runtime, "model": body.agent.model}
-            composed = await compose_for(conn, shared, principal, variables)
+            composed = await compose_for(conn, shared, principal,
+                                         session_variables(name, body.agent.runtime, body.agent.model))
             provider = body.egress.provider or RUNTIME_PROVIDERS.get(body.agent.runtime)
             key = await provider_keys.resolve(conn, principal.sub, provider) if provider else None
             audit_details(request, prompt_version=composed.version, provider=provider,

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from agentbox.api.prompts import (
@@ -14,7 +17,8 @@ from agentbox.api.prompts import (
     strip_invisible,
 )
 
-LIMITS = {"max_part_chars": 2000, "max_total_chars": 5000}
+LIMITS = {"max_part_chars": 2000, "max_total_chars": 5000, "render_seconds": 5.0}
+RUNAWAY_LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
 VARIABLES = {"user": {"id": "u1"}, "org": {"id": "acme"}, "session": {"name": "s1", "runtime": "scripted"}}
 
 
@@ -65,11 +69,63 @@ def test_sandbox_escapes_fail(source):
     assert caught.value.field == "prompts[u].content"
 
 
-def test_broken_template_source_is_refused_at_write_time():
+async def test_templates_that_do_not_render_are_refused_at_write_time():
+    budget = {"render_seconds": 0.3, "max_chars": 2000}
     with pytest.raises(PromptError, match="template error") as caught:
-        check_template("{% if %}")
+        await check_template("{% if %}", VARIABLES, **budget)
     assert caught.value.field == "content"
-    check_template("fine {{ user.id }}")
+    with pytest.raises(PromptError, match="template error"):  # a typo StrictUndefined catches
+        await check_template("{{ usr.id }}", VARIABLES, **budget)
+    with pytest.raises(PromptError, match="too long to render"):
+        await check_template(RUNAWAY_LOOPS, VARIABLES, **budget)
+    await check_template("fine {{ user.id }} {{ session.model }}", VARIABLES | {"session": {"model": None}},
+                         **budget)
+
+
+def test_nested_loops_are_stopped_at_the_render_deadline():
+    started = time.monotonic()
+    with pytest.raises(PromptError, match="too long to render") as caught:
+        compose([part("u", "user", RUNAWAY_LOOPS)], VARIABLES, **{**LIMITS, "render_seconds": 0.3})
+    assert time.monotonic() - started < 2
+    assert (caught.value.field, caught.value.part_id) == ("prompts[u].content", "u")
+
+
+@pytest.mark.parametrize("swallower", ["{{ range(100000)|map('string')|select('ne', '-')|list|length }}",
+                                       "{{ lipsum(100000, html=False) }}"])
+def test_the_deadline_holds_inside_filters_and_globals(swallower):
+    # Python-level work inside Jinja's own filters and globals is watched too, not only template loops.
+    source = "{% for a in range(100000) %}" + swallower + "{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(PromptError, match=r"too long to render|renders longer"):
+        compose([part("u", "user", source)], VARIABLES, **{**LIMITS, "render_seconds": 0.3})
+    assert time.monotonic() - started < 2
+
+
+def test_output_is_capped_while_it_renders_not_after():
+    source = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(PromptError, match="renders longer than 2000"):
+        compose([part("u", "user", source)], VARIABLES, **{**LIMITS, "render_seconds": 60})
+    assert time.monotonic() - started < 2
+
+
+async def test_a_runaway_template_renders_off_the_event_loop():
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with pytest.raises(PromptError, match="too long to render"):
+            await PromptCache().compose([part("u", "user", RUNAWAY_LOOPS)], VARIABLES,
+                                        **{**LIMITS, "render_seconds": 0.5})
+    finally:
+        ticker.cancel()
+    assert ticks >= 10  # the loop kept serving while the template ran (none while it ran on the loop)
 
 
 def test_invisible_characters_are_stripped_newlines_and_tabs_kept():
@@ -106,12 +162,13 @@ def test_injection_patterns_are_reported_as_signals():
                                                          ("o", "prompt-exfiltration")}
 
 
-def test_the_cache_is_keyed_by_content_version():
+async def test_the_cache_is_keyed_by_content_version():
     cache = PromptCache()
-    first = cache.compose([part("u", "user", "v1")], VARIABLES, **LIMITS)
-    again = cache.compose([part("u", "user", "v1")], VARIABLES, **LIMITS)
+    first = await cache.compose([part("u", "user", "v1")], VARIABLES, **LIMITS)
+    again = await cache.compose([part("u", "user", "v1")], VARIABLES, **LIMITS)
     assert again is first and cache.hits == 1
-    changed = cache.compose([part("u", "user", "v2")], VARIABLES, **LIMITS)
+    changed = await cache.compose([part("u", "user", "v2")], VARIABLES, **LIMITS)
     assert changed.version != first.version and "v2" in changed.text
-    other_user = cache.compose([part("u", "user", "v1")], {**VARIABLES, "user": {"id": "u2"}}, **LIMITS)
+    other_user = await cache.compose([part("u", "user", "v1")], {**VARIABLES, "user": {"id": "u2"}},
+                                     **LIMITS)
     assert other_user.version != first.version and cache.hits == 1
