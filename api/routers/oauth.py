@@ -392,12 +392,15 @@ async def _optional_principal(request: Request) -> Principal | None:
         raise ProblemError(401, "Unauthorized", str(exc)) from exc
 
 
-def _to_frontend(shared: Services, outcome: str, status: int, **params: str) -> Response:
-    """Where the browser goes next: the frontend with the outcome in the query (never a token)."""
+def _to_frontend(request: Request, shared: Services, outcome: str, status: int, **params: str) -> Response:
+    """Where the browser goes next: the frontend with the outcome in the query (never a token). With no
+    frontend configured the outcome is the answer itself: JSON, a problem document when it failed."""
     frontend = shared.settings.frontend_url
     if frontend is None:
-        body = {"outcome": outcome, **params}
-        return JSONResponse(body, status_code=status)
+        if status >= 400:
+            return problem_response(request, status, title_for(status), params.get("message"),
+                                    extensions={"outcome": outcome, **params})
+        return JSONResponse({"outcome": outcome, **params}, status_code=status)
     separator = "&" if "?" in frontend else "?"
     query = urlencode({"oauth": outcome, **params})
     return RedirectResponse(f"{frontend}{separator}{query}", status_code=303)
@@ -405,7 +408,7 @@ def _to_frontend(shared: Services, outcome: str, status: int, **params: str) -> 
 
 @router.get("/callback", name="mcp.oauth.callback", response_model=None,
             responses={303: {"description": "To the frontend, with the outcome"},
-                       **problem_responses(400, 401, 503)})
+                       **problem_responses(400, 401, 502, 503)})
 async def callback(request: Request, shared: Services = Depends(services),
                    state: Annotated[str | None, Query(max_length=300)] = None,
                    code: Annotated[str | None, Query(max_length=4096)] = None,
@@ -461,8 +464,8 @@ async def callback(request: Request, shared: Services = Depends(services),
         reason = f"the provider answered {error}" + (f": {error_description}" if error_description else "")
         await recorder.write(db, recorder.event(org, user, "failed", target, reason[:500],
                                                 issuer=row["issuer"]))
-        return _to_frontend(shared, "error", 502, configuration=configuration_id, error=error[:100],
-                            message=reason[:300])
+        return _to_frontend(request, shared, "error", 502, configuration=configuration_id,
+                            error=error[:100], message=reason[:300])
     if not code:
         return await refuse(400, "the code parameter is missing", "failed")
     client = oauth.Client(row["client_id"], _open(keys, row["client_secret_enc"],
@@ -479,8 +482,8 @@ async def callback(request: Request, shared: Services = Depends(services),
                      "server_error" if isinstance(exc, oauth.AddressRefused) else "temporarily_unavailable")
         await recorder.write(db, recorder.event(org, user, "failed", target, str(exc)[:500],
                                                 issuer=row["issuer"]))
-        return _to_frontend(shared, "error", 502, configuration=configuration_id, error=code_name,
-                            message=str(exc)[:300])
+        return _to_frontend(request, shared, "error", 502, configuration=configuration_id,
+                            error=code_name, message=str(exc)[:300])
     try:
         await _store_connection(shared, recorder, org, user, row, client, tokens, target)
     except (KubeError, DatabaseUnavailable, ProblemError) as exc:
@@ -488,9 +491,9 @@ async def callback(request: Request, shared: Services = Depends(services),
         if not recorder.written:
             await recorder.write(db, recorder.event(org, user, "failed", target,
                                                     f"{reason} ({type(exc).__name__})"))
-        return _to_frontend(shared, "error", 503, configuration=configuration_id, error="server_error",
-                            message=reason)
-    return _to_frontend(shared, "connected", 200, configuration=configuration_id)
+        return _to_frontend(request, shared, "error", 503, configuration=configuration_id,
+                            error="server_error", message=reason)
+    return _to_frontend(request, shared, "connected", 200, configuration=configuration_id)
 
 
 async def _store_connection(shared: Services, recorder: _CallbackAudit, org: str, user: str,
