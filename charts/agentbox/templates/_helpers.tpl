@@ -32,6 +32,10 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "agentbox.databaseSecret" -}}
 {{- .Values.database.existingSecret | default (printf "%s-database" (include "agentbox.fullname" .)) -}}
 {{- end -}}
+{{- /* What the migration Job reads migrationsUrl from: the user's Secret, else the chart's hook Secret. */ -}}
+{{- define "agentbox.migrationsSecret" -}}
+{{- .Values.database.existingSecret | default (printf "%s-database-migrations" (include "agentbox.fullname" .)) -}}
+{{- end -}}
 {{- define "agentbox.encryptionSecret" -}}
 {{- .Values.encryption.existingSecret | default (printf "%s-encryption" (include "agentbox.fullname" .)) -}}
 {{- end -}}

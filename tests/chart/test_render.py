@@ -1,0 +1,75 @@
+"""The Helm chart as `helm template` renders it: no cluster, only the helm binary `make binaries` builds.
+
+What a rendered manifest can show: hook ordering, render-time failures, which objects a value turns on,
+RBAC verbs, environment entries. Installing and RBAC in use are tests/chart/test_chart.py's.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from fixtures.cluster import cache_dir, read_versions
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "agentbox"
+HELM = cache_dir() / "bin" / f"helm-{read_versions()['HELM_VERSION']}" / "helm"
+REQUIRED = ("--set", "jwt.issuer=https://auth.example.test/auth/v1",
+            "--set", "jwt.jwksUrl=https://auth.example.test/auth/v1/.well-known/jwks.json",
+            "--set", "database.url=postgresql://agentbox_app@db.example.test/agentbox")
+
+pytestmark = pytest.mark.skipif(not HELM.is_file(), reason=f"no helm at {HELM}: run `make binaries`")
+
+
+def helm_template(*values: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HELM, "template", "abx", CHART, "--namespace", "abx-system", *values],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def render(*values: str) -> dict[tuple[str, str], dict]:
+    """The rendered objects by (kind, name)."""
+    done = helm_template(*REQUIRED, *values)
+    assert done.returncode == 0, done.stderr
+    return {(o["kind"], o["metadata"]["name"]): o for o in yaml.safe_load_all(done.stdout) if o}
+
+
+def render_fails(*values: str) -> str:
+    done = helm_template(*values)
+    assert done.returncode != 0, "rendered, but should have failed"
+    return done.stderr
+
+
+def hook(obj: dict) -> tuple[str, int, str]:
+    annotations = obj["metadata"].get("annotations") or {}
+    return (annotations.get("helm.sh/hook", ""), int(annotations.get("helm.sh/hook-weight", "0")),
+            annotations.get("helm.sh/hook-delete-policy", ""))
+
+
+def pod_spec(obj: dict) -> dict:
+    return obj["spec"] if obj["kind"] == "Pod" else obj["spec"]["template"]["spec"]
+
+
+def test_the_migration_job_s_secret_is_a_hook_created_before_it():
+    objects = render()
+    job = objects["Job", "abx-agentbox-migrate-1"]
+    (env,) = pod_spec(job)["containers"][0]["env"]
+    secret_name = env["valueFrom"]["secretKeyRef"]["name"]
+    secret = objects["Secret", secret_name]
+    assert env["valueFrom"]["secretKeyRef"]["key"] in secret["stringData"]
+    # Both run before any release resource, the Secret first; it goes once the Job has ended.
+    secret_hook, job_hook = hook(secret), hook(job)
+    assert secret_hook[0] == job_hook[0] == "pre-install,pre-upgrade"
+    assert secret_hook[1] < job_hook[1]
+    assert secret_hook[2].split(",") == ["before-hook-creation", "hook-succeeded"]
+    # The Deployments' Secret is an ordinary release resource, and holds the application role's URL only.
+    database = objects["Secret", "abx-agentbox-database"]
+    assert hook(database) == ("", 0, "") and list(database["stringData"]) == ["url"]
+
+    # Without migrations there is no hook; with the user's own Secret the Job reads that one.
+    assert ("Secret", secret_name) not in render("--set", "database.runMigrations=false")
+    mine = render("--set", "database.existingSecret=mine")
+    assert not any(kind == "Secret" and "database" in name for kind, name in mine)
+    (env,) = pod_spec(mine["Job", "abx-agentbox-migrate-1"])["containers"][0]["env"]
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "migrationsUrl"}
