@@ -28,7 +28,8 @@ CHART = REPO / "charts" / "agentbox"
 RBAC_TEMPLATES = ("templates/operator-rbac.yaml", "templates/api-rbac.yaml")
 OPERATOR_TEMPLATE = "templates/operator-deployment.yaml"
 # Values the chart requires before it renders at all; RBAC does not depend on them.
-PLACEHOLDER_VALUES = ("jwt.issuer=https://issuer.invalid", "database.url=postgresql://unused@localhost/unused")
+PLACEHOLDER_VALUES = ("jwt.issuer=https://issuer.invalid", "jwt.jwksUrl=https://issuer.invalid/jwks",
+                      "database.url=postgresql://unused@localhost/unused")
 # A local API is outside the cluster: it reaches session runners by port-forward, with the RBAC for it.
 LOCAL_PROCESS_VALUES = ("api.runnerTransport=port-forward",)
 

@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.e2e]  # `make e2e` runs the chart
 
 CHART = REPO / "charts" / "agentbox"
 REQUIRED = ["--set", "jwt.issuer=https://auth.example.test/auth/v1",
+            "--set", "jwt.jwksUrl=https://auth.example.test/auth/v1/.well-known/jwks.json",
             "--set", "database.url=postgresql://agentbox_app@db.example.test/agentbox"]
 
 

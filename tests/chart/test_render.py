@@ -73,3 +73,20 @@ def test_the_migration_job_s_secret_is_a_hook_created_before_it():
     assert not any(kind == "Secret" and "database" in name for kind, name in mine)
     (env,) = pod_spec(mine["Job", "abx-agentbox-migrate-1"])["containers"][0]["env"]
     assert env["valueFrom"]["secretKeyRef"] == {"name": "mine", "key": "migrationsUrl"}
+
+
+def test_without_a_token_key_source_the_chart_refuses_to_render():
+    issuer_and_database = ("--set", "jwt.issuer=https://auth.example.test/auth/v1",
+                           "--set", "database.url=postgresql://agentbox_app@db.example.test/agentbox")
+    error = render_fails(*issuer_and_database)
+    assert "jwt.jwksUrl or jwt.hs256.existingSecret is required" in error
+    assert "will not start" in error
+    for source in ("jwt.jwksUrl=https://auth.example.test/jwks", "jwt.hs256.existingSecret=jwt"):
+        assert helm_template(*issuer_and_database, "--set", source).returncode == 0, source
+
+
+def test_the_notes_onboard_an_org_with_the_fields_the_api_requires():
+    # `helm template` leaves NOTES.txt out and `helm install --dry-run` needs a cluster: the text itself.
+    notes = (CHART / "templates" / "NOTES.txt").read_text()
+    assert """-d '{"id": "acme", "name": "Acme"}'""" in notes
+    assert "refuse every token" not in notes
