@@ -239,7 +239,12 @@ async def authenticate(request: Request,
 
 
 async def tenant_member(principal: Principal = Depends(authenticate)) -> Principal:
-    """A caller acting inside one organisation (its org from the token)."""
+    """A caller acting inside one organisation (its org from the token). Never the platform operator,
+    whatever org its token names: its acts belong to the platform's own context and audit chain, where
+    tenant rows are neither found nor writable."""
+    if principal.is_platform:
+        raise ProblemError(403, "Forbidden", "a service_role token acts for the platform, not inside an "
+                           "organisation: use a token of an org member")
     if principal.org is None:
         raise ProblemError(403, "Forbidden", "the token names no organisation (app_metadata.org_id)")
     return principal

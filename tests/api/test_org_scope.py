@@ -49,6 +49,22 @@ async def test_no_org_in_the_token_is_a_403_problem(method, path):
     assert "organisation" in response.json()["detail"] or "org admins" in response.json()["detail"]
 
 
+# Routes where the platform operator has work of its own (global prompts; the platform's audit chain).
+PLATFORM_ALSO = ("/api/v1/prompts", "/api/v1/audit")
+SERVICE_ROLE_WITH_ORG = {"Authorization": f"Bearer {hs256(sub='operator', role='service_role')}"}
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    (method, path) for method, path in org_scoped_operations()
+    if not path.startswith(PLATFORM_ALSO) or path == "/api/v1/prompts/compose"])
+async def test_a_service_role_token_naming_an_org_is_a_403_problem_on_tenant_routes(method, path):
+    # It would otherwise run in the platform's context: tenant rows unseen, its audit in the wrong chain.
+    response = await _call(method, path, SERVICE_ROLE_WITH_ORG)
+    assert response.status_code == 403, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "service_role" in response.json()["detail"]
+
+
 NOT_A_DNS_LABEL = ["Acme Corp", "../x", "a" * 64, "ACME", "acme-", "acme.corp", "-acme", "ac\u00e9me"]
 
 
