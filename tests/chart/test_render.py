@@ -90,3 +90,16 @@ def test_the_notes_onboard_an_org_with_the_fields_the_api_requires():
     notes = (CHART / "templates" / "NOTES.txt").read_text()
     assert """-d '{"id": "acme", "name": "Acme"}'""" in notes
     assert "refuse every token" not in notes
+
+
+def pods_of(objects: dict[tuple[str, str], dict]) -> dict[str, dict]:
+    return {name: pod_spec(o) for (kind, name), o in objects.items() if kind in ("Deployment", "Job", "Pod")}
+
+
+def test_every_pod_of_the_chart_may_pull_from_a_private_registry():
+    pods = pods_of(render("--set", "imagePullSecrets[0].name=registry"))
+    assert set(pods) == {"abx-agentbox-operator", "abx-agentbox-api", "abx-agentbox-migrate-1",
+                         "abx-agentbox-test-api"}
+    for name, pod in pods.items():
+        assert pod.get("imagePullSecrets") == [{"name": "registry"}], name
+    assert not any("imagePullSecrets" in pod for pod in pods_of(render()).values())
