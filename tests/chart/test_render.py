@@ -103,3 +103,20 @@ def test_every_pod_of_the_chart_may_pull_from_a_private_registry():
     for name, pod in pods.items():
         assert pod.get("imagePullSecrets") == [{"name": "registry"}], name
     assert not any("imagePullSecrets" in pod for pod in pods_of(render()).values())
+
+
+@pytest.mark.parametrize(("values", "budgets"), [
+    ([], {"api", "operator"}),
+    (["--set", "api.replicas=1"], {"operator"}),
+    (["--set", "operator.replicas=1", "--set", "api.replicas=3"], {"api"}),
+    (["--set", "operator.replicas=1", "--set", "api.replicas=1"], set()),
+    (["--set", "podDisruptionBudget.enabled=false"], set()),
+])
+def test_a_disruption_budget_only_for_a_component_with_replicas_to_spare(values, budgets):
+    objects = render(*values)
+    rendered = {name.removeprefix("abx-agentbox-") for kind, name in objects if kind == "PodDisruptionBudget"}
+    assert rendered == budgets
+    for component in budgets:
+        budget = objects["PodDisruptionBudget", f"abx-agentbox-{component}"]
+        assert budget["spec"]["minAvailable"] == 1
+        assert budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
