@@ -6,6 +6,7 @@ RBAC verbs, environment entries. Installing and RBAC in use are tests/chart/test
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 
@@ -120,3 +121,37 @@ def test_a_disruption_budget_only_for_a_component_with_replicas_to_spare(values,
         budget = objects["PodDisruptionBudget", f"abx-agentbox-{component}"]
         assert budget["spec"]["minAvailable"] == 1
         assert budget["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == component
+
+
+def operator_rules(objects: dict[tuple[str, str], dict]) -> list[dict]:
+    return objects["ClusterRole", "abx-agentbox-operator"]["rules"]
+
+
+def test_the_operator_may_update_only_finalizers_and_may_create_its_peering():
+    rules = operator_rules(render())
+    updated = sorted(resource for rule in rules if "update" in rule["verbs"]
+                     for resource in rule["resources"])
+    # It writes with PATCH alone; `update` on finalizers is what owner references that block deletion need.
+    assert updated == ["agentsessionpools/finalizers", "agentsessions/finalizers",
+                       "clusteragentsessionpools/finalizers"]
+    (peering,) = [rule for rule in rules if "clusterkopfpeerings" in rule["resources"]]
+    assert {"get", "create", "patch"} <= set(peering["verbs"])
+
+
+def operator_container(objects: dict[tuple[str, str], dict]) -> dict:
+    (container,) = pod_spec(objects["Deployment", "abx-agentbox-operator"])["containers"]
+    return container
+
+
+def test_extra_settings_reach_the_operator():
+    extra = [{"name": "AGENTBOX_SECRET_CHECK_SECONDS", "value": "30"},
+             {"name": "AGENTBOX_RUNNER_RESOURCES", "value": '{"requests": {"cpu": "500m", "memory": "1Gi"}}'}]
+    env = operator_container(render("--set-json", f"operator.extraEnv={json.dumps(extra)}"))["env"]
+    assert env[-2:] == extra
+    defaults = [entry["name"] for entry in operator_container(render())["env"]]
+    assert [entry["name"] for entry in env] == [*defaults, "AGENTBOX_SECRET_CHECK_SECONDS",
+                                                "AGENTBOX_RUNNER_RESOURCES"]
+    # Only AGENTBOX_* settings, as for the API.
+    error = render_fails(*REQUIRED, "--set", "operator.extraEnv[0].name=PATH",
+                         "--set", "operator.extraEnv[0].value=/tmp")
+    assert "at '/operator/extraEnv/0/name'" in error
