@@ -89,7 +89,7 @@ endif
 	@$(VENV)/bin/pytest -m e2e $(PYTEST_ARGS)
 
 .PHONY: bench
-bench: venv binaries ## the benchmarks; JSON results in bench/results/
+bench: venv binaries ## the benchmarks on the cluster CLUSTER_NAME (agentbox, as make dev); JSON in bench/results/
 	@$(PY) -m bench $(BENCH_ARGS)
 
 .PHONY: dev

@@ -2,9 +2,10 @@
 
 One uvicorn worker (`python -m agentbox.api`) on 127.0.0.1, a throwaway PostgreSQL 15 (hack/postgres.sh,
 fsync off), RS256 tokens checked against a JWKS document this process serves on 127.0.0.1, and the local
-cluster `agentbox-test` (hack/cluster.sh up) for sessions. Each phase sends requests on a fixed schedule
-(open loop: a slow answer does not delay the next request), alternating the measured route with /livez,
-so both see the same load. Then chained audit inserts per second through bench/bench_audit.py.
+cluster $AGENTBOX_CLUSTER_NAME (default agentbox; hack/cluster.sh up) for sessions. Each phase sends
+requests on a fixed schedule (open loop: a slow answer does not delay the next request), alternating the
+measured route with /livez, so both see the same load. Then chained audit inserts per second through
+bench/bench_audit.py.
 
     python -m bench.bench_api [--rate 50] [--seconds 10]      # one JSON document on stdout
 """
@@ -36,6 +37,7 @@ from starlette.routing import Route
 from agentbox.api.crypto import generate_key_entry
 from agentbox.api.db import Database
 from agentbox.api.migrate import migrate, provision
+from bench import CLUSTER_NAME
 from bench.bench_audit import TARGET_ROWS_PER_SECOND, insert_rows
 from bench.bench_gateway import summary
 from bench.postgres import throwaway_postgres
@@ -43,7 +45,6 @@ from bench.postgres import throwaway_postgres
 REPO = Path(__file__).resolve().parents[1]
 ISSUER = "https://auth.bench.test/auth/v1"
 KID = "bench-rsa"
-CLUSTER_NAME = "agentbox-test"
 TARGET_P99_RATIO = 3.0
 
 

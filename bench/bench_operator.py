@@ -51,6 +51,7 @@ from agentbox.operator.build.pod import build_pod
 from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.kube import Kube
 from agentbox.operator.settings import OperatorSettings
+from bench import CLUSTER_NAME
 from tests.fixtures.cluster import Kube as ClusterTools
 from tests.fixtures.cluster import apply_crds, cache_dir, read_versions
 from tests.operator.operator_harness import OperatorProcess, session_manifest
@@ -69,7 +70,7 @@ def percentile(values: list[float], share: float) -> float:
 
 
 def cluster_kubeconfig() -> str:
-    env = {**os.environ, "AGENTBOX_CLUSTER_NAME": os.environ.get("AGENTBOX_CLUSTER_NAME", "agentbox")}
+    env = {**os.environ, "AGENTBOX_CLUSTER_NAME": CLUSTER_NAME}
     done = subprocess.run([str(REPO / "hack" / "cluster.sh"), "up"], env=env, capture_output=True, text=True,
                           check=True)
     return done.stdout.strip().splitlines()[-1]
