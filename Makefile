@@ -10,6 +10,11 @@ CLUSTER_NAME ?= agentbox
 export AGENTBOX_CLUSTER_KIND := $(CLUSTER)
 export AGENTBOX_CLUSTER_NAME := $(CLUSTER_NAME)
 # The real node beside the kwok nodes is on unless AGENTBOX_REAL_NODE=0 (hack/cluster.sh has the default).
+# kind brings nodes of its own and no real node: nothing of the real node's toolchain or images then, and
+# the `realnode` tests skip.
+ifeq ($(CLUSTER),kind)
+export AGENTBOX_REAL_NODE := 0
+endif
 REAL_NODE   := $(if $(filter 0,$(AGENTBOX_REAL_NODE)),0,1)
 PYTEST_ARGS ?=
 

@@ -6,6 +6,8 @@
 # Unless AGENTBOX_REAL_NODE=0, also what the real node beside the kwok nodes runs (hack/real-node.sh):
 #   kubelet, kube-proxy                (the same wrapper module: most of their packages are already compiled)
 #   coredns, kube-router               (plain go install)
+# With AGENTBOX_CLUSTER_KIND=kind (no real node then), only the clients the tests and scripts use: kubectl
+# and helm (kind runs its own control plane).
 # Prints nothing but progress; the last line names the bin directory. Safe to re-run: each tool is
 # skipped when its versioned binary exists, and a half-written one is never left in place.
 set -euo pipefail
@@ -36,12 +38,15 @@ install_into() {
 
 real_node=${AGENTBOX_REAL_NODE:-1}
 [[ $real_node =~ ^[01]$ ]] || die "AGENTBOX_REAL_NODE='$real_node' must be 0 or 1"
+cluster_kind=${AGENTBOX_CLUSTER_KIND:-kwok}
+if [ "$cluster_kind" = kind ]; then real_node=0; fi
 # Not minutes of building for a node this machine cannot run.
 if [ "$real_node" = 1 ]; then "$here/real-node.sh" check-host; fi
 
 build_kubernetes() (
   local dir="$bin_root/kubernetes-$K8S_VERSION"
-  local want=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+  local want=(kubectl)
+  [ "$cluster_kind" = kind ] || want+=(kube-apiserver kube-controller-manager kube-scheduler)
   [ "$real_node" = 1 ] && want+=(kubelet kube-proxy)
   local missing=()
   for b in "${want[@]}"; do [ -x "$dir/$b" ] || missing+=("$b"); done
@@ -114,9 +119,11 @@ build_plain() ( # NAME VERSION PACKAGE [LDFLAGS]
   install_into "$dir" "$name" "$work/$name"
 )
 
-build_etcd
-build_plain kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
-build_plain kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl
+if [ "$cluster_kind" != kind ]; then
+  build_etcd
+  build_plain kwok "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwok
+  build_plain kwokctl "$KWOK_VERSION" sigs.k8s.io/kwok/cmd/kwokctl
+fi
 build_plain helm "$HELM_VERSION" helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 build_kubernetes
 if [ "$real_node" = 1 ]; then
