@@ -61,6 +61,16 @@ def template_hash(pod: dict[str, Any], configmap: dict[str, Any], secret: dict[s
     return hashlib.sha256(material.encode()).hexdigest()[:32]
 
 
+def member_hash(template: str, workspace: dict[str, Any]) -> str:
+    """What a session and a pool member must share for the session to claim it: the sandbox (`template`, its
+    template_hash) and the storage class and requested size of its workspace claim (`workspace`), which
+    the claim's handover cannot change (a claim's class is immutable, its size never shrinks). A label
+    value."""
+    spec = workspace["spec"]
+    material = json.dumps([template, spec.get("storageClassName"), spec["resources"]["requests"]["storage"]])
+    return hashlib.sha256(material.encode()).hexdigest()[:32]
+
+
 def container_security_context() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "privileged": False,
             "readOnlyRootFilesystem": True, "runAsNonRoot": True, "runAsUser": SANDBOX_UID,

@@ -26,7 +26,7 @@ from agentbox.crds.agentsessionpool import AgentSessionPoolSpec
 from agentbox.crds.conditions import ConditionStatus, Reason
 from agentbox.operator import metrics, naming
 from agentbox.operator.build.common import Session
-from agentbox.operator.build.pod import template_hash
+from agentbox.operator.build.pod import member_hash, template_hash
 from agentbox.operator.build.pool import (
     MEMBER_KINDS,
     handover,
@@ -36,6 +36,7 @@ from agentbox.operator.build.pool import (
     owned_by_pool,
     pool_token,
 )
+from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
 from agentbox.operator.kube import Kube, api_message, resource_version
 from agentbox.operator.leadership import Leadership
@@ -204,7 +205,8 @@ class PoolWorker:
         model = member_session(pool, spec.template, "template", self._org)
         rendering = await render(self.kube, self.settings, model.namespace, model.spec)
         children = rendering.children(model, pool_token())
-        wanted = template_hash(rendering.pod(model, children), children["ConfigMap"], children["Secret"])
+        wanted = member_hash(template_hash(rendering.pod(model, children), children["ConfigMap"],
+                                           children["Secret"]), children["PersistentVolumeClaim"])
         members = _members[self.key]
         current = {name: pod for name, pod in members.unclaimed.items()
                    if _of_template(pod, wanted) and not _dead(pod)
@@ -430,10 +432,11 @@ AsMember = Callable[[str, str | None], tuple[dict[str, dict[str, Any]], dict[str
 
 async def claim(kube: Kube, session: Session, wanted: str, note: Callable[[str], Awaitable[None]],
                 as_member: AsMember) -> tuple[str, dict[str, dict[str, Any]]] | None:
-    """Take over a ready member for `session`, whose sandbox hashes to `wanted`: (the member's name, every
-    child as handed over). `note(member)` names the member on the session before the handover, so a
-    restart finishes what a crash interrupted: a session that names one already (session.member) takes
-    that one if it still can. None: start cold."""
+    """Take over a ready member for `session`, whose sandbox hashes to `wanted` (template_hash) and whose
+    workspace claim asks for what the member's does (member_hash: the handover could not resize it): (the
+    member's name, every child as handed over). `note(member)` names the member on the session before the
+    handover, so a restart finishes what a crash interrupted: a session that names one already
+    (session.member) takes that one if it still can. None: start cold."""
     global _last_claim
     if session.member is not None:
         children = await take(kube, session, session.member, None, as_member)
@@ -442,6 +445,7 @@ async def claim(kube: Kube, session: Session, wanted: str, note: Callable[[str],
     if not pools_in(session.namespace):
         return None
     started = time.perf_counter()
+    wanted = member_hash(wanted, build_pvc(session))
     for _ in range(CLAIM_ATTEMPTS):
         candidate = _next_candidate(session.namespace, wanted)
         if candidate is None:

@@ -5,7 +5,7 @@ from agentbox.crds.agentsession import AgentSessionSpec, SandboxTemplate
 from agentbox.operator import naming
 from agentbox.operator.build import mcp
 from agentbox.operator.build.common import Session
-from agentbox.operator.build.pod import template_hash
+from agentbox.operator.build.pod import member_hash, template_hash
 from agentbox.operator.build.pool import (
     MEMBER_KINDS,
     handover,
@@ -107,3 +107,17 @@ def test_a_claimed_session_names_its_children_after_its_member():
         "claude-warm-1a2b3c4d"
     claimed = Session("ada", "tenant-acme", "uid", session("ada").spec, member="claude-warm-1a2b3c4d")
     assert rendering().children(claimed, "dA==")["Service"]["metadata"]["name"] == "claude-warm-1a2b3c4d"
+
+
+def test_a_members_workspace_class_and_size_are_part_of_what_a_claim_matches():
+    render = rendering()
+
+    def matched(who: Session) -> str:
+        children = render.children(who, "dG9rZW4=")
+        return member_hash(hash_of(render, who), children["PersistentVolumeClaim"])
+
+    base = matched(session("ada"))
+    assert matched(session("bob", workspace={"retainOnDelete": True})) == base  # an annotation: applied
+    variants = [matched(session("ada", workspace={"size": "10Gi"})),
+                matched(session("ada", workspace={"storageClassName": "fast"}))]
+    assert base not in variants and len(set(variants)) == len(variants)

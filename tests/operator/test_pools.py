@@ -111,7 +111,7 @@ async def test_deleting_a_claimed_session_deletes_its_pod_not_back_to_the_pool(o
     await pool_status(ops, tenant, "warm", ready=1, claimed=0)
 
 
-async def test_another_template_or_another_tenant_starts_cold(operator, ops, tenant):
+async def test_another_template_workspace_or_tenant_starts_cold(operator, ops, tenant):
     other_tenant = f"t-op-{os.urandom(3).hex()}"
     await ops.create({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": other_tenant, "labels": {
         "agentbox.dev/tenant": other_tenant.removeprefix("t-"), "agentbox.dev/test-namespace": "true"}}})
@@ -121,10 +121,14 @@ async def test_another_template_or_another_tenant_starts_cold(operator, ops, ten
         ready_before = set(await members(ops, tenant, "warm"))
         await ops.create(session_manifest("gem", tenant, agent={"runtime": "scripted", "args": ["--other"]}))
         await ops.create(session_manifest("far", other_tenant, **TEMPLATE))
-        for namespace, name in ((tenant, "gem"), (other_tenant, "far")):
+        # A member's workspace claim could not be resized to the session's.
+        await ops.create(session_manifest("roomy", tenant, **TEMPLATE, workspace={"size": "2Gi"}))
+        for namespace, name in ((tenant, "gem"), (other_tenant, "far"), (tenant, "roomy")):
             body = await session_in_phase(ops, namespace, name, "Running", timeout=60)
             assert body["status"].get("poolMember") is None
             assert body["status"]["podName"] == naming.child_name(name)
+        roomy = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("roomy"))
+        assert roomy["spec"]["resources"]["requests"]["storage"] == "2Gi"
         assert set(await members(ops, tenant, "warm")) == ready_before  # untouched
     finally:
         await ops.delete("Namespace", None, other_tenant)
