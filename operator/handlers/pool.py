@@ -38,7 +38,7 @@ from agentbox.operator.build.pool import (
 )
 from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
-from agentbox.operator.kube import Kube, api_message, resource_version
+from agentbox.operator.kube import Kube, api_message, resource_path, resource_version
 from agentbox.operator.leadership import Leadership
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
@@ -75,6 +75,10 @@ class Members:
 
     unclaimed: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> newest pod seen
     claimed: set[str] = field(default_factory=set)  # claimed pods still there
+    # name -> resourceVersion of the newest event, write or read of each pod, deleted ones too: a version
+    # older than that (a watch event behind our own handover, a survey's list taken before it) changes
+    # nothing, so a claimed or deleted member never comes back as unclaimed.
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 _members: defaultdict[tuple[str, str], Members] = defaultdict(Members)
@@ -150,16 +154,23 @@ class PoolWorker:
         pods = listing.get("items") or []
         listed_at = resource_version(listing)
         members = _members[self.key]
-        # What the watch told of after the list was taken stays; what the list no longer has is gone.
-        members.unclaimed = {name: pod for name, pod in members.unclaimed.items()
-                             if resource_version(pod) > listed_at}
-        members.claimed = set()
+        # What the watch or a claim told of after the list was taken stays (a newer version than the
+        # list's, the pod's state then); the rest is as listed, and what the list no longer has is gone.
+        seen = {name: version for name, version in members.seen.items() if version > listed_at}
+        unclaimed = {name: pod for name, pod in members.unclaimed.items() if name in seen}
+        claimed = {name for name in members.claimed if name in seen}
         for pod in pods:
-            labels = pod["metadata"].get("labels") or {}
+            name, labels = pod["metadata"]["name"], pod["metadata"].get("labels") or {}
+            if name in seen:
+                continue
             if labels.get(naming.POOL_LABEL) == label:
-                members.unclaimed.setdefault(pod["metadata"]["name"], pod)
+                unclaimed[name] = pod
             elif labels.get(naming.CLAIMED_FROM_LABEL) == label:
-                members.claimed.add(pod["metadata"]["name"])
+                claimed.add(name)
+            else:
+                continue
+            seen[name] = resource_version(pod)
+        members.unclaimed, members.claimed, members.seen = unclaimed, claimed, seen
         pod_names = {pod["metadata"]["name"] for pod in pods}
         # A member's workspace claim is made before its ConfigMap and Secret (_start_member): the claims
         # with no pod find every orphan, with no need to list Secrets (the operator may not).
@@ -182,15 +193,23 @@ class PoolWorker:
 
     async def _delete_orphan(self, workspace: dict[str, Any]) -> None:
         """Delete the children of a member whose pod never came or went (`workspace`: its claim's
-        metadata): the claim, and its ConfigMap and Secret while they are still the pool's."""
+        metadata)."""
         namespace, label = self.key
         name = workspace["name"]
         log.info("pool %s/%s: deleting the children of member %s, which has no pod", namespace, label, name)
-        for kind in ("ConfigMap", "Secret"):
+        await self._delete_children(name)
+
+    async def _delete_children(self, name: str) -> None:
+        """Delete a member's ConfigMap, Secret and workspace claim, each only while it is still the
+        pool's: a session that claimed the member has them under the same name."""
+        namespace, label = self.key
+
+        async def delete(kind: str) -> None:
             meta = ((await self.kube.get(kind, namespace, name)) or {}).get("metadata") or {}
             if (meta.get("labels") or {}).get(naming.POOL_LABEL) == label:
                 await self.kube.delete(kind, namespace, name, uid=meta["uid"])
-        await self.kube.delete("PersistentVolumeClaim", namespace, name, uid=workspace["uid"])
+
+        await asyncio.gather(*(delete(kind) for kind in MEMBER_KINDS if kind != "Pod"))
 
     async def _reconcile(self, pool: dict[str, Any]) -> None:
         if time.monotonic() >= self._next_survey:
@@ -211,9 +230,12 @@ class PoolWorker:
         current = {name: pod for name, pod in members.unclaimed.items()
                    if _of_template(pod, wanted) and not _dead(pod)
                    and not pod["metadata"].get("deletionTimestamp")}
-        stale = [pod for name, pod in members.unclaimed.items() if name not in current
-                 and not pod["metadata"].get("deletionTimestamp")]
-        surplus = sorted(current.values(), key=lambda pod: (_ready(pod), pod["metadata"]["name"]))[
+        # A member a session here is claiming is the session's by the time a delete would land.
+        deletable = [pod for name, pod in members.unclaimed.items() if (self.key[0], name) not in _claiming
+                     and not pod["metadata"].get("deletionTimestamp")]
+        stale = [pod for pod in deletable if pod["metadata"]["name"] not in current]
+        surplus = sorted((pod for pod in deletable if pod["metadata"]["name"] in current),
+                         key=lambda pod: (_ready(pod), pod["metadata"]["name"]))[
             :max(0, len(current) - spec.replicas)]  # starting ones go first
         for pod in surplus:
             del current[pod["metadata"]["name"]]
@@ -292,10 +314,22 @@ class PoolWorker:
             _remember(created)
 
     async def _delete_member(self, pod: dict[str, Any]) -> None:
+        """Delete an unclaimed member: its pod on the version the index holds (a claim in another process,
+        or one that patched it since, makes that fail), then its other children while still the pool's."""
         meta = pod["metadata"]
-        _members[self.key].unclaimed.pop(meta["name"], None)
-        await asyncio.gather(*(self.kube.delete(kind, meta["namespace"], meta["name"])
-                               for kind in MEMBER_KINDS))
+        namespace, name = meta["namespace"], meta["name"]
+        preconditions = {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}
+        try:
+            await self.kube._call("DELETE", resource_path("Pod", namespace, name), body={
+                "kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
+                "preconditions": preconditions})
+        except ApiException as error:
+            if error.status == 409:  # changed since: its watch event wakes the worker to judge it again
+                return
+            if error.status != 404:
+                raise
+        _members[self.key].unclaimed.pop(name, None)
+        await self._delete_children(name)
 
     def _wake_later(self, delay: float) -> None:
         asyncio.get_running_loop().call_later(delay, self.wake)
@@ -334,6 +368,15 @@ def ready_condition(pool: dict[str, Any], ready: bool, reason: Reason, message: 
             "lastTransitionTime": format_time(datetime.now(UTC))}
 
 
+def _newest(members: Members, pod: dict[str, Any]) -> bool:
+    """Record `pod` as seen; False when a newer version of it was seen before."""
+    name, version = pod["metadata"]["name"], resource_version(pod)
+    if version < members.seen.get(name, 0):
+        return False
+    members.seen[name] = version
+    return True
+
+
 def _remember(pod: dict[str, Any]) -> None:
     """Index a pod of ours by the pool it belongs or belonged to; wake that pool's worker."""
     meta = pod["metadata"]
@@ -341,13 +384,13 @@ def _remember(pod: dict[str, Any]) -> None:
     namespace, name = meta["namespace"], meta["name"]
     if naming.POOL_LABEL in labels:
         key = (namespace, labels[naming.POOL_LABEL])
-        known = _members[key].unclaimed.get(name)
-        if known is None or resource_version(pod) >= resource_version(known):
+        if _newest(_members[key], pod):
             _members[key].unclaimed[name] = pod
     elif naming.CLAIMED_FROM_LABEL in labels:
         key = (namespace, labels[naming.CLAIMED_FROM_LABEL])
-        _members[key].unclaimed.pop(name, None)
-        _members[key].claimed.add(name)
+        if _newest(_members[key], pod):
+            _members[key].unclaimed.pop(name, None)
+            _members[key].claimed.add(name)
     else:
         return
     worker = _workers.get(key)
@@ -361,6 +404,7 @@ def _forget(pod: dict[str, Any]) -> None:
     for label in (naming.POOL_LABEL, naming.CLAIMED_FROM_LABEL):
         if label in labels:
             key = (meta["namespace"], labels[label])
+            _newest(_members[key], pod)
             _members[key].unclaimed.pop(meta["name"], None)
             _members[key].claimed.discard(meta["name"])
             worker = _workers.get(key)

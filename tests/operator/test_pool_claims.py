@@ -230,3 +230,65 @@ async def test_a_session_whose_workspace_the_member_lacks_starts_cold(kube, work
     assert await claim(kube, session("big", workspace=workspace)) is None
     assert all(naming.POOL_LABEL in pod["metadata"]["labels"] for pod in member_pods(kube))
     assert await claim(kube, session("plain", workspace={"retainOnDelete": True})) is not None
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    for _ in range(100):
+        if check():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never: {what}")
+
+
+def claimed_elsewhere(kube: FakeKube, name: str) -> dict[str, Any]:
+    """Another session's handover (another replica's, or one the watch has not told of yet): the
+    member's children carry its labels now. The pod as patched."""
+    labels = {naming.POOL_LABEL: None, naming.TEMPLATE_HASH_LABEL: None, naming.CLAIMED_FROM_LABEL: POOL,
+              naming.SESSION_LABEL: "other"}
+    for kind in ("ConfigMap", "Secret", "PersistentVolumeClaim"):
+        kube.update(kind, name, {"metadata": {"labels": labels}})
+    return kube.update("Pod", name, {"metadata": {"labels": labels}})
+
+
+async def scale(kube: FakeKube, replicas: int) -> None:
+    pool._pools[KEY] = pool_body(replicas)
+    pool._workers[KEY].wake()
+    await asyncio.sleep(pool.COALESCE_SECONDS + 0.2)  # one pass
+
+
+async def test_a_member_being_claimed_is_not_deleted_as_surplus(kube):
+    await start_pool(kube, 2)
+    taken, spare = sorted(pod["metadata"]["name"] for pod in member_pods(kube))
+    pool._claiming.add((NAMESPACE, taken))
+    await scale(kube, 0)
+    assert kube.stored("Pod", spare) is None
+    assert kube.stored("Pod", taken) is not None and kube.stored("Secret", taken) is not None
+
+
+async def test_a_member_claimed_since_the_index_saw_it_is_left_to_its_session(kube):
+    await start_pool(kube, 1)
+    [name] = [pod["metadata"]["name"] for pod in member_pods(kube)]
+    claimed_elsewhere(kube, name)
+    await scale(kube, 0)  # the index still has it unclaimed: surplus
+    for kind in ("Pod", "ConfigMap", "Secret", "PersistentVolumeClaim"):
+        assert kube.stored(kind, name)["metadata"]["labels"][naming.SESSION_LABEL] == "other", kind
+
+
+async def test_a_member_claimed_while_a_survey_lists_stays_claimed(kube):
+    await start_pool(kube, 1)
+    [name] = [pod["metadata"]["name"] for pod in member_pods(kube)]
+    older = copy.deepcopy(kube.stored("Pod", name))
+
+    def claim_once() -> None:  # the handover lands between the list and the survey's use of it
+        kube.before_list = None
+        pool._remember(claimed_elsewhere(kube, name))
+
+    kube.before_list = claim_once
+    worker = pool._workers[KEY]
+    worker._next_survey = 0.0
+    worker.wake()
+    members = pool._members[KEY]
+    await until(lambda: kube.before_list is None and len(member_pods(kube)) == 1, "a survey and a refill")
+    assert name not in members.unclaimed and name in members.claimed
+    pool._remember(older)  # a watch event from before the handover, late
+    assert name not in members.unclaimed and name in members.claimed
