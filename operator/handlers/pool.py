@@ -459,12 +459,12 @@ def _claiming_lately() -> bool:
 _claiming: set[tuple[str, str]] = set()
 
 
-def _next_candidate(namespace: str, wanted: str) -> tuple[str, dict[str, Any]] | None:
-    """The oldest ready unclaimed member of that template in the namespace, not being claimed: (its pool's
-    label value, its pod)."""
+def _next_candidate(namespace: str, wanted: str, tried: set[str]) -> tuple[str, dict[str, Any]] | None:
+    """The oldest ready unclaimed member of that template in the namespace, not being claimed and not
+    `tried` already: (its pool's label value, its pod)."""
     found = [(key[1], pod) for key, members in _members.items() if key[0] == namespace and key in _pools
              for pod in members.unclaimed.values()
-             if _of_template(pod, wanted) and _ready(pod)
+             if _of_template(pod, wanted) and _ready(pod) and pod["metadata"]["name"] not in tried
              and (namespace, pod["metadata"]["name"]) not in _claiming]
     return min(found, key=lambda item: item[1]["metadata"].get("creationTimestamp") or "", default=None)
 
@@ -490,11 +490,13 @@ async def claim(kube: Kube, session: Session, wanted: str, note: Callable[[str],
         return None
     started = time.perf_counter()
     wanted = member_hash(wanted, build_pvc(session))
+    tried: set[str] = set()  # a member lost to another session, or gone, is not the next candidate too
     for _ in range(CLAIM_ATTEMPTS):
-        candidate = _next_candidate(session.namespace, wanted)
+        candidate = _next_candidate(session.namespace, wanted, tried)
         if candidate is None:
             break
         pod = candidate[1]
+        tried.add(pod["metadata"]["name"])
         reserved = (session.namespace, pod["metadata"]["name"])
         _claiming.add(reserved)
         try:
@@ -518,30 +520,37 @@ async def take(kube: Kube, session: Session, name: str, pod: dict[str, Any] | No
     handed over again, keeping the session's runner token if the Secret has it. None when the member is
     gone or another session has it."""
     namespace = session.namespace
-    if pod is None:
-        pod = await kube.get("Pod", namespace, name)
-        if pod is None:
+    # The version seen may be older than the pod's (its kubelet wrote its status since): after a conflict
+    # the pod is read once more, and taken on that version while it is still the pool's.
+    for read in (pod is None, True):
+        if read:
+            pod = await kube.get("Pod", namespace, name)
+            if pod is None:
+                return None
+            _remember(pod)
+        assert pod is not None
+        meta = pod["metadata"]
+        labels = meta.get("labels") or {}
+        owners = [ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")]
+        mine = owners == [session.uid]
+        if not mine and (naming.POOL_LABEL not in labels or meta.get("deletionTimestamp")):
             return None
-    meta = pod["metadata"]
-    labels = meta.get("labels") or {}
-    owners = [ref.get("uid") for ref in meta.get("ownerReferences") or [] if ref.get("controller")]
-    mine = owners == [session.uid]
-    if not mine and (naming.POOL_LABEL not in labels or meta.get("deletionTimestamp")):
-        return None
-    token = None
-    if mine:
-        secret = await kube.get("Secret", namespace, name)
-        kept = ((secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY)
-        token = None if is_pool_token(kept) else kept
-    children, desired_pod = as_member(name, token)
-    pool_name = labels.get(naming.POOL_LABEL) or labels.get(naming.CLAIMED_FROM_LABEL) or ""
-    try:
-        taken = await kube.merge_patch("Pod", namespace, name, handover(
-            session, pool_name, desired_pod, None if mine else meta["resourceVersion"]))
-    except ApiException as error:
-        if error.status == 409:  # another session took it first
-            return None
-        raise
+        token = None
+        if mine:
+            secret = await kube.get("Secret", namespace, name)
+            kept = ((secret or {}).get("data") or {}).get(RUNNER_TOKEN_KEY)
+            token = None if is_pool_token(kept) else kept
+        children, desired_pod = as_member(name, token)
+        pool_name = labels.get(naming.POOL_LABEL) or labels.get(naming.CLAIMED_FROM_LABEL) or ""
+        try:
+            taken = await kube.merge_patch("Pod", namespace, name, handover(
+                session, pool_name, desired_pod, None if mine else meta["resourceVersion"]))
+            break
+        except ApiException as error:
+            if error.status != 409:
+                raise
+    else:
+        return None  # changed again since it was read: another session took it first
     if taken is None:
         return None
     _remember(taken)

@@ -292,3 +292,19 @@ async def test_a_member_claimed_while_a_survey_lists_stays_claimed(kube):
     assert name not in members.unclaimed and name in members.claimed
     pool._remember(older)  # a watch event from before the handover, late
     assert name not in members.unclaimed and name in members.claimed
+
+
+async def test_a_claim_takes_a_member_whose_pod_changed_since_the_index_saw_it(kube):
+    await start_pool(kube, 1)
+    [name] = [pod["metadata"]["name"] for pod in member_pods(kube)]
+    kube.update("Pod", name, {"status": {"conditions": [{"type": "Ready", "status": "False"}]}})  # unseen
+    assert await claim(kube, session("ada")) == name
+    assert kube.stored("Pod", name)["metadata"]["labels"][naming.SESSION_LABEL] == "ada"
+
+
+async def test_a_member_another_session_took_is_not_tried_again(kube):
+    await start_pool(kube, 1)
+    [name] = [pod["metadata"]["name"] for pod in member_pods(kube)]
+    claimed_elsewhere(kube, name)
+    assert await claim(kube, session("ada")) is None
+    assert name in pool._members[KEY].claimed and name not in pool._members[KEY].unclaimed
