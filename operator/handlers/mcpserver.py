@@ -19,7 +19,7 @@ from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
 from agentbox.crds.naming import NEEDS_REAUTH, OAUTH_ANNOTATION
 from agentbox.operator import metrics, probe
 from agentbox.operator.build import mcp
-from agentbox.operator.handlers.session import provider_key_secrets, reconcile
+from agentbox.operator.handlers.session import _or_reconcile_later, _retries, provider_key_secrets, reconcile
 from agentbox.operator.kube import Kube
 from agentbox.operator.later import Later
 from agentbox.operator.leadership import Leadership
@@ -158,8 +158,20 @@ async def mcpserver_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index(agentsession.GROUP, agentsession.VERSION, agentsession.PLURAL)
-def sessions_by_mcpserver(namespace: str, name: str, spec: kopf.Spec, **_: Any) -> dict[tuple[str, str], str]:
-    return {(namespace, ref["name"]): name for ref in spec.get("mcpServers") or []}
+def sessions_by_mcpserver(namespace: str, name: str, uid: str, spec: kopf.Spec,
+                          **_: Any) -> dict[tuple[str, str], dict[str, Any]]:
+    """(namespace, MCPServer) -> the sessions using it, each as a reconcile's owner (its identity)."""
+    owner = {"metadata": {"namespace": namespace, "name": name, "uid": uid}}
+    return {(namespace, ref["name"]): owner for ref in spec.get("mcpServers") or []}
+
+
+async def reconcile_each(kube: Kube, settings: OperatorSettings, sessions: list[dict[str, Any]]) -> None:
+    """Reconcile every session (bodies, or owners: their namespace, name and uid) on its own: one that fails
+    is reconciled again later by the session handlers' retry, and the others do not wait for it. An invalid
+    spec is on the session's status already, with nothing to retry until it changes."""
+    for session in sessions:
+        with contextlib.suppress(kopf.PermanentError):
+            await _or_reconcile_later(_retries, kube, settings, session, reconcile(kube, settings, session))
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
@@ -184,10 +196,7 @@ async def mcpserver_event(event: kopf.RawEvent, memo: kopf.Memo, sessions_by_mcp
     memo.fingerprint = fingerprint
     if first_sight and event["type"] is None:
         return  # the initial listing: sessions get their own resume reconciliation
-    for session_name in sessions_by_mcpserver.get((meta["namespace"], meta["name"]), []):
-        body = await memo.kube.get(agentsession.KIND, meta["namespace"], session_name)
-        if body is not None:
-            await reconcile(memo.kube, memo.settings, body)
+    await reconcile_each(memo.kube, memo.settings, list(sessions_by_mcpserver.get(key, [])))
 
 
 def _digest(secret: dict[str, Any] | None) -> str | None:
@@ -210,13 +219,22 @@ async def credentials_changed(kube: Kube, settings: OperatorSettings, namespace:
     """Roll the pods of the sessions using these servers (their config hash covers the credentials) and
     re-probe the servers."""
     sessions = await kube.list(agentsession.KIND, namespace)
-    for session in sessions:
-        used = {ref.get("name") for ref in (session.get("spec") or {}).get("mcpServers") or []}
-        if used & set(servers):
-            await reconcile(kube, settings, session)
+    await reconcile_each(kube, settings, [
+        session for session in sessions
+        if {ref.get("name") for ref in (session.get("spec") or {}).get("mcpServers") or []} & set(servers)])
     for server in servers:
         if (namespace, server) in _servers:
             await check(kube, _servers[(namespace, server)], settings)
+
+
+async def secret_changed(kube: Kube, settings: OperatorSettings, namespace: str, servers: list[str],
+                         sessions: list[str]) -> None:
+    """A Secret changed: the MCPServers reading credentials from it, and the sessions whose provider key it
+    holds (their pods roll: the config hash covers the key they copied)."""
+    if servers:
+        await credentials_changed(kube, settings, namespace, servers)
+    bodies = await asyncio.gather(*(kube.get(agentsession.KIND, namespace, name) for name in sessions))
+    await reconcile_each(kube, settings, [body for body in bodies if body is not None])
 
 
 async def watch_credentials(kube: Kube, settings: OperatorSettings, leadership: Leadership) -> None:
@@ -246,16 +264,17 @@ async def watch_credentials(kube: Kube, settings: OperatorSettings, leadership: 
             wanted, keyed = referenced_secrets(), provider_key_secrets()
             keys = [key for key in {*wanted, *keyed} if await leadership.active(key[0])]
             found = dict(zip(keys, await asyncio.gather(*(read(key) for key in keys)), strict=True))
+            acted: dict[tuple[str, str], str | None] = {}  # the digests acted on: the next pass's baseline
             for key, digest in found.items():
                 if (key in digests and digests[key] != digest) or (started and key not in digests):
-                    if key in wanted:
-                        await credentials_changed(kube, settings, key[0], wanted[key])
-                    for session in keyed.get(key, []):
-                        body = await kube.get(agentsession.KIND, key[0], session)
-                        # A key still missing is reported on the session and retried on its own schedule.
-                        with contextlib.suppress(kopf.TemporaryError):
-                            if body is not None:
-                                await reconcile(kube, settings, body)
-            digests, started = found, True
+                    try:
+                        await secret_changed(kube, settings, key[0], wanted.get(key, []), keyed.get(key, []))
+                    except Exception:  # this Secret's change counts as unseen: the next pass acts again
+                        log.exception("acting on a change of Secret %s/%s failed", *key)
+                        if key in digests:
+                            acted[key] = digests[key]
+                        continue
+                acted[key] = digest
+            digests, started = acted, True
         except Exception:  # one failed pass must not end the loop: the next pass compares again
             log.exception("checking referenced Secrets failed")
