@@ -3,15 +3,15 @@
 import asyncio
 from typing import Any
 
+# At load, not in the first probe: the import takes a second of CPU, which would stall the event loop.
+from fastmcp import Client
+from fastmcp.client.transports import SSETransport, StreamableHttpTransport
+
 from agentbox.crds.fields import parse_duration
 from agentbox.crds.mcpserver import MCPServerSpec
 
 
 async def list_tools(spec: MCPServerSpec, token: str | None, headers: dict[str, str]) -> list[dict[str, str]]:
-    # Imported here: FastMCP is heavy and only needed once an http/sse server exists (operator RSS).
-    from fastmcp import Client
-    from fastmcp.client.transports import SSETransport, StreamableHttpTransport
-
     timeout = parse_duration(spec.timeout).total_seconds()
     transport_class: Any = SSETransport if spec.transport == "sse" else StreamableHttpTransport
     transport = transport_class(spec.url, headers=headers or None, auth=token)
