@@ -58,6 +58,11 @@ class OperatorSettings(BaseSettings):
     session_node_selector: dict[str, str] = Field({}, description="Node labels every session pod must match")
     session_tolerations: list[dict[str, Any]] = Field([], description="Tolerations every session pod gets")
     mcp_probe_seconds: float = 60.0
+    # The probe goes where a tenant's MCPServer says: private-network and loopback addresses only when this
+    # is true (MCP servers inside the cluster, development, tests); link-local and metadata never
+    # (agentbox.crds.addresses, the API's AGENTBOX_MCP_TEST_ALLOW_PRIVATE_NETWORKS likewise).
+    mcp_probe_allow_private_networks: bool = Field(False, description="Whether MCPServers on private-network "
+                                                                      "and loopback addresses are probed")
     mcp_backoff_max_seconds: float = 600.0
     conflict_retry_seconds: float = 30.0
     secret_check_seconds: float = Field(5.0, description="How often Secrets that MCPServers reference are "

@@ -14,6 +14,7 @@ import kopf
 from pydantic import ValidationError
 
 from agentbox.crds import agentsession, mcpserver
+from agentbox.crds.addresses import RefusedAddress
 from agentbox.crds.conditions import ConditionStatus, ConditionType, MCPServerPhase, Reason
 from agentbox.crds.mcpserver import MCPServerSpec, SecretKeySelector
 from agentbox.crds.naming import NEEDS_REAUTH, OAUTH_ANNOTATION
@@ -42,7 +43,8 @@ async def _secret_value(kube: Kube, namespace: str, selector: SecretKeySelector)
     return base64.b64decode(encoded).decode() if encoded is not None else None
 
 
-async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec) -> tuple[list[dict[str, str]] | None, str]:
+async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec,
+                 allow_private: bool) -> tuple[list[dict[str, str]] | None, str]:
     """(tools, "") on success, (None, why) on failure."""
     token = None
     if spec.auth.secret_ref is not None:
@@ -59,7 +61,9 @@ async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec) -> tuple[list[
             return None, f"Secret for header {header.name} not found"
         headers[header.name] = value
     try:
-        return await probe.list_tools(spec, token, headers), ""
+        return await probe.list_tools(spec, token, headers, allow_private=allow_private), ""
+    except RefusedAddress as error:  # nothing was sent: says so, and which kind of address
+        return None, f"not probed: the host {error}"
     except Exception as error:  # any transport, protocol or timeout failure means "unreachable"
         return None, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
 
@@ -130,7 +134,7 @@ async def check(kube: Kube, body: dict[str, Any], settings: OperatorSettings) ->
                                  "stdio server: started by each session's gateway, not probed", generation,
                                  previous, [], probed=False, annotations=annotations)
             else:
-                tools, why = await _probe(kube, namespace, spec)
+                tools, why = await _probe(kube, namespace, spec, settings.mcp_probe_allow_private_networks)
                 key = (namespace, meta["name"])
                 failures = 0 if tools is not None else _failures.get(key, 0) + 1
                 _failures[key] = failures

@@ -47,6 +47,8 @@ class OperatorProcess:
             "KUBECONFIG": self.kubeconfig,
             "AGENTBOX_CONFLICT_RETRY_SECONDS": "2",
             "AGENTBOX_METRICS_PORT": "0",
+            # The MCP servers the tests probe listen on 127.0.0.1.
+            "AGENTBOX_MCP_PROBE_ALLOW_PRIVATE_NETWORKS": "true",
             **self.env,
         }
         log = open(self.log_path, "ab")
