@@ -126,6 +126,13 @@ async def audited_transaction(request: Request, principal: Principal,
         raise kube_problem(exc) from exc
 
 
+async def audit_success(request: Request, principal: Principal) -> None:
+    """The success row alone, in a short transaction of its own: for a request whose work is done outside
+    the database and may take long (a call to a session's runner), so no pooled connection waits on it."""
+    async with audited_transaction(request, principal):
+        pass
+
+
 def _outcome(exc: BaseException) -> tuple[audit.Outcome, str]:
     if isinstance(exc, ProblemError):
         status, reason = exc.status, exc.detail or exc.title
@@ -208,6 +215,15 @@ def kube_problem(exc: KubeError) -> ProblemError:
                                                    extra={"status": exc.status, "reason": exc.reason})
     return ProblemError(503, "Service Unavailable", "Kubernetes is unavailable; retry shortly",
                         headers={"Retry-After": "2"})
+
+
+def tenant_kube_problem(exc: KubeError, namespace: str) -> ProblemError:
+    """kube_problem for a write into an org's tenant namespace, where a 404 means the namespace is missing:
+    the organisation was never provisioned (POST /api/v1/orgs), which no retry mends."""
+    if exc.status == 404:
+        return ProblemError(409, "Conflict", f"the organisation is not provisioned: its namespace "
+                                             f"{namespace} does not exist")
+    return kube_problem(exc)
 
 
 def kube(request: Request) -> Any:

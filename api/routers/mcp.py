@@ -40,7 +40,7 @@ from agentbox.api.routers.common import (
     database,
     key_ring,
     kube,
-    kube_problem,
+    tenant_kube_problem,
 )
 from agentbox.api.routers.models import ApiModel
 from agentbox.crds.fields import DnsLabel, Duration, ToolFilter, parse_duration
@@ -233,12 +233,6 @@ def _namespace(shared: Services, principal: Principal) -> str:
     return tenant_namespace(principal.org or "", shared.settings.tenant_namespace_prefix)
 
 
-def _kube_failure(exc: KubeError, namespace: str) -> ProblemError:
-    if exc.status == 404:
-        return ProblemError(409, "Conflict", f"the organisation's namespace {namespace} does not exist")
-    return kube_problem(exc)
-
-
 class _Undo:
     """Puts the namespace back when the request fails after its Kubernetes writes began, at the commit
     after them included: the configuration's objects go, or `before` (configuration, credentials) returns."""
@@ -254,7 +248,7 @@ class _Undo:
         try:
             await action
         except KubeError as exc:
-            raise _kube_failure(exc, self.namespace) from exc
+            raise tenant_kube_problem(exc, self.namespace) from exc
         except mcp_sync.ForeignObject as exc:
             raise ProblemError(409, "Conflict", str(exc)) from exc
 

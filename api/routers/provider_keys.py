@@ -31,6 +31,7 @@ from agentbox.api.routers.common import (
     key_ring,
     kube,
     kube_problem,
+    tenant_kube_problem,
 )
 from agentbox.api.routers.models import ApiModel
 from agentbox.crds.providers import Provider
@@ -130,10 +131,7 @@ async def _set(request: Request, principal: Principal, shared: Services, client:
             await client.apply_secret(namespace, name, {provider_keys.SECRET_KEY: body.api_key},
                                       provider_keys.labels(org, user))
         except KubeError as exc:
-            if exc.status == 404:
-                raise ProblemError(409, "Conflict", f"the organisation's namespace {namespace} does not "
-                                                    "exist") from exc
-            raise
+            raise tenant_kube_problem(exc, namespace) from exc
     return _view(row)
 
 

@@ -24,11 +24,13 @@ from agentbox.api.problems import ProblemError, field_errors, not_found, problem
 from agentbox.api.routers.common import (
     AuditedRoute,
     audit_details,
+    audit_success,
     audit_target,
     audited_transaction,
     background_task,
     kube,
     kube_problem,
+    tenant_kube_problem,
 )
 from agentbox.api.routers.models import ApiModel
 from agentbox.api.routers.prompts import compose_for, session_variables
@@ -244,8 +246,11 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
             except ValidationError as exc:
                 raise ProblemError(422, "Unprocessable Content", "the session is not valid",
                                    errors=field_errors(exc.errors())) from exc
-            created = _written(shared, await client.create_session(
-                namespace, resource.model_dump(by_alias=True, exclude_none=True, mode="json")))
+            try:
+                created = _written(shared, await client.create_session(
+                    namespace, resource.model_dump(by_alias=True, exclude_none=True, mode="json")))
+            except KubeError as exc:
+                raise tenant_kube_problem(exc, namespace) from exc
     except Exception:
         if created is not None:  # the audit row did not commit: take the resource back
             with contextlib.suppress(KubeError):
@@ -508,11 +513,13 @@ async def send_message(name: SessionName, body: MessageBody, request: Request,
     async with _kept_active(client, shared, namespace, session):
         resumed = await _resume_for_message(request, client, shared, principal, session)
         base_url, token = await _runner_target(client, shared, principal, name)
-        async with audited_transaction(request, principal):
-            if resumed:
-                answer = await _deliver_after_resume(shared, base_url, token, body)
-            else:
-                answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+        # No transaction around the runner call (up to the runner timeout, or the resume bound): the
+        # success row follows in a short one; a failure's row is AuditedRoute's.
+        if resumed:
+            answer = await _deliver_after_resume(shared, base_url, token, body)
+        else:
+            answer = await _proxy(shared, base_url, token, "POST", "/message", body.model_dump())
+    await audit_success(request, principal)
     _follow_turn(client, shared, namespace, session, base_url, token)
     return answer
 
