@@ -18,6 +18,7 @@ and revoke) renders the Secret from it, so none of them drops what another put t
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -115,6 +116,9 @@ def env_key(name: str) -> str:
     return f"env-{name}"
 
 
+_LEADING_SPEC_FIELD = re.compile(r"spec\.([A-Za-z][\w.]*) ")
+
+
 def check(config: Configuration, credentials: Credentials, *, token_required: bool = True) -> MCPServerSpec:
     """The MCPServer spec `config` becomes, or InvalidConfiguration naming the field that prevents it.
     `token_required=False` when a bearer token may still come from the stored row (a PUT body)."""
@@ -137,10 +141,13 @@ def check(config: Configuration, credentials: Credentials, *, token_required: bo
         return server_spec(config, credentials)
     except ValidationError as exc:
         error = exc.errors()[0]
-        location = ".".join(str(part) for part in error.get("loc", ())) or "body"
-        # The spec model words its own rules in CRD terms (spec.url); the API field has the same name.
-        raise InvalidConfiguration(location, str(error["msg"]).removeprefix("Value error, ")
-                                   .replace("spec.", "")) from None
+        message = str(error["msg"]).removeprefix("Value error, ")
+        # The spec model words its own rules in CRD terms, the field first (spec.url is required...); a
+        # rule across fields has no location of its own, so that leading field is the one to name.
+        named = _LEADING_SPEC_FIELD.match(message)
+        location = ".".join(str(part) for part in error.get("loc", ())) or (
+            named.group(1) if named else "body")
+        raise InvalidConfiguration(location, message.replace("spec.", "")) from None
 
 
 def server_spec(config: Configuration, credentials: Credentials) -> MCPServerSpec:

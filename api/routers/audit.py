@@ -157,7 +157,9 @@ def _cursor_seq(cursor: str | None) -> int | None:
     try:
         return int(base64.urlsafe_b64decode(cursor.encode() + b"==").decode())
     except (binascii.Error, ValueError, UnicodeDecodeError) as exc:
-        raise ProblemError(400, "Bad Request", "cursor: not a cursor this API issued") from exc
+        message = "not a cursor this API issued"
+        raise ProblemError(400, "Bad Request", f"cursor: {message}", errors=[
+            FieldError(field="query.cursor", message=message, type="value_error")]) from exc
 
 
 def _cursor(seq: int) -> str:

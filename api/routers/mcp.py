@@ -42,7 +42,7 @@ from agentbox.api.routers.common import (
     kube,
     tenant_kube_problem,
 )
-from agentbox.api.routers.models import ApiModel
+from agentbox.api.routers.models import ApiModel, invalid_field
 from agentbox.crds.fields import DnsLabel, Duration, ToolFilter, parse_duration
 from agentbox.crds.mcpserver import HeaderName, HeaderValue, Transport, not_reserved_header
 
@@ -115,12 +115,15 @@ class ConfigurationBody(ApiModel):
 
     @model_validator(mode="after")
     def _becomes_an_mcp_server(self) -> ConfigurationBody:
-        timeout = _timeout_seconds(self.timeout)
+        try:
+            timeout = _timeout_seconds(self.timeout)
+        except ValueError as exc:
+            raise invalid_field("timeout", str(exc), self.timeout) from None
         config = self.configuration(uuid.UUID(int=0), "validation", timeout)
         try:  # the routes check again once stored credentials are merged in
             mcp_sync.check(config, self.credentials(), token_required=False)
         except InvalidConfiguration as exc:
-            raise ValueError(str(exc)) from None
+            raise invalid_field(exc.field, exc.message, None) from None
         return self
 
     def configuration(self, config_id: uuid.UUID, org: str,
@@ -488,8 +491,9 @@ async def _target(request: Request, principal: Principal, shared: Services,
     assert config.url is not None
     credentials = _unseal(shared, config, row)
     if config.auth_type == "oauth":
-        raise ProblemError(422, "Unprocessable Content",
-                           "OAuth configurations are tested through their OAuth connection, not here")
+        message = "OAuth configurations are tested through their OAuth connection, not here"
+        raise ProblemError(422, "Unprocessable Content", message, errors=[
+            FieldError(field="body.configurationId", message=message, type="value_error")])
     try:  # a row stored before today's rules (reserved or unsafe headers) is not sent as it is
         mcp_sync.check(config, credentials)
     except InvalidConfiguration as exc:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 def _holds_nul(value: Any) -> bool:
@@ -30,3 +31,12 @@ class ApiModel(BaseModel):
         if _holds_nul(value):
             raise ValueError("must not contain NUL characters (\\u0000)")
         return value
+
+
+def invalid_field(path: str, message: str, value: Any) -> ValidationError:
+    """For a model validator whose check spans fields: an error naming the field at fault by its dotted
+    path in the model (`url`, `agent.image`), reported as `body.<path>` rather than as the whole body."""
+    # Passed as data, not as a template: the message may hold braces.
+    error = PydanticCustomError("value_error", "{message}", {"message": message})
+    return ValidationError.from_exception_data("invalid", [
+        InitErrorDetails(type=error, loc=tuple(path.split(".")), input=value)])

@@ -32,7 +32,7 @@ from agentbox.api.routers.common import (
     kube_problem,
     tenant_kube_problem,
 )
-from agentbox.api.routers.models import ApiModel
+from agentbox.api.routers.models import ApiModel, invalid_field
 from agentbox.api.routers.prompts import compose_for, session_variables
 from agentbox.api.runner_client import RunnerClient, RunnerUnavailable
 from agentbox.api.watch_cache import WatchCache
@@ -100,10 +100,12 @@ class SessionCreate(ApiModel):
     @model_validator(mode="after")
     def _tenant_safe(self) -> SessionCreate:
         if self.agent.image is not None:
-            raise ValueError("agent.image is chosen by the platform, not per session")
-        if any(variable.value_from is not None for variable in self.agent.env):
-            # valueFrom could read any Secret in the tenant namespace, other users' credentials included.
-            raise ValueError("agent.env[].valueFrom is not allowed through the API; give a value")
+            raise invalid_field("agent.image", "is chosen by the platform, not per session", self.agent.image)
+        for index, variable in enumerate(self.agent.env):
+            if variable.value_from is not None:
+                # valueFrom could read any Secret in the tenant namespace, other users' credentials included.
+                raise invalid_field(f"agent.env.{index}.valueFrom",
+                                    "is not allowed through the API; give a value", None)
         return self
 
 

@@ -181,12 +181,12 @@ async def test_bad_bodies_name_the_field_and_change_nothing(setup):
     cases = [
         ({**GITHUB, "name": "../etc"}, "body.name"),
         ({**GITHUB, "transport": "carrier-pigeon"}, "body.transport"),
-        ({**GITHUB, "url": None}, "body"),
+        ({**GITHUB, "url": None}, "body.url"),
         ({**GITHUB, "bearerToken": None}, "body.bearerToken"),
-        ({**GITHUB, "timeout": "1500ms"}, "body"),
+        ({**GITHUB, "timeout": "1500ms"}, "body.timeout"),
         ({**GITHUB, "surprise": 1}, "body.surprise"),
         ({**GITHUB, "secretHeaders": {"Bad Name": "x"}}, "body.secretHeaders"),
-        ({**FILES, "url": "https://x.example"}, "body"),
+        ({**FILES, "url": "https://x.example"}, "body.url"),
         ({**FILES, "stdioEnv": {"1BAD": "x"}}, "body.stdioEnv"),
     ]
     for body, field in cases:

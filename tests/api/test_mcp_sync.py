@@ -57,9 +57,10 @@ def test_stdio_environment_goes_to_the_secret_only():
     (STDIO, Credentials(secret_headers={"X": "y"}), "headers"),
     (replace(STDIO, auth_type="bearer"), Credentials(bearer_token="x"), "authType"),
     (replace(HTTP, timeout_seconds=0), HTTP_CREDENTIALS, "timeout"),
-    (replace(HTTP, url=None), HTTP_CREDENTIALS, "body"),  # the CRD model's own rule
-    (replace(STDIO, url="https://x.example"), Credentials(), "body"),
-    (replace(HTTP, headers=[{"name": "x-api-key", "value": "dup"}]), HTTP_CREDENTIALS, "body"),
+    # the CRD model's own rules across fields: named by the field their message leads with
+    (replace(HTTP, url=None), HTTP_CREDENTIALS, "url"),
+    (replace(STDIO, url="https://x.example"), Credentials(), "url"),
+    (replace(HTTP, headers=[{"name": "x-api-key", "value": "dup"}]), HTTP_CREDENTIALS, "headers"),
 ])
 def test_what_cannot_become_an_mcp_server_is_refused_by_field(config, credentials, field):
     with pytest.raises(InvalidConfiguration) as caught:
