@@ -204,6 +204,11 @@ async def _caller(request: Request) -> Principal | None:
         return None
 
 
+# What kube_problem answers beside the caller's own faults: a conflict, the control plane refused (502),
+# Kubernetes unavailable (503). For the OpenAPI responses of routes that call Kubernetes.
+KUBE_PROBLEMS = (409, 502, 503)
+
+
 def kube_problem(exc: KubeError) -> ProblemError:
     if exc.status in (401, 403):
         return ProblemError(502, "Bad Gateway", "the control plane refused the Kubernetes request")

@@ -270,7 +270,7 @@ def _redirect_uri(request: Request, shared: Services) -> str:
 
 
 @router.post("/init", response_model=InitView, name="mcp.oauth.init",
-             responses=problem_responses(400, 401, 403, 404, 409, 422, 502, 503))
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503))
 async def init(body: InitBody, request: Request, principal: Principal = Depends(org_admin),
                shared: Services = Depends(services)) -> InitView:
     org = principal.org or ""
@@ -676,7 +676,7 @@ def _not_connected(configuration_id: uuid.UUID) -> ProblemError:
 
 
 @router.post("/refresh", response_model=ConnectionView, name="mcp.oauth.refresh",
-             responses=problem_responses(401, 403, 404, 409, 422, 502, 503))
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503))
 async def refresh(body: RefreshBody, request: Request, principal: Principal = Depends(tenant_member),
                   shared: Services = Depends(services)) -> ConnectionView:
     org = principal.org or ""
@@ -710,7 +710,7 @@ async def get_connection(configuration_id: Annotated[uuid.UUID, Path()], request
 # Revoke -------------------------------------------------------------------------------------------------
 
 @router.post("/revoke", response_model=RevokeView, name="mcp.oauth.revoke",
-             responses=problem_responses(401, 403, 404, 422, 503))
+             responses=problem_responses(400, 401, 403, 404, 409, 413, 422, 502, 503))
 async def revoke(body: ConnectionBody, request: Request, principal: Principal = Depends(org_admin),
                  shared: Services = Depends(services)) -> RevokeView:
     org = principal.org or ""

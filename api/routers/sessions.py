@@ -22,6 +22,7 @@ from agentbox.api.kube import MANAGED_BY, Kube, KubeError, tenant_namespace, use
 from agentbox.api.observability import current_request_id
 from agentbox.api.problems import ProblemError, field_errors, not_found, problem_responses
 from agentbox.api.routers.common import (
+    KUBE_PROBLEMS,
     AuditedRoute,
     audit_details,
     audit_success,
@@ -219,7 +220,7 @@ def _written(shared: Services, session: dict[str, Any]) -> dict[str, Any]:
 
 
 @router.post("", status_code=201, response_model=SessionView, name="session.create",
-             responses=problem_responses(400, 401, 403, 409, 413, 422, 500, 503))
+             responses=problem_responses(400, 401, 403, 413, 422, 500, *KUBE_PROBLEMS))
 async def create_session(body: SessionCreate, request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
     name = body.name or f"{body.agent.runtime}-{secrets.token_hex(4)}"
@@ -263,7 +264,7 @@ async def create_session(body: SessionCreate, request: Request, principal: Princ
     return _view(created)
 
 
-@router.get("", response_model=list[SessionView], responses=problem_responses(401, 403, 503))
+@router.get("", response_model=list[SessionView], responses=problem_responses(401, 403, *KUBE_PROBLEMS))
 async def list_sessions(principal: Principal = Depends(tenant_member), shared: Services = Depends(services),
                         client: Kube = Depends(kube)) -> list[SessionView]:
     namespace = _namespace(shared, principal)
@@ -281,14 +282,15 @@ async def list_sessions(principal: Principal = Depends(tenant_member), shared: S
     return [_view(item) for item in items if _listed(principal, item)]
 
 
-@router.get("/{name}", response_model=SessionView, responses=problem_responses(401, 403, 404, 422, 503))
+@router.get("/{name}", response_model=SessionView,
+            responses=problem_responses(401, 403, 404, 422, *KUBE_PROBLEMS))
 async def get_session(name: SessionName, principal: Principal = Depends(tenant_member),
                       shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
     return _view(await _owned(client, shared, principal, name))
 
 
 @router.delete("/{name}", status_code=204, response_class=Response, name="session.delete",
-               responses=problem_responses(401, 403, 404, 422, 503))
+               responses=problem_responses(401, 403, 404, 422, *KUBE_PROBLEMS))
 async def delete_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services), client: Kube = Depends(kube)) -> Response:
     audit_target(request, f"session/{name}")
@@ -314,14 +316,14 @@ async def _set_suspend(request: Request, principal: Principal, shared: Services,
 
 
 @router.post("/{name}/suspend", response_model=SessionView, name="session.suspend",
-             responses=problem_responses(401, 403, 404, 422, 503))
+             responses=problem_responses(401, 403, 404, 422, *KUBE_PROBLEMS))
 async def suspend_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
                           shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
     return await _set_suspend(request, principal, shared, client, name, True)
 
 
 @router.post("/{name}/resume", response_model=SessionView, name="session.resume",
-             responses=problem_responses(401, 403, 404, 422, 503))
+             responses=problem_responses(401, 403, 404, 422, *KUBE_PROBLEMS))
 async def resume_session(name: SessionName, request: Request, principal: Principal = Depends(tenant_member),
                          shared: Services = Depends(services), client: Kube = Depends(kube)) -> SessionView:
     return await _set_suspend(request, principal, shared, client, name, False)
