@@ -21,7 +21,10 @@ from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import asyncpg
+import httpx  # the client library underneath FastMCP's HTTP transports
 from fastapi import APIRouter, Depends, Request, Response
+from fastmcp import Client  # with the module: a first import inside the route stalls the event loop
+from fastmcp.client.transports import SSETransport, StreamableHttpTransport
 from pydantic import AfterValidator, Field, StringConstraints, model_validator
 
 from agentbox.api import egress, mcp_sync
@@ -519,8 +522,6 @@ async def _pin(url: str, allow_private: bool, field: str) -> egress.Pin:
 
 
 def _timed_out(exc: BaseException) -> bool:
-    import httpx  # the client library underneath FastMCP's HTTP transports
-
     if isinstance(exc, TimeoutError | httpx.TimeoutException):
         return True
     if isinstance(exc, BaseExceptionGroup):
@@ -537,10 +538,6 @@ def _describe(exc: BaseException) -> str:
 async def list_tools(transport: str, url: str, credentials: Credentials, headers: dict[str, str],
                      seconds: float, pin: egress.Pin) -> list[ToolView]:
     """Connect (to the pinned address only), initialise, list tools, all within `seconds`."""
-    # Imported here: FastMCP is heavy and only this route needs it.
-    from fastmcp import Client
-    from fastmcp.client.transports import SSETransport, StreamableHttpTransport
-
     transport_class: Any = SSETransport if transport == "sse" else StreamableHttpTransport
     all_headers = {**headers, **credentials.secret_headers}
     connection = transport_class(url, headers=all_headers or None, auth=credentials.bearer_token,
