@@ -182,7 +182,8 @@ async def _record_failure(request: Request, state: AuditState, outcome: audit.Ou
                           reason: str | None) -> None:
     principal: Principal | None = getattr(request.state, "principal", None) or await _caller(request)
     db: Database | None = request.app.state.services.database
-    if principal is None or db is None or (principal.org is None and not principal.is_platform):
+    # A valid token that names no org still has an author: its refusal goes into the platform's chain.
+    if principal is None or db is None:
         log.info("unaudited request", extra={"action": state.action, "outcome": outcome, "reason": reason})
         return
     try:

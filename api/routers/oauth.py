@@ -335,16 +335,26 @@ async def init(body: InitBody, request: Request, principal: Principal = Depends(
 class _CallbackAudit:
     """The callback's one audit row (it is a GET: AuditedRoute leaves it to the route)."""
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, principal: Principal | None) -> None:
         self.request = request
+        self.principal = principal
         self.written = False
+
+    def _role(self, actor: str | None) -> str | None:
+        """The actor's role: the relaying caller's own, else that of the user who started the flow, an
+        admin (only org admins may call init)."""
+        if actor is None:
+            return None
+        if self.principal is not None and self.principal.sub == actor:
+            return "service_role" if self.principal.is_platform else self.principal.role
+        return "admin"
 
     def event(self, org: str | None, actor: str | None, outcome: audit.Outcome, target: str | None,
               reason: str | None, **details: Any) -> audit.AuditEvent:
         request = self.request
         return audit.AuditEvent(
             org_id=org, action="mcp.oauth.callback", outcome=outcome, actor_sub=actor,
-            actor_role="user" if actor is not None else None,
+            actor_role=self._role(actor),
             target=target, reason=reason, ip=request.client.host if request.client else None,
             user_agent=request.headers.get("user-agent"), request_id=current_request_id(), details=details)
 
@@ -417,7 +427,7 @@ async def callback(request: Request, shared: Services = Depends(services),
                    iss: Annotated[str | None, Query(max_length=2048)] = None) -> Response:
     db, keys, http = database(request), key_ring(shared), _http(shared)
     principal = await _optional_principal(request)
-    recorder = _CallbackAudit(request)
+    recorder = _CallbackAudit(request, principal)
     org = oauth.state_org(state)
     if state is None or org is None:
         why = "the state parameter is " + ("missing" if state is None else "malformed")

@@ -70,3 +70,12 @@ async def test_the_callback_declares_its_502(api):
     spec = (await api.get("/openapi.json")).json()
     answers = spec["paths"]["/api/v1/mcp/oauth/callback"]["get"]["responses"]
     assert "application/problem+json" in answers["502"]["content"]
+
+
+async def test_the_callback_row_names_the_role_of_the_user_who_started_the_flow(api, superuser):
+    state, _configuration_id = await issued_state(superuser, user="admin-j")
+    await api.get("/api/v1/mcp/oauth/callback", params={"state": state, "error": "access_denied"})
+    row = await superuser.fetchrow("SELECT actor_sub, actor_role, outcome FROM audit_logs WHERE org_id = $1 "
+                                   "AND action = 'mcp.oauth.callback' ORDER BY seq DESC LIMIT 1", ORG)
+    # Only org admins start flows (init), so the browser's callback acts for an admin.
+    assert tuple(row) == ("admin-j", "admin", "failed")

@@ -162,6 +162,16 @@ async def test_every_mutating_request_writes_exactly_one_row(api, superuser):
     assert all(r["actor_sub"] == "user-a1" for r in rows)
 
 
+async def test_a_mutation_refused_for_a_token_without_an_org_is_audited_in_the_platform_chain(api, superuser):
+    before = len(await audit_rows(superuser, None))
+    response = await api.post("/api/v1/prompts", headers=bearer("drifter", org=None),
+                              json={"scope": "user", "name": "n", "content": "c"})
+    assert response.status_code == 403, response.text
+    rows = (await audit_rows(superuser, None))[before:]
+    assert [(r["action"], r["outcome"], r["actor_sub"]) for r in rows] == [
+        ("prompt.create", "denied", "drifter")]
+
+
 async def test_validation_problems_name_the_field(api):
     response = await api.post("/api/v1/prompts", headers=USER_A1,
                               json={"scope": "user", "name": "", "content": "c", "priority": "high"})
