@@ -96,7 +96,8 @@ def _deadline(until: float) -> Iterator[None]:
     """Abort the Python code this thread runs inside the block once time.monotonic() passes `until`.
 
     A trace function checks the clock at every line event, loop iterations included, so nested loops
-    cannot outrun it; the sandbox bounds the C-level work (ranges, repetition) that emits no events."""
+    cannot outrun it. One long C-level call emits no events and is caught only when it returns: the
+    sandbox caps the ranges and repetitions that would make one long."""
 
     def check(frame: FrameType, event: str, arg: Any) -> Any:
         if time.monotonic() > until:
@@ -142,8 +143,11 @@ async def check_template(source: str, variables: Mapping[str, Any], *, render_se
                          max_chars: int, field: str = "content") -> None:
     """Refuse, at write time, a template that does not parse or does not render with `variables` (shaped
     like compose's) within the budget: caught here, it never breaks a later compose."""
-    await asyncio.to_thread(render_template, source, variables, deadline=time.monotonic() + render_seconds,
-                            max_chars=max_chars, field=field)
+    def trial() -> None:  # the clock starts in the worker thread, not while the render waits for one
+        render_template(source, variables, deadline=time.monotonic() + render_seconds, max_chars=max_chars,
+                        field=field)
+
+    await asyncio.to_thread(trial)
 
 
 # Unicode categories that render as nothing: format (Cf, which holds the tag characters and bidi
