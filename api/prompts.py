@@ -3,12 +3,13 @@
 Pure: prompt parts and variables in, a composed prompt (text, version, injection signals) out.
 The prompt is guidance for the agent, not a security control: nothing secret is rendered into it.
 Templates are user-written code: each render runs under a time deadline and an output cap, and callers
-on the event loop run it in a worker thread (`PromptCache.compose`, `check_template`).
+on the event loop run it in a render thread (`PromptCache.compose`, `check_template`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import re
@@ -16,11 +17,12 @@ import sys
 import time
 import unicodedata
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
@@ -28,6 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 Scope = Literal["global", "org", "user"]
 SCOPE_ORDER: dict[Scope, int] = {"global": 0, "org": 1, "user": 2}
 _MAX_STRING_PRODUCT = 100_000
+_Result = TypeVar("_Result")
 
 
 class PromptError(ValueError):
@@ -139,15 +142,25 @@ def render_template(source: str, variables: Mapping[str, Any], *, deadline: floa
     return "".join(chunks)
 
 
+# Renders have threads of their own: a burst of slow templates queues behind other renders, not in front
+# of the default executor's other work (the event loop's DNS lookups).
+_RENDER_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompt-render")
+
+
+async def _in_render_thread(function: Callable[..., _Result], /, *args: Any, **kwargs: Any) -> _Result:
+    return await asyncio.get_running_loop().run_in_executor(
+        _RENDER_THREADS, functools.partial(function, *args, **kwargs))
+
+
 async def check_template(source: str, variables: Mapping[str, Any], *, render_seconds: float,
                          max_chars: int, field: str = "content") -> None:
     """Refuse, at write time, a template that does not parse or does not render with `variables` (shaped
     like compose's) within the budget: caught here, it never breaks a later compose."""
-    def trial() -> None:  # the clock starts in the worker thread, not while the render waits for one
+    def trial() -> None:  # the clock starts in the render thread, not while the render waits for one
         render_template(source, variables, deadline=time.monotonic() + render_seconds, max_chars=max_chars,
                         field=field)
 
-    await asyncio.to_thread(trial)
+    await _in_render_thread(trial)
 
 
 # Unicode categories that render as nothing: format (Cf, which holds the tag characters and bidi
@@ -247,7 +260,7 @@ class PromptCache:
 
     async def compose(self, parts: Iterable[PromptPart], variables: Mapping[str, Any], *,
                       max_part_chars: int, max_total_chars: int, render_seconds: float) -> ComposedPrompt:
-        """The composed prompt, from the cache or composed in a worker thread (the loop never renders)."""
+        """The composed prompt, from the cache or composed in a render thread (the loop never renders)."""
         parts = list(parts)
         key = content_version(parts, variables)
         cached = self._entries.get(key)
@@ -255,7 +268,7 @@ class PromptCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return cached
-        result = await asyncio.to_thread(compose, parts, variables, max_part_chars=max_part_chars,
+        result = await _in_render_thread(compose, parts, variables, max_part_chars=max_part_chars,
                                          max_total_chars=max_total_chars, render_seconds=render_seconds)
         self._entries[key] = result
         if len(self._entries) > self._max:

@@ -162,6 +162,20 @@ def test_injection_patterns_are_reported_as_signals():
                                                          ("o", "prompt-exfiltration")}
 
 
+async def test_a_burst_of_slow_renders_leaves_the_default_executor_free():
+    # The loop's own blocking work (DNS lookups) runs in the default executor: renders queue elsewhere.
+    budget = {"render_seconds": 0.5, "max_chars": 100}
+    renders = [asyncio.create_task(check_template(RUNAWAY_LOOPS, VARIABLES, **budget)) for _ in range(40)]
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await asyncio.get_running_loop().run_in_executor(None, time.monotonic)
+    waited = time.monotonic() - started
+    for render in renders:
+        render.cancel()
+    await asyncio.gather(*renders, return_exceptions=True)
+    assert waited < 0.25
+
+
 async def test_the_cache_is_keyed_by_content_version():
     cache = PromptCache()
     first = await cache.compose([part("u", "user", "v1")], VARIABLES, **LIMITS)
