@@ -5,6 +5,7 @@ import asyncio
 import copy
 import itertools
 import json
+import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -156,7 +157,7 @@ def _now() -> str:
 @pytest.fixture
 def kube():
     quiet = kopf.OperatorSettings()
-    quiet.posting.enabled = False
+    quiet.posting.enabled, quiet.posting.level = False, logging.CRITICAL + 1
     posting.settings_var.set(quiet)
     fake = FakeKube()
     yield fake
