@@ -107,7 +107,9 @@ async def operator_process(kubeconfig: Path, scope: str, log: Path,
     process = Process("operator", [sys.executable, "-m", "agentbox.operator", "--standalone", "-n", scope,
                                    "--liveness", f"http://127.0.0.1:{liveness}/healthz"],
                       {**(chart_env or {}), "KUBECONFIG": str(kubeconfig), "AGENTBOX_METRICS_PORT": "0",
-                       "AGENTBOX_EXPIRY_CHECK_SECONDS": "1", "AGENTBOX_CONFLICT_RETRY_SECONDS": "2"}, log)
+                       "AGENTBOX_EXPIRY_CHECK_SECONDS": "1", "AGENTBOX_CONFLICT_RETRY_SECONDS": "2",
+                       # the journey's MCP upstream listens on loopback
+                       "AGENTBOX_MCP_PROBE_ALLOW_PRIVATE_NETWORKS": "true"}, log)
     try:
         await process.start()
         await process.wait_for(lambda: http_ok(f"http://127.0.0.1:{liveness}/healthz"))
