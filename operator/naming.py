@@ -26,6 +26,8 @@ from agentbox.crds.naming import (  # the names the API shares; re-exported for 
 
 ENDPOINT_PORT = 3284
 CONFIG_HASH_ANNOTATION = "agentbox.dev/config-hash"
+# On a session's pod: the hash of its spec as rendered (absent on pods of operators before it: kept).
+SPEC_HASH_ANNOTATION = "agentbox.dev/spec-hash"
 # On a pod claimed from a pool: when its Secret and ConfigMap became the session's.
 CLAIMED_AT_ANNOTATION = "agentbox.dev/claimed-at"
 # On an AgentSessionPool a ClusterAgentSessionPool keeps: that pool's name.

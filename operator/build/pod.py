@@ -41,6 +41,12 @@ def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
+def spec_hash(pod_spec: dict[str, Any]) -> str:
+    """sha256 of the pod's spec as rendered: a change (the session's image, resources, placement...) rolls
+    the pod, which Kubernetes would not let us edit in place."""
+    return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()
+
+
 # The fields through which a pod names its own children, blanked by template_hash.
 _CHILD_REFERENCES = (("persistentVolumeClaim", "claimName"), ("configMap", "name"), ("secret", "secretName"))
 
@@ -207,5 +213,6 @@ def build_pod(session: Session, *, image: str, pull_policy: str, config_digest: 
     all_tolerations = [*placed, *(toleration for toleration in spec.tolerations if toleration not in placed)]
     if all_tolerations:
         pod_spec["tolerations"] = all_tolerations
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": session.metadata({naming.CONFIG_HASH_ANNOTATION: config_digest}), "spec": pod_spec}
+    return {"apiVersion": "v1", "kind": "Pod", "spec": pod_spec,
+            "metadata": session.metadata({naming.CONFIG_HASH_ANNOTATION: config_digest,
+                                          naming.SPEC_HASH_ANNOTATION: spec_hash(pod_spec)})}

@@ -57,17 +57,18 @@ def owned_by_pool(manifest: dict[str, Any], pool: dict[str, Any], template: str)
 
 def handover(session: Session, pool_name: str, desired_pod: dict[str, Any],
              resource_version: str | None) -> dict[str, Any]:
-    """The merge patch that makes a member's pod the session's: its labels, sole owner and config hash (of
-    the session's ConfigMap and Secret, which the claim writes next). It keeps the pool's name in
-    CLAIMED_FROM_LABEL (claimed counts), and is made on the version the claimant read (None: the pod is
-    the session's already), so that of two sessions claiming one member only one wins. The member's other
-    children change hands by server-side apply of the session's own (the pool applied them with the same
-    field manager, so the pool's labels and owner go)."""
+    """The merge patch that makes a member's pod the session's: its labels, sole owner, spec hash and
+    config hash (of the session's ConfigMap and Secret, which the claim writes next). It keeps the pool's
+    name in CLAIMED_FROM_LABEL (claimed counts), and is made on the version the claimant read (None: the
+    pod is the session's already), so that of two sessions claiming one member only one wins. The
+    member's other children change hands by server-side apply of the session's own (the pool applied them
+    with the same field manager, so the pool's labels and owner go)."""
     labels: dict[str, Any] = {**session.labels, naming.POOL_LABEL: None, naming.TEMPLATE_HASH_LABEL: None,
                               naming.CLAIMED_FROM_LABEL: naming.label_value(pool_name)}
-    config = desired_pod["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
+    hashes = {key: desired_pod["metadata"]["annotations"][key]
+              for key in (naming.CONFIG_HASH_ANNOTATION, naming.SPEC_HASH_ANNOTATION)}
     meta: dict[str, Any] = {"labels": labels, "ownerReferences": [session.owner_reference()],
-                            "annotations": {naming.CONFIG_HASH_ANNOTATION: config}}
+                            "annotations": hashes}
     if resource_version is not None:
         meta["resourceVersion"] = resource_version
     return {"metadata": meta}

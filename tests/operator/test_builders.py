@@ -11,7 +11,7 @@ from agentbox.operator.build import mcp, tenant
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.configmap import build_configmap
 from agentbox.operator.build.networkpolicy import build_session_policy
-from agentbox.operator.build.pod import build_pod, config_hash
+from agentbox.operator.build.pod import build_pod, config_hash, spec_hash
 from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.build.secret import build_secret
 from agentbox.operator.build.service import build_service
@@ -111,7 +111,18 @@ def test_pod_layout_matches_the_sandbox_interface():
     assert env["AGENTBOX_WORKSPACE"] == "/workspace"
     mounts = {mount["mountPath"] for mount in runner["volumeMounts"]}
     assert mounts == {"/etc/agentbox", "/var/run/agentbox/secrets", "/tmp", "/workspace"}
-    assert pod["metadata"]["annotations"] == {naming.CONFIG_HASH_ANNOTATION: "abc"}
+    assert pod["metadata"]["annotations"] == {naming.CONFIG_HASH_ANNOTATION: "abc",
+                                              naming.SPEC_HASH_ANNOTATION: spec_hash(pod["spec"])}
+
+
+def test_the_spec_hash_follows_what_the_pod_runs_and_nothing_else():
+    pod = make_pod(make_session())
+    again = make_pod(make_session())
+    assert again["metadata"]["annotations"][naming.SPEC_HASH_ANNOTATION] == \
+        pod["metadata"]["annotations"][naming.SPEC_HASH_ANNOTATION]
+    edited = make_pod(make_session(agent={"runtime": "scripted", "image": "example.com/other:2"}))
+    assert edited["metadata"]["annotations"][naming.SPEC_HASH_ANNOTATION] != \
+        pod["metadata"]["annotations"][naming.SPEC_HASH_ANNOTATION]
 
 
 def test_the_runner_says_why_it_gave_up_where_the_kubelet_reads_it():
