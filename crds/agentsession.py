@@ -78,7 +78,8 @@ class AgentSpec(KubeModel):
     """Which agent runs in the sandbox and how it is started."""
 
     model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
-        {"rule": "!has(self.runtime) || self.runtime != 'custom' || has(self.command)",
+        {"rule": "!has(self.runtime) || self.runtime != 'custom' || "
+                 "(has(self.command) && size(self.command) > 0)",
          "message": "spec.agent.command is required when spec.agent.runtime is custom"}]}}
 
     runtime: Runtime = Field("claude-code", description="The agent: claude-code, gemini, codex, scripted "
@@ -105,13 +106,14 @@ class AgentSpec(KubeModel):
 class Workspace(KubeModel):
     """The persistent volume mounted at /workspace."""
 
-    size: Quantity = Field("1Gi", description="Requested capacity, a quantity such as 1Gi. May grow, never "
-                                              "shrink.",
+    size: Quantity = Field("1Gi", description="Requested capacity, a quantity such as 1Gi. A session's may "
+                                              "grow (where its StorageClass allows expansion), never shrink.",
                            json_schema_extra={"x-kubernetes-validations": [
-                               {"rule": "quantity(self).compareTo(quantity(oldSelf)) >= 0",
-                                "message": "spec.workspace.size may grow, never shrink"}]})
+                               {"rule": "!isQuantity(self) || quantity(self).isGreaterThan(quantity('0'))",
+                                "message": "must be greater than zero"}]})
     storage_class_name: DnsSubdomain | None = Field(None, description="StorageClass of the claim; the "
-                                                                      "cluster default when unset.")
+                                                                      "cluster default when unset. A "
+                                                                      "session's is immutable.")
     retain_on_delete: bool = Field(False, description="Keep the workspace claim when the session is "
                                                       "deleted.")
 
@@ -178,14 +180,28 @@ PROVIDER_NEEDED_MESSAGE = (f"spec.egress.provider is required with spec.egress.p
                            f"{', '.join(PROVIDER_APIS)})")
 
 
+_TEMPLATE_RULES = [
+    {"rule": "!has(self.egress) || !has(self.egress.providerKey) || has(self.egress.provider) || "
+             f"(has(self.agent.runtime) && self.agent.runtime in {list(RUNTIME_PROVIDERS)})",
+     "message": PROVIDER_NEEDED_MESSAGE}]
+# A session's workspace claim, unlike a pool's template, exists: Kubernetes lets a bound claim grow only,
+# and never changes its class. (workspace and its size have defaults: they are always there.)
+_SESSION_WORKSPACE_RULES = [
+    {"rule": "!isQuantity(self.workspace.size) || !isQuantity(oldSelf.workspace.size) || "
+             "quantity(self.workspace.size).compareTo(quantity(oldSelf.workspace.size)) >= 0",
+     "message": "spec.workspace.size may grow, never shrink", "fieldPath": ".workspace.size"},
+    {"rule": "has(self.workspace.storageClassName) == has(oldSelf.workspace.storageClassName) && "
+             "(!has(self.workspace.storageClassName) || "
+             "self.workspace.storageClassName == oldSelf.workspace.storageClassName)",
+     "message": "spec.workspace.storageClassName is immutable", "fieldPath": ".workspace.storageClassName"}]
+
+
 class SandboxTemplate(KubeModel):
     """Everything that shapes a sandbox pod: what an AgentSessionPool pre-starts, and what a session shares
     with the pool member it claims. Tenant, system prompt and lifecycle are the session's own."""
 
-    model_config = KubeModel.model_config | {"json_schema_extra": {"x-kubernetes-validations": [
-        {"rule": "!has(self.egress) || !has(self.egress.providerKey) || has(self.egress.provider) || "
-                 f"(has(self.agent.runtime) && self.agent.runtime in {list(RUNTIME_PROVIDERS)})",
-         "message": PROVIDER_NEEDED_MESSAGE}]}}
+    model_config = KubeModel.model_config | {"json_schema_extra": {
+        "x-kubernetes-validations": _TEMPLATE_RULES}}
 
     agent: AgentSpec = Field(default_factory=AgentSpec, description="The agent and how it starts.",
                              json_schema_extra={"default": {}})
@@ -228,6 +244,9 @@ class SandboxTemplate(KubeModel):
 
 class AgentSessionSpec(SandboxTemplate):
     """The desired state of an agent sandbox."""
+
+    model_config = KubeModel.model_config | {"json_schema_extra": {
+        "x-kubernetes-validations": _TEMPLATE_RULES + _SESSION_WORKSPACE_RULES}}
 
     tenant: Tenant = Field(description="Who the session belongs to.")
     system_prompt: Annotated[str, StringConstraints(max_length=65536)] = Field(

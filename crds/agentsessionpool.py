@@ -37,8 +37,8 @@ class AgentSessionPoolStatus(KubeModel):
     ready: int | None = Field(None, description="Unclaimed members ready to be claimed.")
     claimed: int | None = Field(None, description="Running pods that sessions claimed from this pool.")
     template_hash: Annotated[str, StringConstraints(max_length=64)] | None = Field(
-        None, description="The hash members carry in agentbox.dev/template-hash; sessions whose pod hashes "
-                          "alike claim them.")
+        None, description="The hash members carry in agentbox.dev/template-hash, of their pod and their "
+                          "workspace's size and class; sessions whose sandbox hashes alike claim them.")
     observed_generation: int | None = Field(None, description="The spec generation last acted on.")
     conditions: list[Condition] = Field(
         default_factory=list, description="Ready: spec.replicas members are ready (False: why not).",

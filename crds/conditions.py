@@ -67,6 +67,7 @@ class Reason(StrEnum):
     CLAIM_BOUND = "ClaimBound"
     CLAIM_PENDING = "ClaimPending"
     CLAIM_LOST = "ClaimLost"
+    CLAIM_UPDATE_REFUSED = "ClaimUpdateRefused"  # a resize the claim's StorageClass does not allow
     # MCPReady
     ALL_SERVERS_READY = "AllServersReady"
     NO_SERVERS = "NoServersReferenced"

@@ -37,6 +37,7 @@ class Observed:
     mcp_problems: tuple[Problem, ...] | None = None  # None: not looked at this time, keep the last
     conflict: str | None = None
     blocked: tuple[Reason, str] | None = None  # the apiserver refused a write (quota, admission, error)
+    claim_refused: str | None = None  # the apiserver refused a change of the workspace claim (a resize)
     deleting: bool = False
 
     @property
@@ -193,12 +194,14 @@ def _condition(kind: Kind, ok: bool | None, reason: Reason, message: str) -> dic
     return {"type": str(kind), "status": str(status), "reason": str(reason), "message": message}
 
 
-def _workspace_condition(pvc: dict[str, Any] | None) -> dict[str, Any]:
-    phase = ((pvc or {}).get("status") or {}).get("phase")
-    if phase == "Bound":
-        return _condition(Kind.WORKSPACE_READY, True, Reason.CLAIM_BOUND, "workspace claim is bound")
+def _workspace_condition(phase: str | None, refused: str | None) -> dict[str, Any]:
     if phase == "Lost":
         return _condition(Kind.WORKSPACE_READY, False, Reason.CLAIM_LOST, "workspace volume was lost")
+    if refused:
+        return _condition(Kind.WORKSPACE_READY, False, Reason.CLAIM_UPDATE_REFUSED,
+                          f"the workspace claim keeps its size: {refused}")
+    if phase == "Bound":
+        return _condition(Kind.WORKSPACE_READY, True, Reason.CLAIM_BOUND, "workspace claim is bound")
     return _condition(Kind.WORKSPACE_READY, False, Reason.CLAIM_PENDING,
                       "waiting for the workspace claim to bind")
 
@@ -241,6 +244,27 @@ def _scheduled_condition(pod: dict[str, Any] | None, wanted: bool, claim_pending
     return _condition(Kind.POD_SCHEDULED, False, Reason.SCHEDULING_PENDING, "waiting for the scheduler")
 
 
+def _stamped(condition: dict[str, Any], previous: dict[str, dict[str, Any]], generation: int,
+             now: datetime) -> dict[str, Any]:
+    """The condition with its generation, and its lastTransitionTime kept while its status is unchanged."""
+    condition = {key: value for key, value in condition.items()
+                 if key not in ("lastTransitionTime", "observedGeneration")}
+    before = previous.get(condition["type"], {})
+    unchanged = before.get("status") == condition["status"] and before.get("lastTransitionTime")
+    condition["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else format_time(now)
+    condition["observedGeneration"] = generation
+    return condition
+
+
+def invalid_spec(previous: dict[str, Any], generation: int, message: str, now: datetime) -> dict[str, Any]:
+    """The status of a session whose spec the operator cannot read (admission let it through, an older CRD
+    perhaps): Failed, Ready False InvalidSpec, the other conditions as they were."""
+    conditions = {c.get("type"): c for c in previous.get("conditions") or []}
+    ready = _stamped(_condition(Kind.READY, False, Reason.INVALID_SPEC, message), conditions, generation, now)
+    return {"phase": str(SessionPhase.FAILED), "observedGeneration": generation,
+            "conditions": [ready, *(c for kind, c in conditions.items() if kind != str(Kind.READY))]}
+
+
 def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     """The full status object to write (conditions keep their lastTransitionTime when unchanged)."""
     spec = observed.spec
@@ -260,8 +284,9 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     expired = expiry(observed, now)
     wants_pod = not (suspended or expired or observed.deleting or observed.conflict)
     pod = observed.pod
-    workspace = _workspace_condition(observed.pvc)
-    claim_pending = observed.pvc is not None and workspace["reason"] == Reason.CLAIM_PENDING
+    claim_phase = ((observed.pvc or {}).get("status") or {}).get("phase")
+    workspace = _workspace_condition(claim_phase, observed.claim_refused)
+    claim_pending = observed.pvc is not None and claim_phase not in ("Bound", "Lost")
     scheduled = _scheduled_condition(pod, wants_pod, claim_pending)
     failure = pod_failure(pod) if pod is not None and wants_pod else None
     if failure is None and scheduled["reason"] == Reason.UNSCHEDULABLE:
@@ -301,15 +326,8 @@ def derive(observed: Observed, now: datetime) -> dict[str, Any]:
     if mcp is None:
         mcp = previous_conditions.get(str(Kind.MCP_READY)) or _condition(
             Kind.MCP_READY, None, Reason.SERVER_NOT_READY, "not checked yet")
-    conditions = []
-    for condition in (ready, scheduled, workspace, mcp, suspended_condition):
-        condition = {key: value for key, value in condition.items()
-                     if key not in ("lastTransitionTime", "observedGeneration")}
-        before = previous_conditions.get(condition["type"], {})
-        unchanged = before.get("status") == condition["status"] and before.get("lastTransitionTime")
-        condition["lastTransitionTime"] = before["lastTransitionTime"] if unchanged else format_time(now)
-        condition["observedGeneration"] = observed.generation
-        conditions.append(condition)
+    conditions = [_stamped(condition, previous_conditions, observed.generation, now)
+                  for condition in (ready, scheduled, workspace, mcp, suspended_condition)]
 
     status: dict[str, Any] = {
         "phase": str(phase), "conditions": conditions, "observedGeneration": observed.generation,

@@ -39,6 +39,7 @@ from agentbox.operator.status import (
     Observed,
     derive,
     expiry,
+    invalid_spec,
     next_deadline,
     parse_time,
     suspension_patch,
@@ -176,6 +177,11 @@ class ProviderKeyMissingError(kopf.TemporaryError):
     """spec.egress.providerKey names a Secret key that does not exist; retried slowly until it does."""
 
 
+class ClaimUpdateRefusedError(kopf.TemporaryError):
+    """The apiserver refused to grow the workspace claim (its StorageClass allows no expansion); the
+    session runs on with the claim as it is, and the resize is tried again slowly."""
+
+
 API_RETRY_SECONDS = 5.0
 EXPIRY_SLACK_SECONDS = 0.5  # wake just after the deadline, not just before it
 SUSPEND_RETRY_SECONDS = 0.5
@@ -224,16 +230,20 @@ def _changed(previous: dict[str, Any], status: dict[str, Any]) -> bool:
         previous.get(key) is not None for key, value in status.items() if value is None)
 
 
-async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> None:
+async def _write_status(kube: Kube, body: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    """Returns the session as written (`body` when nothing changed)."""
     meta = body["metadata"]
     previous = body.get("status") or {}
-    if _changed(previous, status):
-        written = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"],
-                                         {"status": status}, sub="status")
-        if written is not None:
-            remember(written)
-        _announce(body, previous, status)
     metrics.record_phase((meta["namespace"], meta["name"]), status["phase"])
+    if not _changed(previous, status):
+        return body
+    written = await kube.merge_patch(agentsession.KIND, meta["namespace"], meta["name"],
+                                     {"status": status}, sub="status")
+    _announce(body, previous, status)
+    if written is None:
+        return body
+    remember(written)
+    return written
 
 
 def _schedule_expiry(kube: Kube, settings: OperatorSettings, observed: Observed, status: dict[str, Any],
@@ -311,17 +321,21 @@ async def _first_pod(kube: Kube, desired: dict[str, Any], body: dict[str, Any]) 
 
 async def _ensure_pod(kube: Kube, desired: dict[str, Any], existing: dict[str, Any] | None,
                       ownership: Ownership, body: dict[str, Any]) -> dict[str, Any] | None:
-    """Pods are immutable: create when absent, replace when the rendered config changed."""
+    """Pods are immutable: create when absent, replace when its rendered spec or config changed."""
     if existing is not None:
-        wanted = desired["metadata"]["annotations"][naming.CONFIG_HASH_ANNOTATION]
-        current = (existing["metadata"].get("annotations") or {}).get(naming.CONFIG_HASH_ANNOTATION)
-        if ownership is Ownership.OURS and current == wanted:
+        wanted = desired["metadata"]["annotations"]
+        current = existing["metadata"].get("annotations") or {}
+        config_changed = current.get(naming.CONFIG_HASH_ANNOTATION) != wanted[naming.CONFIG_HASH_ANNOTATION]
+        spec_changed = naming.SPEC_HASH_ANNOTATION in current and \
+            current[naming.SPEC_HASH_ANNOTATION] != wanted[naming.SPEC_HASH_ANNOTATION]
+        if ownership is Ownership.OURS and not (config_changed or spec_changed):
             return existing
         if existing["metadata"].get("deletionTimestamp") is None:
             await kube.delete("Pod", existing["metadata"]["namespace"], existing["metadata"]["name"],
                               uid=existing["metadata"]["uid"])
+            what = "pod spec" if spec_changed else "configuration"
             kopf.event(body, type="Normal", reason="PodReplaced",
-                       message=_traced(body, "configuration changed: replacing the sandbox pod"))
+                       message=_traced(body, f"{what} changed: replacing the sandbox pod"))
         return None  # its DELETED event brings us back to create the new one
     return await _create_pod(kube, desired, body)
 
@@ -428,8 +442,10 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         spec = AgentSessionSpec.model_validate(body.get("spec") or {})
     except ValidationError as error:
         # Admission rejects this normally; an older CRD version might not have.
-        kopf.warn(body, reason=Reason.INVALID_SPEC, message=_traced(body, str(error)))
-        raise kopf.PermanentError(f"invalid spec: {error}") from error
+        message = str(error)[:4000]
+        await _write_status(kube, body, invalid_spec(body.get("status") or {}, meta.get("generation", 0),
+                                                      message, _now()))
+        raise kopf.PermanentError(f"invalid spec: {message}") from error
     patch = suspension_patch(_observed(body, spec), _now())
     if patch is not None:
         body = await _patch_suspension(kube, body, patch)
@@ -462,6 +478,11 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
     # The first pass made the claim just now, so no pod of ours can exist yet: one held back is not read.
     held_from_first_pass = False
     if first_pass and session.member is None:
+        # Written before any child exists: a pass cut short below (a crash, a lost connection) is no first
+        # pass when it runs again, so it finishes these children rather than claim a pool member beside them.
+        body = await _write_status(kube, body, derive(
+            _observed(body, spec, mcp_problems=tuple(rendering.mcp.problems)), _now()))
+        meta = body["metadata"]
         bound = _claim_bound[(namespace, name)] = asyncio.Event()  # before the claim can exist
         first = manifests(new_token)
         creates = {kind: asyncio.ensure_future(kube.create(manifest)) for kind, manifest in first.items()}
@@ -513,7 +534,21 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         token = new_token
     desired = manifests(token)
     to_apply = [kind for kind in desired if kind not in created]
-    applied = await asyncio.gather(*(kube.apply(desired[kind]) for kind in to_apply))
+    claim_refused: str | None = None
+
+    async def apply(kind: str) -> dict[str, Any]:
+        nonlocal claim_refused
+        try:
+            return await kube.apply(desired[kind])
+        except ApiException as error:
+            existing = found.get(kind)
+            if kind != "PersistentVolumeClaim" or existing is None or error.status not in (403, 422) or \
+                    namespace_terminating(error):
+                raise
+            claim_refused = api_message(error)
+            return existing
+
+    applied = await asyncio.gather(*(apply(kind) for kind in to_apply))
     pvc = {**created, **dict(zip(to_apply, applied, strict=True))}["PersistentVolumeClaim"]
 
     pod = created.get("Pod") or found.get("Pod")
@@ -535,12 +570,14 @@ async def _reconcile(kube: Kube, settings: OperatorSettings, body: dict[str, Any
         pod = None
     blocked = (Reason.PROVIDER_KEY_NOT_FOUND, key_missing) if key_missing else None
     observed = _observed(body, spec, mcp_problems=tuple(rendering.mcp.problems), pvc=pvc, pod=pod,
-                         blocked=blocked)
+                         blocked=blocked, claim_refused=claim_refused)
     status = derive(observed, _now())
     await _write_status(kube, body, status)
     _schedule_expiry(kube, settings, observed, status, meta["uid"])
     if key_missing and not stopped:
         raise ProviderKeyMissingError(key_missing, delay=settings.conflict_retry_seconds)
+    if claim_refused:
+        raise ClaimUpdateRefusedError(claim_refused, delay=settings.conflict_retry_seconds)
     return status
 
 
@@ -623,9 +660,13 @@ async def release_workspace(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """retainOnDelete: cut the claim loose from garbage collection before the session goes."""
     kube, _settings = _memo(memo)
     meta = body["metadata"]
-    release = {"metadata": {"ownerReferences": None}}
-    claim = naming.session_child_name(meta["name"], meta.get("annotations"))
-    released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"], claim, release)
+    name = naming.session_child_name(meta["name"], meta.get("annotations"))
+    claim = await kube.get("PersistentVolumeClaim", meta["namespace"], name)
+    if classify(claim, meta["uid"], {}) is not Ownership.OURS:
+        return  # released already, or never this session's: another owner's references are not ours to cut
+    # On the version read: a conflict (changed meanwhile) is retried by kopf on a fresh read.
+    release = {"metadata": {"ownerReferences": None, "resourceVersion": claim["metadata"]["resourceVersion"]}}
+    released = await kube.merge_patch("PersistentVolumeClaim", meta["namespace"], name, release)
     if released is not None:
         kopf.info(body, reason="WorkspaceRetained",
                   message=_traced(body, "workspace claim kept after deletion"))

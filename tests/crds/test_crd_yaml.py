@@ -1,5 +1,6 @@
 """The CRD YAML on disk is exactly what the models generate, and it is a structural schema."""
 
+import json
 from pathlib import Path
 
 import yaml
@@ -55,8 +56,15 @@ def test_cel_rules_are_present_and_name_fields():
     session = yaml.safe_load(generate.render()["agentsessions.agentbox.dev.yaml"])
     spec = session["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
     assert spec["tenant"]["properties"]["org"]["x-kubernetes-validations"][0]["rule"] == "self == oldSelf"
-    size_rule = spec["workspace"]["properties"]["size"]["x-kubernetes-validations"][0]
-    assert "oldSelf" in size_rule["rule"] and "spec.workspace.size" in size_rule["message"]
+    positive = spec["workspace"]["properties"]["size"]["x-kubernetes-validations"][0]
+    assert "oldSelf" not in positive["rule"] and positive["message"] == "must be greater than zero"
+    session_rules = {rule["fieldPath"]: rule for rule in session["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"] if "fieldPath" in rule}
+    assert set(session_rules) == {".workspace.size", ".workspace.storageClassName"}
+    assert all("oldSelf" in rule["rule"] and rule["message"].startswith("spec" + path)
+               for path, rule in session_rules.items())
+    pool = yaml.safe_load(generate.render()["agentsessionpools.agentbox.dev.yaml"])
+    assert "oldSelf" not in json.dumps(pool)  # a pool's template is no claim: it may change at will
     server = yaml.safe_load(generate.render()["mcpservers.agentbox.dev.yaml"])
     rules = server["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"][
         "x-kubernetes-validations"]

@@ -410,6 +410,33 @@ async def test_the_pod_waits_for_a_claim_that_binds_on_its_own(operator, kube, o
                            f"storageclass/{storage_class}")
 
 
+async def test_a_resize_the_storage_class_refuses_is_reported_and_the_session_runs_on(operator, kube, ops,
+                                                                                     tenant):
+    storage_class, volume = f"fixed-{tenant}", f"pv-fixed-{tenant}"  # no allowVolumeExpansion
+    await kube.kubectl("apply", "-f", "-", input=json.dumps(_storage_class(storage_class, "Immediate")))
+    try:
+        await ops.create(session_manifest("grow", tenant, workspace={"storageClassName": storage_class}))
+        await eventually(lambda: _waiting_for_workspace(ops, tenant, "grow"),
+                         what="the session waiting for its workspace claim")
+        await _bind_by_hand(kube, ops, tenant, "grow", storage_class, volume)
+        await session_in_phase(ops, tenant, "grow", "Running")
+        await ops.merge_patch(agentsession.KIND, tenant, "grow", {"spec": {"workspace": {"size": "2Gi"}}})
+
+        async def refused():
+            body = await ops.get(agentsession.KIND, tenant, "grow")
+            return _reasons(body).get("WorkspaceReady") == "ClaimUpdateRefused" and body
+
+        body = await eventually(refused, what="WorkspaceReady ClaimUpdateRefused")
+        assert body["status"]["phase"] == "Running"
+        workspace = next(c for c in body["status"]["conditions"] if c["type"] == "WorkspaceReady")
+        assert "resize" in workspace["message"], workspace
+        claim = await ops.get("PersistentVolumeClaim", tenant, naming.child_name("grow"))
+        assert claim["spec"]["resources"]["requests"]["storage"] == "1Gi"
+    finally:
+        await kube.kubectl("delete", "--ignore-not-found", "--wait=false", f"persistentvolume/{volume}",
+                           f"storageclass/{storage_class}")
+
+
 @pytest.mark.parametrize("binding_mode", ["WaitForFirstConsumer", None])
 async def test_the_pod_goes_at_once_when_its_claim_cannot_bind_first(operator, kube, ops, tenant,
                                                                      binding_mode):
@@ -522,6 +549,25 @@ async def test_changing_an_mcpserver_rolls_the_pod(operator, ops, tenant):
     await session_in_phase(ops, tenant, "roll", "Running")
 
 
+async def test_editing_what_the_pod_runs_replaces_it(operator, ops, tenant):
+    await ops.create(session_manifest("edited", tenant))
+    await session_in_phase(ops, tenant, "edited", "Running")
+    before = (await children(ops, tenant, "edited"))["Pod"]
+    limits = {"cpu": "300m", "memory": "300Mi"}
+    await ops.merge_patch(agentsession.KIND, tenant, "edited", {"spec": {"resources": {"limits": limits}}})
+
+    async def replaced():
+        pod = await ops.get("Pod", tenant, naming.child_name("edited"))
+        return pod if pod and pod["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+    after = await eventually(replaced)
+    runner = next(c for c in after["spec"]["containers"] if c["name"] == "runner")
+    assert runner["resources"]["limits"] == limits
+    key = naming.SPEC_HASH_ANNOTATION
+    assert after["metadata"]["annotations"][key] != before["metadata"]["annotations"][key]
+    await session_in_phase(ops, tenant, "edited", "Running")
+
+
 async def test_missing_mcpserver_is_reported_and_the_session_still_starts(operator, ops, tenant):
     await ops.create(session_manifest("lonely", tenant, mcpServers=[{"name": "nowhere"}]))
     body = await session_in_phase(ops, tenant, "lonely", "Running")
@@ -589,6 +635,8 @@ async def test_the_first_pod_follows_a_secret_left_by_an_earlier_pass(operator, 
         ),
         (session_manifest("bad5", "t-x", agent={"runtime": "custom"}), "spec.agent.command"),
         (session_manifest("bad6", "t-x", workspace={"size": "lots"}), "spec.workspace.size"),
+        (session_manifest("bad6b", "t-x", workspace={"size": "0"}), "spec.workspace.size"),
+        (session_manifest("bad5b", "t-x", agent={"runtime": "custom", "command": []}), "spec.agent.command"),
         (session_manifest("bad7", "t-x", lifecycle={"idleTimeout": "1 day"}), "spec.lifecycle.idleTimeout"),
         (
             session_manifest("bad8", "t-x", agent={"env": [{"name": "AGENTBOX_RUNTIME", "value": "x"}]}),
@@ -620,6 +668,7 @@ async def test_invalid_specs_are_rejected_at_admission(ops, namespace, manifest,
     [
         ({"tenant": {"org": "someone-else"}}, "spec.tenant.org is immutable"),
         ({"workspace": {"size": "512Mi"}}, "spec.workspace.size may grow, never shrink"),
+        ({"workspace": {"storageClassName": "other"}}, "spec.workspace.storageClassName is immutable"),
     ],
 )
 async def test_transition_rules(ops, namespace, change, field):

@@ -333,6 +333,11 @@ async def test_sigkill_during_claims_converges(operator, ops, tenant):
         pod = await ops.get("Pod", tenant, body["status"]["podName"])
         assert [ref["uid"] for ref in pod["metadata"]["ownerReferences"]] == [body["metadata"]["uid"]]
         assert naming.POOL_LABEL not in pod["metadata"]["labels"]
+    # One pod and one workspace each: a pass cut short after starting cold never claims a member beside it.
+    for kind in ("Pod", "PersistentVolumeClaim"):
+        owners = [item["metadata"]["labels"][naming.SESSION_LABEL] for item in await ops.list(
+            kind, tenant, naming.SESSION_LABEL) if not item["metadata"].get("deletionTimestamp")]
+        assert sorted(owners) == sorted(names), f"{kind}: {sorted(owners)}"
 
     async def settled():
         unclaimed = await members(ops, tenant, "warm")

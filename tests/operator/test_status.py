@@ -15,6 +15,7 @@ from agentbox.operator.status import (
     derive,
     expiry,
     idle,
+    invalid_spec,
     next_deadline,
     pod_failure,
     suspension_patch,
@@ -238,6 +239,30 @@ def test_transition_times_move_only_on_change():
     by_type = {c["type"]: c for c in ready["conditions"]}
     assert by_type["Ready"]["lastTransitionTime"] == "2026-11-26T12:05:00Z"
     assert by_type["WorkspaceReady"]["lastTransitionTime"] == "2026-11-26T12:00:00Z"
+
+
+def test_a_refused_resize_is_on_the_workspace_and_the_session_runs_on():
+    status = derive(observe(pod=pod(), pvc=BOUND, mcp_problems=(), claim_refused="no expansion"), NOW)
+    assert status["phase"] == "Running"
+    assert conditions(status)["WorkspaceReady"] == ("False", Reason.CLAIM_UPDATE_REFUSED)
+    assert conditions(status)["Ready"][0] == "True"
+    pending = derive(observe(pvc={"status": {"phase": "Pending"}}, mcp_problems=(), claim_refused="x"), NOW)
+    assert conditions(pending)["WorkspaceReady"] == ("False", Reason.CLAIM_UPDATE_REFUSED)
+    assert conditions(pending)["PodScheduled"][1] == Reason.WAITING_FOR_WORKSPACE
+
+
+def test_an_unreadable_spec_fails_the_session_and_keeps_the_other_conditions():
+    running = derive(observe(pod=pod(), pvc=BOUND, mcp_problems=()), NOW)
+    later = NOW + timedelta(minutes=1)
+    status = invalid_spec(running, 4, "spec.agent.image: bad", later)
+    assert status["phase"] == "Failed" and status["observedGeneration"] == 4
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert by_type["Ready"] | {"lastTransitionTime": None} == {
+        "type": "Ready", "status": "False", "reason": Reason.INVALID_SPEC, "message": "spec.agent.image: bad",
+        "observedGeneration": 4, "lastTransitionTime": None}
+    assert by_type["Ready"]["lastTransitionTime"] == "2026-11-26T12:01:00Z"
+    kept = {c["type"]: c for c in running["conditions"] if c["type"] != "Ready"}
+    assert {kind: c for kind, c in by_type.items() if kind != "Ready"} == kept
 
 
 def test_pod_failure_ignores_healthy_waiting():
