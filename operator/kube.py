@@ -191,17 +191,21 @@ class Kube:
                 return None
             raise
 
-    async def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None) -> bool:
-        """Delete (only the given incarnation when uid is set); False when already gone."""
+    async def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None,
+                     resource_version: str | None = None) -> bool:
+        """Delete (only the given incarnation when uid is set); False when already gone. With
+        `resource_version`, only that version: a newer one is a 409 ApiException (changed since)."""
         body: dict[str, Any] = {"kind": "DeleteOptions", "apiVersion": "v1",
                                 "propagationPolicy": "Background"}
-        if uid:
-            body["preconditions"] = {"uid": uid}
+        preconditions = {key: value for key, value in (("uid", uid), ("resourceVersion", resource_version))
+                         if value}
+        if preconditions:
+            body["preconditions"] = preconditions
         try:
             await self._call("DELETE", resource_path(kind, namespace, name), body=body)
             return True
         except ApiException as error:
-            if error.status in (404, 409):
+            if error.status == 404 or (error.status == 409 and resource_version is None):
                 return False
             raise
 

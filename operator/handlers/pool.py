@@ -38,7 +38,7 @@ from agentbox.operator.build.pool import (
 )
 from agentbox.operator.build.pvc import build_pvc
 from agentbox.operator.build.secret import RUNNER_TOKEN_KEY
-from agentbox.operator.kube import Kube, api_message, resource_path, resource_version
+from agentbox.operator.kube import Kube, api_message, resource_version
 from agentbox.operator.leadership import Leadership
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
@@ -318,16 +318,13 @@ class PoolWorker:
         or one that patched it since, makes that fail), then its other children while still the pool's."""
         meta = pod["metadata"]
         namespace, name = meta["namespace"], meta["name"]
-        preconditions = {"uid": meta["uid"], "resourceVersion": meta["resourceVersion"]}
         try:
-            await self.kube._call("DELETE", resource_path("Pod", namespace, name), body={
-                "kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background",
-                "preconditions": preconditions})
+            await self.kube.delete("Pod", namespace, name, uid=meta["uid"],
+                                   resource_version=meta["resourceVersion"])
         except ApiException as error:
             if error.status == 409:  # changed since: its watch event wakes the worker to judge it again
                 return
-            if error.status != 404:
-                raise
+            raise
         _members[self.key].unclaimed.pop(name, None)
         await self._delete_children(name)
 

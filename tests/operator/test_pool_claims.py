@@ -21,7 +21,6 @@ from agentbox.operator import naming
 from agentbox.operator.build.common import Session
 from agentbox.operator.build.pod import template_hash
 from agentbox.operator.handlers import pool
-from agentbox.operator.kube import RESOURCES
 from agentbox.operator.rendering import Rendering, render
 from agentbox.operator.settings import OperatorSettings
 
@@ -30,7 +29,6 @@ POOL = "warm"
 KEY = (NAMESPACE, POOL)
 TEMPLATE = {"agent": {"runtime": "scripted"}}
 SETTINGS = OperatorSettings()
-KINDS_BY_PLURAL = {plural: kind for kind, (_prefix, plural, _namespaced) in RESOURCES.items()}
 
 
 def _conflict(message: str) -> ApiException:
@@ -131,18 +129,17 @@ class FakeKube:
             raise _conflict(f"Precondition failed: {preconditions}")
         del self.objects[(kind, namespace, name)]
 
-    async def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None) -> bool:
+    async def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None,
+                     resource_version: str | None = None) -> bool:
+        preconditions = {key: value for key, value in (("uid", uid), ("resourceVersion", resource_version))
+                         if value}
         try:
-            self._delete(kind, namespace or "", name, {"uid": uid} if uid else {})
-        except ApiException:
+            self._delete(kind, namespace or "", name, preconditions)
+        except ApiException as error:
+            if error.status == 409 and resource_version is not None:
+                raise
             return False
         return True
-
-    async def _call(self, method: str, path: str, *, body: Any = None, **_: Any) -> dict[str, Any]:
-        assert method == "DELETE", f"{method} {path}"
-        *_, namespace, plural, name = path.split("/")
-        self._delete(KINDS_BY_PLURAL[plural], namespace, name, (body or {}).get("preconditions") or {})
-        return {}
 
 
 class AlwaysActive:
