@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from agentbox.api.observability import Metrics, ObservabilityMiddleware
 from agentbox.api.problems import Problem, install_problem_handlers, internal_error, problem_response
@@ -179,6 +180,8 @@ def create_app(settings: Settings | None = None, *, services_override: Services 
     mount_routers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservabilityMiddleware, metrics=shared.metrics, on_unhandled=internal_error)
+    if settings.trusted_proxies:  # outermost: every layer sees the client the proxy names
+        app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)
     _declare_problem_schema(app)
     return app
 

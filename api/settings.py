@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -58,6 +59,10 @@ class Settings(BaseSettings):
     # revocation requests) refuse private-network and loopback addresses unless this is true (development
     # and tests); link-local and metadata addresses are refused always (agentbox.api.egress).
     mcp_test_allow_private_networks: bool = False
+    # Reverse proxies (addresses or CIDRs, comma-separated; `*` any) whose X-Forwarded-For and
+    # X-Forwarded-Proto are believed: the client address in the audit log and the scheme of the OAuth
+    # redirect URI then come from them. Empty: the connection's own peer, headers ignored.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # OAuth for MCP servers. The redirect URI is <public_url>/api/v1/mcp/oauth/callback (the request's own
     # base URL when unset); the callback then sends the browser to frontend_url with the outcome.
@@ -93,7 +98,7 @@ class Settings(BaseSettings):
     # All of one composition's templates render within this (a template is code its author wrote).
     prompt_render_timeout_seconds: float = Field(default=1.0, gt=0, le=30)
 
-    @field_validator("encryption_keys", "audit_checkpoint_trusted_keys", mode="before")
+    @field_validator("encryption_keys", "audit_checkpoint_trusted_keys", "trusted_proxies", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -101,6 +106,17 @@ class Settings(BaseSettings):
             if text.startswith("["):
                 return json.loads(text)
             return [part.strip() for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ValueError(f"AGENTBOX_TRUSTED_PROXIES: {entry!r} is no address or CIDR") from None
         return value
 
     @field_validator("jwt_issuer")
