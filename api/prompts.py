@@ -3,7 +3,7 @@
 Pure: prompt parts and variables in, a composed prompt (text, version, injection signals) out.
 The prompt is guidance for the agent, not a security control: nothing secret is rendered into it.
 Templates are user-written code: each render runs under a time deadline and an output cap, and callers
-on the event loop run it in a render thread (`PromptCache.compose`, `check_template`).
+on the event loop run it in a render process with a memory cap (`PromptCache.compose`, `check_template`).
 """
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ import asyncio
 import functools
 import hashlib
 import json
+import multiprocessing
 import re
+import resource
 import sys
 import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import FrameType
@@ -41,6 +44,9 @@ class PromptError(ValueError):
         super().__init__(message)
         self.field = field
         self.part_id = part_id
+
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in a render process, re-raised on the loop
+        return (PromptError, (self.field, str(self), self.part_id))
 
 
 @dataclass(frozen=True)
@@ -135,6 +141,8 @@ def render_template(source: str, variables: Mapping[str, Any], *, deadline: floa
                 stream.close()
     except _RenderDeadlinePassed:
         raise PromptError(field, "template takes too long to render", part_id) from None
+    except MemoryError:
+        raise PromptError(field, "template needs more memory than a render may use", part_id) from None
     except SecurityError as exc:
         raise PromptError(field, f"template refused by the sandbox: {exc}", part_id) from exc
     except TemplateError as exc:
@@ -142,25 +150,61 @@ def render_template(source: str, variables: Mapping[str, Any], *, deadline: floa
     return "".join(chunks)
 
 
-# Renders have threads of their own: a burst of slow templates queues behind other renders, not in front
-# of the default executor's other work (the event loop's DNS lookups).
-_RENDER_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="prompt-render")
+# Renders run in processes of their own. A template is code its author wrote, and no sandbox rule bounds
+# every way it can allocate (a string doubled in a loop, one join or format of a huge result): a render
+# process has an address-space cap, so such a template meets a MemoryError there, and the API's own
+# process is untouched. A burst of slow templates queues behind other renders, never on the event loop.
+_RENDER_WORKERS = 2
+_RENDER_MEMORY_HEADROOM = 256 * 1024 * 1024  # bytes a render may allocate beyond a fresh worker's own
+_render_pool: ProcessPoolExecutor | None = None
 
 
-async def _in_render_thread(function: Callable[..., _Result], /, *args: Any, **kwargs: Any) -> _Result:
-    return await asyncio.get_running_loop().run_in_executor(
-        _RENDER_THREADS, functools.partial(function, *args, **kwargs))
+def _cap_memory(headroom: int) -> None:
+    """A render worker's initializer: its address space is capped at what it maps now plus `headroom`."""
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = mapped + headroom if hard == resource.RLIM_INFINITY else min(mapped + headroom, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+
+
+def _render_processes() -> ProcessPoolExecutor:
+    global _render_pool
+    if _render_pool is None:
+        # forkserver: workers fork from a small single-threaded server, never from the API's threads.
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["__main__", __name__])  # imported once, in the server
+        _render_pool = ProcessPoolExecutor(_RENDER_WORKERS, mp_context=context, initializer=_cap_memory,
+                                           initargs=(_RENDER_MEMORY_HEADROOM,))
+    return _render_pool
+
+
+async def _in_render_process(function: Callable[..., _Result], /, *args: Any, **kwargs: Any) -> _Result:
+    global _render_pool
+    pool = _render_processes()
+    try:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(function, *args,
+                                                                                        **kwargs))
+    except BrokenProcessPool:
+        # A worker died (killed from outside, or past its cap in C): the next render gets fresh workers.
+        if _render_pool is pool:
+            _render_pool = None
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise PromptError("prompts", "the template render process died; try again") from None
+
+
+def _trial(source: str, variables: Mapping[str, Any], render_seconds: float, max_chars: int,
+           field: str) -> None:
+    # The clock starts in the render process, not while the render waits for one.
+    render_template(source, variables, deadline=time.monotonic() + render_seconds, max_chars=max_chars,
+                    field=field)
 
 
 async def check_template(source: str, variables: Mapping[str, Any], *, render_seconds: float,
                          max_chars: int, field: str = "content") -> None:
     """Refuse, at write time, a template that does not parse or does not render with `variables` (shaped
     like compose's) within the budget: caught here, it never breaks a later compose."""
-    def trial() -> None:  # the clock starts in the render thread, not while the render waits for one
-        render_template(source, variables, deadline=time.monotonic() + render_seconds, max_chars=max_chars,
-                        field=field)
-
-    await _in_render_thread(trial)
+    await _in_render_process(_trial, source, dict(variables), render_seconds, max_chars, field)
 
 
 # Unicode categories that render as nothing: format (Cf, which holds the tag characters and bidi
@@ -260,7 +304,7 @@ class PromptCache:
 
     async def compose(self, parts: Iterable[PromptPart], variables: Mapping[str, Any], *,
                       max_part_chars: int, max_total_chars: int, render_seconds: float) -> ComposedPrompt:
-        """The composed prompt, from the cache or composed in a render thread (the loop never renders)."""
+        """The composed prompt, from the cache or composed in a render process (the loop never renders)."""
         parts = list(parts)
         key = content_version(parts, variables)
         cached = self._entries.get(key)
@@ -268,8 +312,8 @@ class PromptCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return cached
-        result = await _in_render_thread(compose, parts, variables, max_part_chars=max_part_chars,
-                                         max_total_chars=max_total_chars, render_seconds=render_seconds)
+        result = await _in_render_process(compose, parts, dict(variables), max_part_chars=max_part_chars,
+                                          max_total_chars=max_total_chars, render_seconds=render_seconds)
         self._entries[key] = result
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)

@@ -82,6 +82,21 @@ async def test_templates_that_do_not_render_are_refused_at_write_time():
                          **budget)
 
 
+@pytest.mark.parametrize("source", [
+    '{% set ns = namespace(s="x") %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}',
+    '{{ ("{0}" * 25000).format("x" * 100000)|length }}',
+    '{{ ("x" * 100000).join(range(100000)|map("string"))|length }}',
+    '{{ "x"|center(10000000000) }}',
+])
+async def test_a_template_that_allocates_without_bound_meets_the_render_memory_cap(source):
+    """Each would take gigabytes in one or a few steps no sandbox rule sees; the API process is spared."""
+    budget = {"render_seconds": 5, "max_chars": 2000}
+    with pytest.raises(PromptError, match="more memory than a render may use") as caught:
+        await check_template(source, VARIABLES, **budget)
+    assert caught.value.field == "content"
+    await check_template("fine {{ user.id }}", VARIABLES, **budget)
+
+
 def test_nested_loops_are_stopped_at_the_render_deadline():
     started = time.monotonic()
     with pytest.raises(PromptError, match="too long to render") as caught:

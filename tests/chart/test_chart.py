@@ -158,7 +158,8 @@ async def test_placement_values_reach_sessions_and_every_pod_of_the_api(kube, mo
                                   *(arg for value in placement for arg in ("--set-json", value))))
     # The operator reads its environment as the chart wrote it.
     for name, value in operator_env(placed).items():
-        monkeypatch.setenv(name, value)
+        if value is not None:  # None: set from the pod (valueFrom)
+            monkeypatch.setenv(name, value)
     settings = OperatorSettings()
     assert (settings.session_node_selector, settings.session_tolerations) == (selector, tolerations)
     # The migration Job and the test pod run where the API does (on a tainted pool they would never start).
