@@ -80,6 +80,7 @@ class Reason(StrEnum):
     # MCPServer Ready
     PROBE_SUCCEEDED = "ProbeSucceeded"
     PROBE_FAILED = "ProbeFailed"
+    ADDRESS_REFUSED = "AddressRefused"  # the URL's host resolves where the operator does not connect
     STDIO_NOT_PROBED = "StdioNotProbed"
     PROBE_PENDING = "ProbePending"
     # MCPServer Authorized

@@ -44,13 +44,14 @@ async def _secret_value(kube: Kube, namespace: str, selector: SecretKeySelector)
 
 
 async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec,
-                 allow_private: bool) -> tuple[list[dict[str, str]] | None, str]:
-    """(tools, "") on success, (None, why) on failure."""
+                 allow_private: bool) -> tuple[list[dict[str, str]] | None, Reason, str]:
+    """(tools, ProbeSucceeded, "") on success, (None, the reason, why) on failure."""
     token = None
     if spec.auth.secret_ref is not None:
         token = await _secret_value(kube, namespace, spec.auth.secret_ref)
         if token is None:
-            return None, f"Secret {spec.auth.secret_ref.name} key {spec.auth.secret_ref.key} not found"
+            return None, Reason.PROBE_FAILED, (f"Secret {spec.auth.secret_ref.name} key "
+                                               f"{spec.auth.secret_ref.key} not found")
     headers = {}
     for header in spec.headers:
         if header.value_from is None:
@@ -58,14 +59,15 @@ async def _probe(kube: Kube, namespace: str, spec: MCPServerSpec,
             continue
         value = await _secret_value(kube, namespace, header.value_from.secret_key_ref)
         if value is None:
-            return None, f"Secret for header {header.name} not found"
+            return None, Reason.PROBE_FAILED, f"Secret for header {header.name} not found"
         headers[header.name] = value
     try:
-        return await probe.list_tools(spec, token, headers, allow_private=allow_private), ""
+        tools = await probe.list_tools(spec, token, headers, allow_private=allow_private)
+        return tools, Reason.PROBE_SUCCEEDED, ""
     except RefusedAddress as error:  # nothing was sent: says so, and which kind of address
-        return None, f"not probed: the host {error}"
+        return None, Reason.ADDRESS_REFUSED, f"not probed: the host {error}"
     except Exception as error:  # any transport, protocol or timeout failure means "unreachable"
-        return None, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
+        return None, Reason.PROBE_FAILED, f"{type(error).__name__}: {error}"[:1024] or type(error).__name__
 
 
 def _authorized(previous: dict[str, Any] | None, annotations: dict[str, str],
@@ -134,7 +136,8 @@ async def check(kube: Kube, body: dict[str, Any], settings: OperatorSettings) ->
                                  "stdio server: started by each session's gateway, not probed", generation,
                                  previous, [], probed=False, annotations=annotations)
             else:
-                tools, why = await _probe(kube, namespace, spec, settings.mcp_probe_allow_private_networks)
+                tools, reason, why = await _probe(kube, namespace, spec,
+                                                  settings.mcp_probe_allow_private_networks)
                 key = (namespace, meta["name"])
                 failures = 0 if tools is not None else _failures.get(key, 0) + 1
                 _failures[key] = failures
@@ -144,7 +147,7 @@ async def check(kube: Kube, body: dict[str, Any], settings: OperatorSettings) ->
                 status = (_status(MCPServerPhase.READY, Reason.PROBE_SUCCEEDED, f"{len(tools)} tool(s)",
                                   generation, previous, tools, probed=True, annotations=annotations)
                       if tools is not None else
-                          _status(MCPServerPhase.UNREACHABLE, Reason.PROBE_FAILED,
+                          _status(MCPServerPhase.UNREACHABLE, reason,
                                   f"{why} (retry in {delay:.0f}s)", generation, previous, None, probed=True,
                                   annotations=annotations))
         await kube.merge_patch(mcpserver.KIND, namespace, meta["name"], {"status": status}, sub="status")

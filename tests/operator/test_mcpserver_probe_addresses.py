@@ -52,22 +52,25 @@ def spec(url: str) -> MCPServerSpec:
                                        ("http://10.96.0.1:443/mcp", "private-network"),
                                        ("http://[::1]:8080/mcp", "loopback")])
 async def test_a_refused_address_is_not_probed_and_says_why(url, kind):
-    tools, why = await _probe(StatusKube(), NAMESPACE, spec(url), allow_private=False)
-    assert tools is None
+    tools, reason, why = await _probe(StatusKube(), NAMESPACE, spec(url), allow_private=False)
+    assert tools is None and reason == "AddressRefused"
     assert why.startswith("not probed: the host") and kind in why and "the operator does not contact" in why
 
 
 async def test_nothing_is_sent_to_a_refused_address_and_the_setting_allows_private_ones(listener):
     port, connections = listener
-    _, why = await _probe(StatusKube(), NAMESPACE, spec(f"http://127.0.0.1:{port}/mcp"), allow_private=False)
-    assert "loopback" in why and connections == []
-    _, why = await _probe(StatusKube(), NAMESPACE, spec(f"http://127.0.0.1:{port}/mcp"), allow_private=True)
-    assert "not probed" not in why and connections  # tried, and the listener is no MCP server
+    _, reason, why = await _probe(StatusKube(), NAMESPACE, spec(f"http://127.0.0.1:{port}/mcp"),
+                                  allow_private=False)
+    assert reason == "AddressRefused" and "loopback" in why and connections == []
+    _, reason, why = await _probe(StatusKube(), NAMESPACE, spec(f"http://127.0.0.1:{port}/mcp"),
+                                  allow_private=True)
+    assert reason == "ProbeFailed" and "not probed" not in why and connections  # tried: no MCP server there
 
 
 async def test_link_local_stays_refused_whatever_the_setting():
-    _, why = await _probe(StatusKube(), NAMESPACE, spec("http://169.254.169.254/mcp"), allow_private=True)
-    assert why.startswith("not probed") and "link-local" in why
+    _, reason, why = await _probe(StatusKube(), NAMESPACE, spec("http://169.254.169.254/mcp"),
+                                  allow_private=True)
+    assert reason == "AddressRefused" and why.startswith("not probed") and "link-local" in why
 
 
 async def test_the_refusal_is_the_mcpservers_status():
@@ -81,7 +84,7 @@ async def test_the_refusal_is_the_mcpservers_status():
     await check(kube, body, OperatorSettings())
     [status] = kube.statuses
     [ready] = [condition for condition in status["conditions"] if condition["type"] == "Ready"]
-    assert status["phase"] == "Unreachable" and ready["reason"] == "ProbeFailed"
+    assert status["phase"] == "Unreachable" and ready["reason"] == "AddressRefused"
     assert ready["message"].startswith("not probed: the host '169.254.169.254' resolves to a link-local")
 
 
