@@ -49,6 +49,10 @@ class PromptError(ValueError):
         return (PromptError, (self.field, str(self), self.part_id))
 
 
+class RenderUnavailable(RuntimeError):
+    """No render process could finish the render (one died under it): nobody's fault, try again."""
+
+
 @dataclass(frozen=True)
 class PromptPart:
     id: str
@@ -190,7 +194,7 @@ async def _in_render_process(function: Callable[..., _Result], /, *args: Any, **
         if _render_pool is pool:
             _render_pool = None
         pool.shutdown(wait=False, cancel_futures=True)
-        raise PromptError("prompts", "the template render process died; try again") from None
+        raise RenderUnavailable("the template render process died; try again") from None
 
 
 def _trial(source: str, variables: Mapping[str, Any], render_seconds: float, max_chars: int,

@@ -19,6 +19,7 @@ from agentbox.api.prompts import (
     PromptCache,
     PromptError,
     PromptPart,
+    RenderUnavailable,
     check_template,
     injection_signals,
 )
@@ -90,8 +91,14 @@ async def _check_content(shared: Services, principal: Principal, body: PromptBod
                                  render_seconds=shared.settings.prompt_render_timeout_seconds)
         except PromptError as exc:
             raise _content_problem(str(exc)) from exc
+        except RenderUnavailable as exc:
+            raise _render_unavailable(exc) from exc
     return [signal.pattern for signal in injection_signals(
         PromptPart(id="new", scope="user", content=body.content), body.content)]
+
+
+def _render_unavailable(error: RenderUnavailable) -> ProblemError:
+    return ProblemError(503, "Service Unavailable", str(error), headers={"Retry-After": "1"})
 
 
 def _may_write(principal: Principal, scope: str, owner: str | None) -> bool:
@@ -185,6 +192,8 @@ async def compose_for(conn: asyncpg.Connection, shared: Services, principal: Pri
                                    max_part_chars=shared.settings.prompt_max_chars,
                                    max_total_chars=shared.settings.composed_prompt_max_chars,
                                    render_seconds=shared.settings.prompt_render_timeout_seconds)
+    except RenderUnavailable as exc:
+        raise _render_unavailable(exc) from exc
     except PromptError as exc:
         # Stored prompts passed the write-time checks: one failing now (a template that misbehaves only
         # with these variables, limits lowered since) is the stored data's fault, not the caller's.

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
 
+from agentbox.api import prompts
 from agentbox.api.prompts import (
     PromptCache,
     PromptError,
     PromptPart,
+    RenderUnavailable,
     check_template,
     compose,
     escape_delimiters,
@@ -94,6 +98,18 @@ async def test_a_template_that_allocates_without_bound_meets_the_render_memory_c
     with pytest.raises(PromptError, match="more memory than a render may use") as caught:
         await check_template(source, VARIABLES, **budget)
     assert caught.value.field == "content"
+    await check_template("fine {{ user.id }}", VARIABLES, **budget)
+
+
+async def test_a_render_process_that_dies_is_replaced():
+    budget = {"render_seconds": 5, "max_chars": 2000}
+    await check_template("warm {{ user.id }}", VARIABLES, **budget)  # the workers exist
+    render = asyncio.create_task(check_template(RUNAWAY_LOOPS, VARIABLES, **budget))
+    await asyncio.sleep(0.3)
+    for worker in list(prompts._render_pool._processes.values()):  # the executor's own record of them
+        os.kill(worker.pid, signal.SIGKILL)
+    with pytest.raises(RenderUnavailable):
+        await render
     await check_template("fine {{ user.id }}", VARIABLES, **budget)
 
 
