@@ -159,7 +159,10 @@ def render_template(source: str, variables: Mapping[str, Any], *, deadline: floa
 # process has an address-space cap, so such a template meets a MemoryError there, and the API's own
 # process is untouched. A burst of slow templates queues behind other renders, never on the event loop.
 _RENDER_WORKERS = 2
-_RENDER_MEMORY_HEADROOM = 256 * 1024 * 1024  # bytes a render may allocate beyond a fresh worker's own
+# Bytes a render may allocate beyond a fresh worker's own. Outputs are capped at tens of thousands of
+# characters, so this is room to spare, and two workers at their cap stay well inside the API container's
+# memory limit (the chart's 512 MiB).
+_RENDER_MEMORY_HEADROOM = 64 * 1024 * 1024
 _render_pool: ProcessPoolExecutor | None = None
 
 
