@@ -178,7 +178,7 @@ def _cap_memory(headroom: int) -> None:
 def _render_processes() -> ProcessPoolExecutor:
     global _render_pool
     if _render_pool is None:
-        # forkserver: workers fork from a small single-threaded server, never from the API's threads.
+        # forkserver: workers fork from a single-threaded server process, never from the API's threads.
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(["__main__", __name__])  # imported once, in the server
         _render_pool = ProcessPoolExecutor(_RENDER_WORKERS, mp_context=context, initializer=_cap_memory,
