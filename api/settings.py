@@ -100,7 +100,7 @@ class Settings(BaseSettings):
 
     @field_validator("encryption_keys", "audit_checkpoint_trusted_keys", "trusted_proxies", mode="before")
     @classmethod
-    def _split_keys(cls, value: object) -> object:
+    def _comma_separated(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):

@@ -35,16 +35,20 @@ TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 NEEDS_AUTH_FILE = "/tmp/agentbox-runner-needs-auth"  # noqa: S108 (an emptyDir, not the host's /tmp)
 
 
+def _digest(material: Any) -> str:
+    """sha256 (hex) of a JSON value, its keys sorted: equal values, equal digests."""
+    return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
+
+
 def config_hash(configmap: dict[str, Any], secret: dict[str, Any]) -> str:
     """sha256 of everything the pod reads from its ConfigMap and Secret: a change rolls the pod."""
-    material = json.dumps([configmap.get("data", {}), secret.get("data", {})], sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()
+    return _digest([configmap.get("data", {}), secret.get("data", {})])
 
 
 def spec_hash(pod_spec: dict[str, Any]) -> str:
     """sha256 of the pod's spec as rendered: a change (the session's image, resources, placement...) rolls
     the pod, which Kubernetes would not let us edit in place."""
-    return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()
+    return _digest(pod_spec)
 
 
 # The fields through which a pod names its own children, blanked by template_hash.
@@ -63,8 +67,7 @@ def template_hash(pod: dict[str, Any], configmap: dict[str, Any], secret: dict[s
                 volume[source][field] = ""
     config = {key: value for key, value in (configmap.get("data") or {}).items() if key != SYSTEM_PROMPT_KEY}
     secrets = {key: value for key, value in (secret.get("data") or {}).items() if key != RUNNER_TOKEN_KEY}
-    material = json.dumps([spec, config, secrets], sort_keys=True)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    return _digest([spec, config, secrets])[:32]
 
 
 def member_hash(template: str, workspace: dict[str, Any]) -> str:
@@ -73,8 +76,7 @@ def member_hash(template: str, workspace: dict[str, Any]) -> str:
     the claim's handover cannot change (a claim's class is immutable, its size never shrinks). A label
     value."""
     spec = workspace["spec"]
-    material = json.dumps([template, spec.get("storageClassName"), spec["resources"]["requests"]["storage"]])
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    return _digest([template, spec.get("storageClassName"), spec["resources"]["requests"]["storage"]])[:32]
 
 
 def container_security_context() -> dict[str, Any]:
